@@ -1,0 +1,1 @@
+"""Ready-made agents shipped with spoa-mp."""
