@@ -514,10 +514,13 @@ static int put_frame(wcursor *out, uint32_t max_frame_size, spop_frame *f,
     size_t body_cap = room - 4 < max_frame_size ? room - 4 : max_frame_size;
     wcursor w = {start + 4, start + 4 + body_cap, 1};
 
-    uint8_t kind = payload_kind(f->type);
+    /* no items: the payload is raw bytes (fragments, pre-encoded lists) */
+    uint8_t kind = f->n_items ? payload_kind(f->type) : 0;
     if (f->first_item > n_items || f->n_items > n_items - f->first_item)
         return -SPOP_ST_INVALID;
-    if (!kind && (f->n_items || !ref_ok(s, f->payload_off, f->payload_len)))
+    if (f->n_items && !kind)
+        return -SPOP_ST_INVALID;
+    if (!kind && !ref_ok(s, f->payload_off, f->payload_len))
         return -SPOP_ST_INVALID;
 
     put_byte(&w, f->type);
@@ -532,7 +535,8 @@ static int put_frame(wcursor *out, uint32_t max_frame_size, spop_frame *f,
     uint32_t end = f->first_item + f->n_items;
     uint32_t written = 0;
     if (!kind) {
-        put_bytes(&w, s->base + f->payload_off, f->payload_len);
+        if (f->payload_len)
+            put_bytes(&w, s->base + f->payload_off, f->payload_len);
         if (!w.ok)
             return room - 4 < max_frame_size ? 0 : -SPOP_ST_TOO_BIG;
     }

@@ -175,6 +175,12 @@ int spop_decode_frames(const uint8_t *buf, size_t len, uint32_t max_frame_size,
  * length prefix included. Names and values of items, and raw payloads, are
  * (offset, length) pairs into strings[0..strings_len).
  *
+ * A frame with n_items > 0 gets its payload built from those items (its type
+ * says which kind: KV, MESSAGE+ARG or ACTION). A frame with n_items == 0 gets
+ * strings[payload_off .. + payload_len) as its payload, copied as is: UNSET
+ * fragments, or a payload encoded earlier (an ACK's action list kept for
+ * reuse). A raw payload that exceeds max_frame_size gives -SPOP_ST_TOO_BIG.
+ *
  * A frame whose items would exceed `max_frame_size` keeps only the items that
  * fit (whole items; a MESSAGE with its args counts as one) and its n_items is
  * lowered to the number encoded; compare it to what you asked for. For each
@@ -184,7 +190,8 @@ int spop_decode_frames(const uint8_t *buf, size_t len, uint32_t max_frame_size,
  * out (the bytes written end at frames[k-1].offset + 4 + frames[k-1].length).
  * Returns -SPOP_ST_INVALID for a record that cannot be encoded (unknown
  * kind, type, scope or action, an out-of-range reference, an IPv4/IPv6 value
- * of the wrong length, a frame whose items do not match its type) and
+ * of the wrong length, a frame whose items do not match its type, items on a
+ * frame type that has none), and
  * -SPOP_ST_BAD_FRAME_SIZE when max_frame_size is below SPOP_FRAME_MIN_LEN.
  */
 int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,

@@ -1,0 +1,404 @@
+"""Python face of the C frame codec (spoa_mp._spop, built from csrc/).
+
+C is called once per receive buffer (decode) and once per batch of frames to
+send (encode), never per field: the C side fills fixed-layout records that
+are read and written here with `struct`, which costs far less than touching
+cdata fields one by one.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import NamedTuple, TypeAlias
+
+from spoa_mp._spop import ffi, lib
+from spoa_mp.model import (
+    Action,
+    ItemRecord,
+    Message,
+    TypedEncoding,
+    Value,
+    encode_value,
+    typed_value,
+)
+
+# Record layouts; they must match spop_frame / spop_item in csrc/spop.h.
+FRAME_RECORD = struct.Struct("=QQIIIIIIIBB2x")
+ITEM_RECORD = struct.Struct("=QIIIIBBBBB3x")
+# An ACK with a raw payload: sid, fid, flags, payload_off, payload_len, type;
+# the pad bytes pack as zeros (offset, length, first_item, n_items = 0).
+ACK_RECORD = struct.Struct("=QQI8xII8xB3x")
+
+MIN_FRAME_SIZE = 256
+DEFAULT_FRAME_SIZE = 16380
+MAX_FRAME_SIZE = 1 << 24  # what we agree to buffer per frame; HAProxy caps at tune.bufsize
+FLAG_FIN = 0x1
+FLAG_ABORT = 0x2
+
+
+def _check_layout() -> None:
+    for ctype, record, fields in (
+        ("spop_frame", FRAME_RECORD, ("sid", "fid", "flags", "offset", "n_items", "type")),
+        ("spop_item", ITEM_RECORD, ("num", "name_off", "val_len", "kind", "scope")),
+    ):
+        if ffi.sizeof(ctype) != record.size or ACK_RECORD.size != FRAME_RECORD.size:
+            raise ImportError(f"{ctype} is {ffi.sizeof(ctype)} bytes, record {record.size}")
+        offsets = [ffi.offsetof(ctype, f) for f in fields]
+        if offsets != sorted(offsets):
+            raise ImportError(f"{ctype} field order differs from its record")
+
+
+_check_layout()
+
+
+class FrameType(IntEnum):
+    UNSET = 0
+    HAPROXY_HELLO = 1
+    HAPROXY_DISCONNECT = 2
+    NOTIFY = 3
+    AGENT_HELLO = 101
+    AGENT_DISCONNECT = 102
+    ACK = 103
+
+
+class Status(IntEnum):
+    """DISCONNECT status codes."""
+
+    NORMAL = 0
+    IO = 1
+    TIMEOUT = 2
+    TOO_BIG = 3
+    INVALID = 4
+    NO_VERSION = 5
+    NO_FRAME_SIZE = 6
+    NO_CAPABILITIES = 7
+    BAD_VERSION = 8
+    BAD_FRAME_SIZE = 9
+    FRAGMENTATION_NOT_SUPPORTED = 10
+    INTERLACED_FRAMES = 11
+    FRAME_ID_NOT_FOUND = 12
+    RESOURCE = 13
+    UNKNOWN = 99
+
+    @property
+    def reason(self) -> str:
+        """The message HAProxy uses for this code."""
+        return status_reason(self)
+
+
+def status_reason(status: int) -> str:
+    return ffi.string(lib.spop_status_reason(status)).decode()
+
+
+class ItemKind(IntEnum):
+    KV = 1
+    MESSAGE = 2
+    ARG = 3
+    ACTION = 4
+
+
+# Decoded records, as struct unpacks them.
+# frame: (sid, fid, flags, offset, length, payload_off, payload_len,
+#         first_item, n_items, type, items_parsed)
+FrameRecord: TypeAlias = tuple[int, int, int, int, int, int, int, int, int, int, int]
+# item: ItemRecord (see spoa_mp.model)
+
+F_SID, F_FID, F_FLAGS, F_OFFSET, F_LENGTH, F_POFF, F_PLEN, F_FIRST, F_NITEMS, F_TYPE, F_PARSED = (
+    range(11)
+)
+
+
+class Decoded(NamedTuple):
+    """What one decode call found at the start of a buffer."""
+
+    frames: list[FrameRecord]
+    items: list[ItemRecord]
+    consumed: int  # bytes taken by `frames`
+    error: int  # 0, or the status of the malformed frame at `consumed`
+
+
+class CodecError(ValueError):
+    """A frame could not be decoded or encoded; `status` is the SPOP code."""
+
+    def __init__(self, status: int, detail: str = "") -> None:
+        self.status = status
+        super().__init__(detail or status_reason(status))
+
+
+class Decoder:
+    """Decodes receive buffers into records; owns reusable C record arrays.
+
+    One per worker is enough: results are copied out before it returns.
+    """
+
+    def __init__(self, max_frames: int = 64, max_frame_size: int = DEFAULT_FRAME_SIZE) -> None:
+        self.max_frames = max_frames
+        # enough records for any single frame of this size (>= 2 bytes per item)
+        self.max_items = max(max_frame_size // 2 + 1, 256)
+        self._frames = ffi.new("spop_frame[]", max_frames)
+        self._items = ffi.new("spop_item[]", self.max_items)
+        self._frames_view = memoryview(ffi.buffer(self._frames))
+        self._items_view = memoryview(ffi.buffer(self._items))
+        self._n = ffi.new("uint32_t *")
+
+    def decode(self, data: bytes, max_frame_size: int) -> Decoded:
+        """Decode the complete frames at the start of `data` (one C call).
+
+        Stops early when the record arrays are full; call again on the rest.
+        """
+        if max_frame_size // 2 + 1 > self.max_items:
+            raise ValueError("decoder was sized for smaller frames")
+        rc = lib.spop_decode_frames(
+            data,
+            len(data),
+            max_frame_size,
+            self._frames,
+            self.max_frames,
+            self._items,
+            self.max_items,
+            self._n,
+        )
+        n = self._n[0]
+        if n == 0:
+            return Decoded([], [], 0, -rc)
+        frames = list(FRAME_RECORD.iter_unpack(self._frames_view[: n * FRAME_RECORD.size]))
+        last = frames[-1]
+        # records are handed out in order, so the last frame ends the items
+        n_items = last[F_FIRST] + last[F_NITEMS]
+        items = (
+            list(ITEM_RECORD.iter_unpack(self._items_view[: n_items * ITEM_RECORD.size]))
+            if n_items
+            else []
+        )
+        return Decoded(frames, items, last[F_OFFSET] + 4 + last[F_LENGTH], -rc)
+
+
+def item_value(data: bytes, item: ItemRecord) -> Value:
+    """The Python value of a decoded KV / ARG / set-var record."""
+    return typed_value(item[6], item[0], data[item[3] : item[3] + item[4]])
+
+
+def item_name(data: bytes, item: ItemRecord) -> bytes:
+    return data[item[1] : item[1] + item[2]]
+
+
+def kv_items(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> dict[str, ItemRecord]:
+    """A HELLO / DISCONNECT payload as key -> record (the last one wins)."""
+    first = frame[F_FIRST]
+    return {
+        item_name(data, it).decode("utf-8", "replace"): it
+        for it in items[first : first + frame[F_NITEMS]]
+    }
+
+
+_message_names: dict[bytes, str] = {}
+
+
+def messages(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> list[Message]:
+    """The messages of a decoded NOTIFY, arguments left undecoded."""
+    out = []
+    names = _message_names
+    i = frame[F_FIRST]
+    end = i + frame[F_NITEMS]
+    while i < end:
+        rec = items[i]
+        raw_name = data[rec[1] : rec[1] + rec[2]]
+        name = names.get(raw_name)
+        if name is None:
+            if len(names) >= 1024:  # names come from HAProxy's config: few
+                names.clear()
+            name = names[raw_name] = raw_name.decode("utf-8", "replace")
+        out.append(Message(name, data, items, i + 1, rec[7]))
+        i += 1 + rec[7]
+    return out
+
+
+# ------------------------------------------------------------------ encoding
+
+# A KV item to encode: (key, value) or (key, (DataType, num, raw)).
+KV: TypeAlias = tuple[str, "Value | TypedEncoding"]
+
+
+class Encoder:
+    """Encodes whole frames into one bytes object per batch (one C call).
+
+    The caller's records go into reusable C arrays; names and byte values are
+    gathered into one strings buffer that the records point into.
+    """
+
+    def __init__(self, max_frames: int = 64, max_items: int = 1024, out_size: int = 65536) -> None:
+        self._max_frames = max_frames
+        self._max_items = max_items
+        self._frames = ffi.new("spop_frame[]", max_frames)
+        self._items = ffi.new("spop_item[]", max_items)
+        self._frames_view = memoryview(ffi.buffer(self._frames))
+        self._items_view = memoryview(ffi.buffer(self._items))
+        self._out_size = out_size
+        self._out = ffi.new("uint8_t[]", out_size)
+        self._wire_encoder: Encoder | None = None
+
+    def _grow(self, frames: int, items: int, out: int) -> None:
+        if frames > self._max_frames:
+            self._max_frames = frames
+            self._frames = ffi.new("spop_frame[]", frames)
+            self._frames_view = memoryview(ffi.buffer(self._frames))
+        if items > self._max_items:
+            self._max_items = items
+            self._items = ffi.new("spop_item[]", items)
+            self._items_view = memoryview(ffi.buffer(self._items))
+        if out > self._out_size:
+            self._out_size = out
+            self._out = ffi.new("uint8_t[]", out)
+
+    def acks(
+        self, replies: Sequence[tuple[int, int, Sequence[Action]]], max_frame_size: int
+    ) -> tuple[bytes, list[int]]:
+        """Encode one ACK per (sid, fid, actions), in one C call.
+
+        Returns the bytes and the indexes of replies whose actions did not all
+        fit in max_frame_size; those ACKs carry the leading actions that fit.
+        """
+        self._grow(len(replies), 0, 0)
+        pack_ack = ACK_RECORD.pack_into
+        fview = self._frames_view
+        payloads = bytearray()
+        budget = max_frame_size - 25  # what is left after the largest header
+        cut = []
+        offset = 0
+        for sid, fid, actions in replies:
+            start = len(payloads)
+            for a in actions:
+                payloads += a.wire or self.action_wire(a)
+            size = len(payloads) - start
+            if size > budget:
+                del payloads[self._fit(start, actions, budget) :]
+                cut.append(offset // 48)
+                size = len(payloads) - start
+            pack_ack(fview, offset, sid, fid, FLAG_FIN, start, size, 103)
+            offset += 48
+        return self._run(len(replies), 0, payloads, max_frame_size), cut
+
+    @staticmethod
+    def _fit(start: int, actions: Sequence[Action], budget: int) -> int:
+        """Where the payload must end to keep only the leading actions that fit."""
+        end = start
+        for a in actions:
+            assert a.wire is not None
+            if end - start + len(a.wire) > budget:
+                break
+            end += len(a.wire)
+        return end
+
+    def action_wire(self, action: Action) -> bytes:
+        """Encode one action (once: the bytes are kept on the action)."""
+        if self._wire_encoder is None:  # own records: acks() may be mid-batch
+            self._wire_encoder = Encoder(max_frames=1, max_items=1, out_size=1024)
+        ack = self._wire_encoder.frame(FrameType.ACK, 0, 0, actions=[action])
+        wire = ack[11:]  # after length, type, flags and the 0/0 ids
+        action.wire = wire
+        return wire
+
+    def frame(
+        self,
+        type_: int,
+        sid: int,
+        fid: int,
+        kv: Sequence[KV] = (),
+        messages: Sequence[tuple[str, Sequence[tuple[str, Value | TypedEncoding]]]] = (),
+        actions: Sequence[Action] = (),
+        raw: bytes = b"",
+        flags: int = FLAG_FIN,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> bytes:
+        """Encode one frame of any kind (HELLO, DISCONNECT, NOTIFY, ACK, raw).
+
+        The slow, general path: handshakes, tests and the load generator.
+        Raises CodecError when the items do not all fit in max_frame_size.
+        """
+        strings = bytearray()
+
+        def ref(b: bytes) -> tuple[int, int]:
+            strings.extend(b)
+            return len(strings) - len(b), len(b)
+
+        records: list[tuple[int, ...]] = []
+
+        def typed(name: bytes, value: Value | TypedEncoding, kind: int, nargs: int = 0) -> None:
+            t, num, b = value if isinstance(value, tuple) else encode_value(value)
+            name_off, name_len = ref(name)
+            val_off, val_len = ref(b)
+            records.append((num, name_off, name_len, val_off, val_len, kind, t, nargs, 0, 0))
+
+        for key, value in kv:
+            typed(key.encode(), value, ItemKind.KV)
+        for name, args in messages:
+            name_off, name_len = ref(name.encode())
+            records.append((0, name_off, name_len, 0, 0, ItemKind.MESSAGE, 0, len(args), 0, 0))
+            for arg_name, value in args:
+                typed(arg_name.encode(), value, ItemKind.ARG)
+        for a in actions:
+            name_off, name_len = ref(a.name)
+            val_off, val_len = ref(a.raw)
+            records.append(
+                (a.num, name_off, name_len, val_off, val_len, ItemKind.ACTION, a.type, 0,
+                 a.action, a.scope)
+            )  # fmt: skip
+        payload_off, payload_len = ref(raw)
+        self._grow(1, len(records), max_frame_size + 4)
+        for j, rec in enumerate(records):
+            ITEM_RECORD.pack_into(self._items_view, j * 32, *rec)
+        FRAME_RECORD.pack_into(
+            self._frames_view, 0, sid, fid, flags, 0, 0, payload_off, payload_len, 0,
+            len(records), type_, 0,
+        )  # fmt: skip
+        data = self._run(1, len(records), strings, max_frame_size)
+        if self._frames[0].n_items != len(records):
+            raise CodecError(Status.TOO_BIG, "frame would exceed max-frame-size")
+        return data
+
+    def _run(self, n_frames: int, n_items: int, strings: bytearray, max_frame_size: int) -> bytes:
+        """Encode the packed records; loops if the output buffer fills up."""
+        blob = bytes(strings)
+        chunks = []
+        done = 0
+        while done < n_frames:
+            rc = lib.spop_encode_frames(
+                self._out, self._out_size, max_frame_size, self._frames + done,
+                n_frames - done, self._items, n_items, blob, len(blob),
+            )  # fmt: skip
+            if rc < 0:
+                raise CodecError(-rc, "cannot encode frame records")
+            if rc == 0:  # one frame larger than the buffer: make room and retry
+                self._grow_out(max_frame_size + 4)
+                continue
+            last = self._frames[done + rc - 1]
+            chunks.append(ffi.buffer(self._out, last.offset + 4 + last.length)[:])
+            done += rc
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _grow_out(self, size: int) -> None:
+        if size <= self._out_size:
+            raise CodecError(Status.TOO_BIG, "frame does not fit the output buffer")
+        self._out_size = size
+        self._out = ffi.new("uint8_t[]", size)
+
+
+def encode_varint(value: int) -> bytes:
+    """HAProxy varint of a value in [0, 2^64-1] (rare paths and tests)."""
+    out = ffi.new("uint8_t[10]")
+    n = lib.spop_varint_encode(value, out, 10)
+    return ffi.buffer(out, n)[:]
+
+
+def decode_varint(data: bytes) -> tuple[int, int]:
+    """(value, bytes used); used == 0 when `data` is a truncated varint.
+
+    Raises CodecError for a varint longer than 10 bytes or above 2^64-1.
+    """
+    value = ffi.new("uint64_t *")
+    n = lib.spop_varint_decode(data, len(data), value)
+    if n < 0:
+        raise CodecError(-n, "invalid varint")
+    return (value[0], n) if n else (0, 0)

@@ -1,0 +1,349 @@
+"""SPOP values, actions and messages: the objects a handler sees and returns.
+
+Pure Python, no codec or server imports, so handler code can be unit-tested
+on its own. The codec builds `Message` objects from decoded records and
+encodes `Action` objects; both stay lazy where a handler may not look.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from enum import IntEnum
+from ipaddress import IPv4Address, IPv6Address
+from typing import TypeAlias
+
+U64 = (1 << 64) - 1
+
+
+class DataType(IntEnum):
+    """Typed-data codes (low nibble of the type byte)."""
+
+    NULL = 0
+    BOOL = 1
+    INT32 = 2
+    UINT32 = 3
+    INT64 = 4
+    UINT64 = 5
+    IPV4 = 6
+    IPV6 = 7
+    STRING = 8
+    BINARY = 9
+
+
+class Scope(IntEnum):
+    """Variable scopes of set-var / unset-var actions."""
+
+    PROC = 0
+    SESS = 1
+    TXN = 2
+    REQ = 3
+    RES = 4
+
+
+class String(bytes):
+    """A STRING value: raw bytes as HAProxy sent them (not guaranteed UTF-8).
+
+    Plain `bytes` values are BINARY; wrap bytes in `String` to send them as
+    STRING, or pass a `str` (encoded as UTF-8).
+    """
+
+    __slots__ = ()
+
+    def text(self, errors: str = "replace") -> str:
+        """The value decoded as UTF-8 (invalid bytes replaced by default)."""
+        return self.decode("utf-8", errors)
+
+
+class _SizedInt(int):
+    """An int that is sent with an explicit SPOP integer type."""
+
+    __slots__ = ()
+    data_type: DataType
+    lo: int
+    hi: int
+
+    def __new__(cls, value: int) -> _SizedInt:
+        if not cls.lo <= value <= cls.hi:
+            raise ValueError(f"{cls.__name__} out of range: {value}")
+        return super().__new__(cls, value)
+
+
+class Int32(_SizedInt):
+    __slots__ = ()
+    data_type, lo, hi = DataType.INT32, -(1 << 31), (1 << 31) - 1
+
+
+class UInt32(_SizedInt):
+    __slots__ = ()
+    data_type, lo, hi = DataType.UINT32, 0, (1 << 32) - 1
+
+
+class Int64(_SizedInt):
+    __slots__ = ()
+    data_type, lo, hi = DataType.INT64, -(1 << 63), (1 << 63) - 1
+
+
+class UInt64(_SizedInt):
+    __slots__ = ()
+    data_type, lo, hi = DataType.UINT64, 0, U64
+
+
+Value: TypeAlias = bool | int | IPv4Address | IPv6Address | bytes | str | None
+"""What a typed value decodes to: None, bool, int, IPv4Address, IPv6Address,
+String (STRING) or bytes (BINARY). Encoding also takes str (as STRING)."""
+
+TypedEncoding: TypeAlias = tuple[int, int, bytes]
+"""(DataType, integer payload, byte payload) as the encoder takes it."""
+
+
+def encode_value(value: Value) -> TypedEncoding:
+    """Pick the SPOP type for a Python value.
+
+    Plain ints travel as UINT32 when they fit (what HAProxy's example agent
+    sends), otherwise INT64, or UINT64 above 2^63-1; HAProxy stores every
+    integer type as a signed 64-bit integer. Negative numbers are
+    sign-extended to 64 bits, which is what HAProxy expects.
+    """
+    cls = type(value)
+    if cls is int and 0 <= value <= 0xFFFFFFFF:  # type: ignore[operator]  # the usual case
+        return (DataType.UINT32, value, b"")  # type: ignore[return-value]
+    if value is None:
+        return (DataType.NULL, 0, b"")
+    if value is True or value is False:
+        return (DataType.BOOL, int(value), b"")
+    if isinstance(value, int):
+        if isinstance(value, _SizedInt):
+            return (value.data_type, value & U64, b"")
+        if 0 <= value <= 0xFFFFFFFF:
+            return (DataType.UINT32, value, b"")
+        if -(1 << 63) <= value < (1 << 63):
+            return (DataType.INT64, value & U64, b"")
+        if 0 <= value <= U64:
+            return (DataType.UINT64, value, b"")
+        raise ValueError(f"integer does not fit in 64 bits: {value}")
+    if isinstance(value, String):
+        return (DataType.STRING, 0, bytes(value))
+    if isinstance(value, str):
+        return (DataType.STRING, 0, value.encode())
+    if isinstance(value, bytes | bytearray | memoryview):
+        return (DataType.BINARY, 0, bytes(value))
+    if isinstance(value, IPv4Address):
+        return (DataType.IPV4, 0, value.packed)
+    if isinstance(value, IPv6Address):
+        return (DataType.IPV6, 0, value.packed)
+    raise TypeError(f"no SPOP type for {type(value).__name__}")
+
+
+SCOPES = {s.name.lower(): s for s in Scope}
+_SCOPE_OF: dict[object, Scope] = {**{int(s): s for s in Scope}, **SCOPES}
+_VAR_NAME = re.compile(r"[A-Za-z0-9._]+")
+ACTION_SET_VAR = 1
+ACTION_UNSET_VAR = 2
+
+
+def _scope(scope: Scope | str) -> Scope:
+    try:
+        return _SCOPE_OF[scope]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown scope {scope!r} (one of {', '.join(SCOPES)})") from None
+
+
+_names: dict[str, bytes] = {}
+
+
+def _var_name(name: str) -> bytes:
+    """Validate a variable name once; HAProxy silently ignores bad ones."""
+    encoded = _names.get(name)
+    if encoded is None:
+        if not isinstance(name, str) or not _VAR_NAME.fullmatch(name):
+            raise ValueError(f"variable name must match [A-Za-z0-9._]+: {name!r}")
+        encoded = _names[name] = name.encode()
+    return encoded
+
+
+class Action:
+    """One set-var or unset-var action of an ACK; build with set_var/unset_var.
+
+    Do not modify one after it is built: the codec caches its encoded bytes
+    on it (`wire`), so an action built once (say, one per possible score)
+    costs nothing to encode again.
+    """
+
+    __slots__ = ("action", "name", "num", "raw", "scope", "type", "wire")
+
+    action: int
+    scope: Scope
+    name: bytes
+    type: int
+    num: int
+    raw: bytes
+    wire: bytes | None
+
+    def __init__(
+        self, action: int, scope: Scope, name: bytes, type_: int, num: int, raw: bytes
+    ) -> None:
+        # treated as immutable (equality and the cached `wire` rely on it)
+        self.action = action
+        self.scope = scope
+        self.name = name
+        self.type = type_
+        self.num = num
+        self.raw = raw
+        self.wire = None
+
+    def __repr__(self) -> str:
+        scope = Scope(self.scope).name.lower()
+        if self.action == ACTION_UNSET_VAR:
+            return f"unset_var({scope!r}, {self.name.decode()!r})"
+        return f"set_var({scope!r}, {self.name.decode()!r}, {self.value!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Action):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple[int, int, bytes, int, int, bytes]:
+        return (self.action, self.scope, self.name, self.type, self.num, self.raw)
+
+    @property
+    def value(self) -> Value:
+        """The value a set-var carries, as it would decode."""
+        return typed_value(self.type, self.num, self.raw)
+
+
+def set_var(scope: Scope | str, name: str, value: Value) -> Action:
+    """Set HAProxy variable `<scope>.<var-prefix>.<name>` to `value`.
+
+    HAProxy only sets variables it knows (used in its config or listed in
+    `register-var-names`) unless the agent has `option force-set-var`.
+    """
+    type_, num, raw = encode_value(value)
+    return Action(ACTION_SET_VAR, _scope(scope), _var_name(name), type_, num, raw)
+
+
+def unset_var(scope: Scope | str, name: str) -> Action:
+    """Unset HAProxy variable `<scope>.<var-prefix>.<name>`."""
+    return Action(ACTION_UNSET_VAR, _scope(scope), _var_name(name), DataType.NULL, 0, b"")
+
+
+def _signed(num: int) -> int:
+    return num - (1 << 64) if num >> 63 else num
+
+
+_new_ipv4 = IPv4Address.__new__
+
+
+def ipv4_from_int(num: int) -> IPv4Address:
+    """IPv4Address from a trusted 32-bit int, skipping the range check the
+    constructor repeats (a third of a decode's cost)."""
+    addr = _new_ipv4(IPv4Address)
+    addr._ip = num
+    return addr
+
+
+if ipv4_from_int(0x7F000001) != IPv4Address("127.0.0.1"):  # pragma: no cover
+    ipv4_from_int = IPv4Address
+
+
+def typed_value(type_: int, num: int, raw: bytes) -> Value:
+    """Python value of a typed datum: `num` holds integers, booleans and IPv4
+    (as an int); `raw` holds IPv6, STRING and BINARY bytes."""
+    if type_ == DataType.IPV4:
+        return ipv4_from_int(num)
+    if type_ == DataType.STRING:
+        return String(raw)
+    if type_ in (DataType.INT64, DataType.INT32):
+        return _signed(num)
+    if type_ in (DataType.UINT32, DataType.UINT64):
+        return num
+    if type_ == DataType.BOOL:
+        return bool(num)
+    if type_ == DataType.IPV6:
+        return IPv6Address(raw)
+    if type_ == DataType.BINARY:
+        return bytes(raw)
+    return None
+
+
+# One decoded record, as codec.Decoder returns it:
+# (num, name_off, name_len, val_off, val_len, kind, type, nargs, action, scope)
+ItemRecord: TypeAlias = tuple[int, int, int, int, int, int, int, int, int, int]
+
+
+class Message:
+    """One SPOE message of a NOTIFY: a name and typed arguments.
+
+    Arguments are read by position (`msg[0]`, what `args src` produces) or by
+    name (`msg["ip"]`, from `args ip=src`). Values are decoded only when read.
+    A NULL argument (sample not available in HAProxy) reads as None.
+    """
+
+    __slots__ = ("_first", "_items", "data", "name", "nargs")
+
+    def __init__(
+        self, name: str, data: bytes, items: list[ItemRecord], first: int, nargs: int
+    ) -> None:
+        self.name = name
+        self.data = data  # the buffer the records point into
+        self._items = items
+        self._first = first  # index of the first argument record
+        self.nargs = nargs
+
+    def __len__(self) -> int:
+        return self.nargs
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n or i}={v!r}" for i, (n, v) in enumerate(self.items()))
+        return f"Message({self.name!r}, {args})"
+
+    def _find(self, key: int | str) -> ItemRecord:
+        if isinstance(key, int):
+            if not -self.nargs <= key < self.nargs:
+                raise IndexError(key)
+            return self._items[self._first + key % self.nargs]
+        wanted = key.encode()
+        data = self.data
+        for rec in self._items[self._first : self._first + self.nargs]:
+            if data[rec[1] : rec[1] + rec[2]] == wanted:
+                return rec
+        raise KeyError(key)
+
+    def _value(self, rec: ItemRecord) -> Value:
+        if rec[6] == DataType.IPV4:  # the common case, kept first
+            return ipv4_from_int(rec[0])
+        return typed_value(rec[6], rec[0], self.data[rec[3] : rec[3] + rec[4]])
+
+    def __getitem__(self, key: int | str) -> Value:
+        """Argument value by position or by name (IndexError / KeyError)."""
+        if key.__class__ is int and 0 <= key < self.nargs:  # type: ignore[operator]
+            rec = self._items[self._first + key]  # type: ignore[operator]
+        else:
+            rec = self._find(key)
+        if rec[6] == 6:  # IPV4, the common case
+            return ipv4_from_int(rec[0])
+        return self._value(rec)
+
+    def get(self, key: int | str, default: Value = None) -> Value:
+        try:
+            return self[key]
+        except (KeyError, IndexError):
+            return default
+
+    def type_of(self, key: int | str) -> DataType:
+        """The SPOP type an argument was sent with."""
+        return DataType(self._find(key)[6])
+
+    def names(self) -> list[str]:
+        """Argument names in order ("" for unnamed arguments)."""
+        data = self.data
+        args = self._items[self._first : self._first + self.nargs]
+        return [data[r[1] : r[1] + r[2]].decode("utf-8", "replace") for r in args]
+
+    def items(self) -> Iterator[tuple[str, Value]]:
+        """(name, value) pairs in order."""
+        args = self._items[self._first : self._first + self.nargs]
+        return zip(self.names(), (self._value(r) for r in args), strict=True)

@@ -1,0 +1,427 @@
+"""The agent side of SPOP 2.0 as a sans-IO state machine.
+
+Bytes in (`receive`), notifications and events out, bytes to send
+(`data_to_send`). No sockets, no processes, no handler code: the worker,
+the tests and the load generator drive it.
+
+Hot path: `receive` returns NOTIFY frames as plain `(sid, fid, messages)`
+tuples. Everything rarer (handshake done, HAProxy said goodbye, protocol
+error, health check) is an event object in `take_events()`. After an error,
+a DISCONNECT or a health check, `closing` is True: send what
+`data_to_send()` returns, then close the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from spoa_mp.codec import (
+    DEFAULT_FRAME_SIZE,
+    F_FID,
+    F_FLAGS,
+    F_PARSED,
+    F_PLEN,
+    F_POFF,
+    F_SID,
+    F_TYPE,
+    FLAG_ABORT,
+    FLAG_FIN,
+    MIN_FRAME_SIZE,
+    CodecError,
+    Decoder,
+    Encoder,
+    FrameRecord,
+    FrameType,
+    Status,
+    encode_varint,
+    item_value,
+    kv_items,
+    messages,
+    status_reason,
+)
+from spoa_mp.model import Action, DataType, ItemRecord, Message, String
+
+SPOP_VERSION = "2.0"
+Notification: TypeAlias = tuple[int, int, list[Message]]
+"""(stream-id, frame-id, messages) of one NOTIFY; answer with ack()."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """What this agent offers in the handshake."""
+
+    max_frame_size: int = DEFAULT_FRAME_SIZE
+    pipelining: bool = True  # announced only when HAProxy offers it
+    fragmentation: bool = True  # reassemble fragmented NOTIFY (HAProxy <= 3.0)
+    max_reassembled_size: int = 1 << 20  # bound on a reassembled NOTIFY payload
+
+    def __post_init__(self) -> None:
+        if not MIN_FRAME_SIZE <= self.max_frame_size <= (1 << 24):
+            raise ValueError(f"max-frame-size must be in [256, {1 << 24}]")
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """The outcome of HAPROXY-HELLO / AGENT-HELLO on one connection."""
+
+    max_frame_size: int
+    pipelining: bool
+    fragmentation: bool
+    engine_id: str
+    haproxy_capabilities: tuple[str, ...]
+    healthcheck: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeDone:
+    handshake: Handshake
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """A health-check HELLO was answered; close once sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDisconnected:
+    """HAProxy sent HAPROXY-DISCONNECT; our AGENT-DISCONNECT is queued."""
+
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """HAProxy's bytes broke the protocol; AGENT-DISCONNECT(status) is queued."""
+
+    status: int
+    detail: str
+
+
+Event: TypeAlias = HandshakeDone | HealthCheck | PeerDisconnected | ProtocolError
+
+_HELLO, _READY, _CLOSING = range(3)
+_INTEGER_TYPES = frozenset((DataType.INT32, DataType.UINT32, DataType.INT64, DataType.UINT64))
+
+
+class _FailError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def parse_capabilities(value: bytes) -> tuple[str, ...]:
+    """HAProxy's capability list: comma-separated, blanks ignored."""
+    return tuple(t for t in (p.strip().decode("ascii", "replace") for p in value.split(b",")) if t)
+
+
+def supports_version(value: bytes) -> bool:
+    """Whether a `supported-versions` list includes 2.0 (a major version
+    announces all its minors)."""
+    for entry in value.split(b","):
+        major, _, minor = entry.strip().partition(b".")
+        if major.isdigit() and minor.isdigit() and int(major) == 2:
+            return True
+    return False
+
+
+class AgentConnection:
+    """One HAProxy connection, agent side.
+
+    `decoder` and `encoder` hold reusable C buffers; share one of each among
+    all connections of a worker (they keep no per-connection state).
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings | None = None,
+        decoder: Decoder | None = None,
+        encoder: Encoder | None = None,
+    ) -> None:
+        self.settings = settings or AgentSettings()
+        self._decoder = decoder or Decoder(max_frame_size=self.settings.max_frame_size)
+        self._encoder = encoder or Encoder()
+        self._phase = _HELLO
+        self._pending = b""  # bytes of a frame not complete yet
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self.max_frame_size = self.settings.max_frame_size  # negotiated in the handshake
+        self.handshake: Handshake | None = None
+        # a fragmented NOTIFY being reassembled: (sid, fid, payload so far)
+        self._fragment: tuple[int, int, bytearray] | None = None
+
+    # -------------------------------------------------------------- state
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection must close after sending what is queued."""
+        return self._phase == _CLOSING
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet a whole frame."""
+        return len(self._pending)
+
+    def take_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def snapshot(self) -> dict[str, object]:
+        """The negotiated state and unparsed bytes, to hand the connection over."""
+        return {
+            "phase": self._phase,
+            "pending": self._pending,
+            "max_frame_size": self.max_frame_size,
+            "handshake": self.handshake,
+            "fragment": self._fragment,
+        }
+
+    # -------------------------------------------------------------- input
+
+    def receive(self, data: bytes) -> list[Notification]:
+        """Feed bytes read from HAProxy; returns the NOTIFY frames completed."""
+        if self._phase == _CLOSING:
+            return []
+        if self._pending:
+            data = self._pending + data
+        notes: list[Notification] = []
+        decode = self._decoder.decode
+        while data:
+            frames, items, consumed, error = decode(data, self.max_frame_size)
+            try:
+                for f in frames:
+                    if f[F_TYPE] == 3 and f[F_PARSED] and self._phase == _READY:
+                        notes.append((f[F_SID], f[F_FID], messages(data, f, items)))
+                    else:
+                        self._other_frame(data, f, items, notes)
+                    if self._phase == _CLOSING:
+                        return notes
+                if error:
+                    raise _FailError(error, "malformed frame")
+            except _FailError as e:
+                self._fail(e.status, e.detail)
+                return notes
+            if not frames or consumed == len(data):
+                break
+            data = data[consumed:]  # the record arrays filled up: go again
+        self._pending = data[consumed:] if frames else data
+        return notes
+
+    def _other_frame(
+        self, data: bytes, f: FrameRecord, items: list[ItemRecord], notes: list[Notification]
+    ) -> None:
+        type_, flags = f[F_TYPE], f[F_FLAGS]
+        if type_ == FrameType.HAPROXY_DISCONNECT and f[F_PARSED]:
+            self._peer_disconnect(data, f, items)
+        elif self._phase == _HELLO:
+            if type_ != FrameType.HAPROXY_HELLO:
+                raise _FailError(Status.INVALID, f"frame type {type_} before HAPROXY-HELLO")
+            if not flags & FLAG_FIN:
+                raise _FailError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragmented HELLO")
+            self._hello(data, f, items)
+        elif type_ in (FrameType.NOTIFY, FrameType.UNSET):
+            note = self._fragmented_notify(data, f)
+            if note is not None:
+                notes.append(note)
+        elif type_ in (FrameType.HAPROXY_HELLO, FrameType.HAPROXY_DISCONNECT):
+            if not flags & FLAG_FIN:
+                raise _FailError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragmented frame")
+            raise _FailError(Status.INVALID, "HAPROXY-HELLO after the handshake")
+        elif type_ >= FrameType.AGENT_HELLO and type_ <= FrameType.ACK:
+            raise _FailError(Status.INVALID, f"agent frame type {type_} sent to the agent")
+        # any other type: unknown to us, skipped as the spec allows
+
+    # -------------------------------------------------------------- handshake
+
+    def _hello(self, data: bytes, f: FrameRecord, items: list[ItemRecord]) -> None:
+        if f[F_SID] or f[F_FID]:
+            raise _FailError(Status.INVALID, "HELLO with non-zero stream-id or frame-id")
+        kv = kv_items(data, f, items)
+
+        versions = kv.get("supported-versions")
+        if versions is None:
+            raise _FailError(Status.NO_VERSION, "no supported-versions")
+        if versions[6] != DataType.STRING:
+            raise _FailError(Status.INVALID, "supported-versions is not a string")
+        if not supports_version(bytes(item_value(data, versions))):  # type: ignore[arg-type]
+            raise _FailError(Status.BAD_VERSION, "HAProxy does not offer SPOP 2.x")
+
+        size = kv.get("max-frame-size")
+        if size is None:
+            raise _FailError(Status.NO_FRAME_SIZE, "no max-frame-size")
+        if size[6] not in _INTEGER_TYPES:
+            raise _FailError(Status.INVALID, "max-frame-size is not an integer")
+        theirs = item_value(data, size)
+        assert isinstance(theirs, int)
+        if theirs < MIN_FRAME_SIZE:
+            raise _FailError(Status.BAD_FRAME_SIZE, f"max-frame-size {theirs} is below 256")
+
+        caps: tuple[str, ...] = ()
+        cap_item = kv.get("capabilities")
+        if cap_item is not None:
+            if cap_item[6] != DataType.STRING:
+                raise _FailError(Status.INVALID, "capabilities is not a string")
+            caps = parse_capabilities(bytes(item_value(data, cap_item)))  # type: ignore[arg-type]
+
+        check = kv.get("healthcheck")
+        healthcheck = check is not None and check[6] == DataType.BOOL and bool(check[0])
+        engine = kv.get("engine-id")
+        engine_id = ""
+        if engine is not None and engine[6] == DataType.STRING:
+            engine_id = bytes(item_value(data, engine)).decode("utf-8", "replace")  # type: ignore[arg-type]
+
+        hs = Handshake(
+            max_frame_size=min(self.settings.max_frame_size, theirs),
+            pipelining=self.settings.pipelining and "pipelining" in caps,
+            fragmentation=self.settings.fragmentation,
+            engine_id=engine_id,
+            haproxy_capabilities=caps,
+            healthcheck=healthcheck,
+        )
+        ours = [
+            c
+            for c, on in (("pipelining", hs.pipelining), ("fragmentation", hs.fragmentation))
+            if on
+        ]
+        self._out.append(
+            self._encoder.frame(
+                FrameType.AGENT_HELLO, 0, 0,
+                kv=[
+                    ("version", String(SPOP_VERSION.encode())),
+                    ("max-frame-size", (DataType.UINT32, hs.max_frame_size, b"")),
+                    ("capabilities", String(",".join(ours).encode())),
+                ],
+            )
+        )  # fmt: skip
+        self.handshake = hs
+        self.max_frame_size = hs.max_frame_size
+        if healthcheck:
+            # HAProxy closes right after reading our HELLO: do not wait
+            self._events.append(HealthCheck())
+            self._phase = _CLOSING
+        else:
+            self._events.append(HandshakeDone(hs))
+            self._phase = _READY
+
+    # -------------------------------------------------------------- fragments
+
+    def _fragmented_notify(self, data: bytes, f: FrameRecord) -> Notification | None:
+        """NOTIFY without FIN starts a payload, UNSET frames continue it (HAProxy
+        <= 3.0, and only if we announced fragmentation)."""
+        sid, fid, flags, type_ = f[F_SID], f[F_FID], f[F_FLAGS], f[F_TYPE]
+        payload = data[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
+        if flags & FLAG_ABORT:
+            # HAProxy gave up on this NOTIFY: forget it, nothing to answer
+            if self._fragment is not None and self._fragment[:2] == (sid, fid):
+                self._fragment = None
+            return None
+        if not (self.handshake and self.handshake.fragmentation):
+            raise _FailError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragment, not announced")
+        if type_ == FrameType.NOTIFY:
+            if self._fragment is not None:
+                raise _FailError(Status.INTERLACED_FRAMES, "new NOTIFY inside a fragmented one")
+            self._fragment = (sid, fid, bytearray(payload))
+            return None
+        if self._fragment is None or self._fragment[:2] != (sid, fid):
+            raise _FailError(Status.INTERLACED_FRAMES, "continuation of an unknown NOTIFY")
+        buf = self._fragment[2]
+        buf += payload
+        if len(buf) > self.settings.max_reassembled_size:
+            raise _FailError(Status.TOO_BIG, "reassembled NOTIFY above the limit")
+        if not flags & FLAG_FIN:
+            return None
+        self._fragment = None
+        return self._decode_whole(sid, fid, bytes(buf))
+
+    def _decode_whole(self, sid: int, fid: int, payload: bytes) -> Notification:
+        header = (
+            bytes((FrameType.NOTIFY, 0, 0, 0, FLAG_FIN)) + encode_varint(sid) + encode_varint(fid)
+        )
+        body = header + payload
+        frame = len(body).to_bytes(4, "big") + body
+        decoder = Decoder(max_frames=1, max_frame_size=len(body))
+        frames, items, _, error = decoder.decode(frame, len(body))
+        if error or not frames:
+            raise _FailError(error or Status.INVALID, "malformed reassembled NOTIFY")
+        return (sid, fid, messages(frame, frames[0], items))
+
+    # -------------------------------------------------------------- endings
+
+    def _peer_disconnect(self, data: bytes, f: FrameRecord, items: list[ItemRecord]) -> None:
+        kv = kv_items(data, f, items)
+        code = kv.get("status-code")
+        status = item_value(data, code) if code is not None and code[6] in _INTEGER_TYPES else 0
+        msg = kv.get("message")
+        text = ""
+        if msg is not None and msg[6] == DataType.STRING:
+            text = bytes(item_value(data, msg)).decode("utf-8", "replace")  # type: ignore[arg-type]
+        assert isinstance(status, int)
+        self._events.append(PeerDisconnected(status, text))
+        # answer with the same status, as HAProxy's example agent does
+        self._queue_disconnect(status, status_reason(status))
+        self._phase = _CLOSING
+
+    def _fail(self, status: int, detail: str) -> None:
+        self._events.append(ProtocolError(status, detail))
+        self._queue_disconnect(status, Status(status).reason)
+        self._phase = _CLOSING
+        self._pending = b""
+
+    def _queue_disconnect(self, status: int, message: str) -> None:
+        self._out.append(
+            self._encoder.frame(
+                FrameType.AGENT_DISCONNECT, 0, 0,
+                kv=[
+                    ("status-code", (DataType.UINT32, status & 0xFFFFFFFF, b"")),
+                    ("message", String(message.encode()[:255])),
+                ],
+            )
+        )  # fmt: skip
+
+    def disconnect(self, status: int = Status.NORMAL, message: str = "normal") -> None:
+        """Close on our side: AGENT-DISCONNECT, then `closing`."""
+        if self._phase != _CLOSING:
+            self._queue_disconnect(status, message)
+            self._phase = _CLOSING
+
+    # -------------------------------------------------------------- output
+
+    def ack(self, replies: Sequence[tuple[int, int, Sequence[Action]]]) -> list[int]:
+        """Queue one ACK per (stream-id, frame-id, actions), encoded in one call.
+
+        Returns the indexes of replies whose actions did not all fit in the
+        negotiated max-frame-size (the ACK carries the leading ones that fit).
+        Nothing is queued once the connection is closing.
+        """
+        if self._phase != _READY or not replies:
+            return []
+        data, cut = self._encoder.acks(replies, self.max_frame_size)
+        self._out.append(data)
+        return cut
+
+
+__all__ = [
+    "SPOP_VERSION",
+    "AgentConnection",
+    "AgentSettings",
+    "CodecError",
+    "Event",
+    "Handshake",
+    "HandshakeDone",
+    "HealthCheck",
+    "Notification",
+    "PeerDisconnected",
+    "ProtocolError",
+    "parse_capabilities",
+    "supports_version",
+]
