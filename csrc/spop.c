@@ -313,23 +313,37 @@ int spop_decode_frames(const uint8_t *buf, size_t len, uint32_t max_frame_size,
 
 /* ---------------------------------------------------------------- encoding */
 
-/* A write cursor; `ok` goes to 0 on the first write that does not fit, and
- * later writes do nothing (sticky error, checked once per item). */
+/*
+ * A write cursor over one frame body. Two limits: `limit` is what the frame
+ * may hold (max-frame-size), `cap` what the output buffer has left. Past
+ * `cap` the cursor keeps counting without writing, so that a group that
+ * would cross `limit` anyway is told apart from one that only needs a
+ * bigger buffer. Errors are sticky and checked once per group.
+ */
 typedef struct {
-    uint8_t *p;
-    uint8_t *end;
-    int ok;
+    uint8_t *base;
+    size_t pos;
+    size_t cap;
+    size_t limit;
+    int too_big;  /* crossed `limit`: the frame cannot hold this */
+    int short_;   /* crossed `cap`: retry with a larger buffer */
 } wcursor;
 
 static void put_bytes(wcursor *w, const uint8_t *src, size_t n)
 {
-    if (!w->ok || (size_t)(w->end - w->p) < n) {
-        w->ok = 0;
+    if (w->too_big)
+        return;
+    if (w->limit - w->pos < n) {
+        w->too_big = 1;
         return;
     }
-    if (n)
-        memcpy(w->p, src, n);
-    w->p += n;
+    if (!w->short_ && w->cap - w->pos >= n) {
+        if (n)
+            memcpy(w->base + w->pos, src, n);
+    } else {
+        w->short_ = 1;
+    }
+    w->pos += n;
 }
 
 static void put_byte(wcursor *w, uint8_t b)
@@ -339,13 +353,9 @@ static void put_byte(wcursor *w, uint8_t b)
 
 static void put_varint(wcursor *w, uint64_t v)
 {
-    if (!w->ok)
-        return;
-    int n = spop_varint_encode(v, w->p, (size_t)(w->end - w->p));
-    if (n < 0)
-        w->ok = 0;
-    else
-        w->p += n;
+    uint8_t tmp[SPOP_VARINT_MAX];
+    int n = spop_varint_encode(v, tmp, sizeof(tmp));
+    put_bytes(w, tmp, (size_t)n); /* cannot fail: tmp holds any varint */
 }
 
 typedef struct {
@@ -499,20 +509,19 @@ static void put_group(wcursor *w, const spop_item *items, uint32_t i,
 }
 
 /*
- * Write one frame at w. The frame body is limited to max_frame_size; groups
- * that would cross it are left out. Returns 1 when written, 0 when `cap`
- * ran out, -SPOP_ST_INVALID for a bad record.
+ * Write one frame at out[*pos]. The body is limited to max_frame_size;
+ * groups that would cross it are left out. Returns 1 when written (and
+ * advances *pos), 0 when `cap` ran out, < 0 for a bad record or a frame
+ * that cannot be made to fit.
  */
-static int put_frame(wcursor *out, uint32_t max_frame_size, spop_frame *f,
-                     const spop_item *items, uint32_t n_items, const strings_ref *s)
+static int put_frame(uint8_t *out, size_t cap, size_t *pos, uint32_t max_frame_size,
+                     spop_frame *f, const spop_item *items, uint32_t n_items,
+                     const strings_ref *s)
 {
-    uint8_t *start = out->p;
-    size_t room = (size_t)(out->end - out->p);
+    size_t room = cap - *pos;
     if (room < 4)
         return 0;
-    /* the body may use at most max_frame_size bytes, and what cap leaves */
-    size_t body_cap = room - 4 < max_frame_size ? room - 4 : max_frame_size;
-    wcursor w = {start + 4, start + 4 + body_cap, 1};
+    wcursor w = {out + *pos + 4, 0, room - 4, max_frame_size, 0, 0};
 
     /* no items: the payload is raw bytes (fragments, pre-encoded lists) */
     uint8_t kind = f->n_items ? payload_kind(f->type) : 0;
@@ -529,45 +538,46 @@ static int put_frame(wcursor *out, uint32_t max_frame_size, spop_frame *f,
     put_bytes(&w, flags, 4);
     put_varint(&w, f->sid);
     put_varint(&w, f->fid);
-    if (!w.ok)
-        return room - 4 < max_frame_size ? 0 : -SPOP_ST_BAD_FRAME_SIZE;
+    if (w.too_big)
+        return -SPOP_ST_BAD_FRAME_SIZE;
 
-    uint32_t end = f->first_item + f->n_items;
     uint32_t written = 0;
     if (!kind) {
-        if (f->payload_len)
-            put_bytes(&w, s->base + f->payload_off, f->payload_len);
-        if (!w.ok)
-            return room - 4 < max_frame_size ? 0 : -SPOP_ST_TOO_BIG;
+        put_bytes(&w, s->base + f->payload_off, f->payload_len);
+        if (w.too_big)
+            return -SPOP_ST_TOO_BIG;
     }
+    uint32_t end = f->first_item + f->n_items;
     for (uint32_t i = f->first_item; kind && i < end;) {
         uint32_t span = group_check(items, i, end, kind, s);
         if (!span)
             return -SPOP_ST_INVALID;
-        uint8_t *mark = w.p;
+        size_t mark = w.pos;
+        int short_mark = w.short_;
         put_group(&w, items, i, span, s);
-        if (!w.ok) {
-            /* does not fit: if cap is what stopped us, retry in a later
-             * buffer; if the frame-size limit did, drop this and the rest */
-            if (room - 4 < max_frame_size)
-                return 0;
-            w.p = mark;
-            w.ok = 1;
+        if (w.too_big) { /* the frame cannot hold it: drop it and the rest */
+            w.pos = mark;
+            w.too_big = 0;
+            w.short_ = short_mark;
             break;
         }
         written += span;
         i += span;
     }
+    if (w.short_)
+        return 0;
     if (kind)
         f->n_items = written;
 
-    uint32_t body = (uint32_t)(w.p - (start + 4));
+    uint8_t *start = out + *pos;
+    uint32_t body = (uint32_t)w.pos;
     start[0] = (uint8_t)(body >> 24);
     start[1] = (uint8_t)(body >> 16);
     start[2] = (uint8_t)(body >> 8);
     start[3] = (uint8_t)body;
+    f->offset = (uint32_t)*pos;
     f->length = body;
-    out->p = w.p;
+    *pos += 4 + (size_t)body;
     return 1;
 }
 
@@ -579,18 +589,16 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
     if (max_frame_size < SPOP_FRAME_MIN_LEN)
         return -SPOP_ST_BAD_FRAME_SIZE;
     if (cap > UINT32_MAX)
-        cap = UINT32_MAX;
+        cap = UINT32_MAX; /* offsets in the records are 32-bit */
     strings_ref s = {strings, strings ? strings_len : 0};
-    wcursor w = {out, out + cap, 1};
+    size_t pos = 0;
     uint32_t k;
     for (k = 0; k < n_frames; k++) {
-        uint32_t offset = (uint32_t)(w.p - out);
-        int rc = put_frame(&w, max_frame_size, &frames[k], items, n_items, &s);
+        int rc = put_frame(out, cap, &pos, max_frame_size, &frames[k], items, n_items, &s);
         if (rc < 0)
             return rc;
         if (rc == 0)
             break;
-        frames[k].offset = offset;
     }
     return (int)k;
 }
