@@ -89,6 +89,8 @@ class Status(IntEnum):
 
 
 def status_reason(status: int) -> str:
+    if not 0 <= status <= Status.UNKNOWN:  # the C side takes an int
+        status = Status.UNKNOWN
     return ffi.string(lib.spop_status_reason(status)).decode()
 
 
@@ -193,23 +195,28 @@ def kv_items(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> dict[s
     }
 
 
-_message_names: dict[bytes, str] = {}
+MESSAGE_NAMES: dict[bytes, str] = {}
+
+
+def message_name(raw: bytes) -> str:
+    """A message name as text, decoded once: names come from HAProxy's
+    config, so there are few of them."""
+    name = MESSAGE_NAMES.get(raw)
+    if name is None:
+        if len(MESSAGE_NAMES) >= 1024:  # a peer sending junk names: stay bounded
+            MESSAGE_NAMES.clear()
+        name = MESSAGE_NAMES[raw] = raw.decode("utf-8", "replace")
+    return name
 
 
 def messages(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> list[Message]:
     """The messages of a decoded NOTIFY, arguments left undecoded."""
     out = []
-    names = _message_names
     i = frame[F_FIRST]
     end = i + frame[F_NITEMS]
     while i < end:
         rec = items[i]
-        raw_name = data[rec[1] : rec[1] + rec[2]]
-        name = names.get(raw_name)
-        if name is None:
-            if len(names) >= 1024:  # names come from HAProxy's config: few
-                names.clear()
-            name = names[raw_name] = raw_name.decode("utf-8", "replace")
+        name = message_name(data[rec[1] : rec[1] + rec[2]])
         out.append(Message(name, data, items, i + 1, rec[7]))
         i += 1 + rec[7]
     return out
@@ -264,7 +271,7 @@ class Encoder:
         pack_ack = ACK_RECORD.pack_into
         fview = self._frames_view
         payloads = bytearray()
-        budget = max_frame_size - 25  # what is left after the largest header
+        safe = max_frame_size - 25  # fits whatever the header (ids of 10 bytes each)
         cut = []
         offset = 0
         for sid, fid, actions in replies:
@@ -272,10 +279,12 @@ class Encoder:
             for a in actions:
                 payloads += a.wire or self.action_wire(a)
             size = len(payloads) - start
-            if size > budget:
-                del payloads[self._fit(start, actions, budget) :]
-                cut.append(offset // 48)
-                size = len(payloads) - start
+            if size > safe:
+                budget = max_frame_size - 5 - len(encode_varint(sid)) - len(encode_varint(fid))
+                if size > budget:
+                    del payloads[self._fit(start, actions, budget) :]
+                    cut.append(offset // 48)
+                    size = len(payloads) - start
             pack_ack(fview, offset, sid, fid, FLAG_FIN, start, size, 103)
             offset += 48
         return self._run(len(replies), 0, payloads, max_frame_size), cut

@@ -7,6 +7,7 @@ encodes `Action` objects; both stay lazy where a handler may not look.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from enum import IntEnum
@@ -129,7 +130,7 @@ def encode_value(value: Value) -> TypedEncoding:
     if isinstance(value, bytes | bytearray | memoryview):
         return (DataType.BINARY, 0, bytes(value))
     if isinstance(value, IPv4Address):
-        return (DataType.IPV4, 0, value.packed)
+        return (DataType.IPV4, int(value), value.packed)  # num as the decoder gives it
     if isinstance(value, IPv6Address):
         return (DataType.IPV6, 0, value.packed)
     raise TypeError(f"no SPOP type for {type(value).__name__}")
@@ -143,10 +144,13 @@ ACTION_UNSET_VAR = 2
 
 
 def _scope(scope: Scope | str) -> Scope:
-    try:
-        return _SCOPE_OF[scope]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown scope {scope!r} (one of {', '.join(SCOPES)})") from None
+    found = None
+    if scope.__class__ is not bool:  # True == 1 would pass as "sess"
+        with contextlib.suppress(TypeError):  # unhashable: not a scope either
+            found = _SCOPE_OF.get(scope)
+    if found is None:
+        raise ValueError(f"unknown scope {scope!r} (one of {', '.join(SCOPES)})")
+    return found
 
 
 _names: dict[str, bytes] = {}

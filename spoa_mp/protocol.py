@@ -13,6 +13,7 @@ a DISCONNECT or a health check, `closing` is True: send what
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -20,7 +21,11 @@ from typing import TypeAlias
 from spoa_mp.codec import (
     DEFAULT_FRAME_SIZE,
     F_FID,
+    F_FIRST,
     F_FLAGS,
+    F_LENGTH,
+    F_NITEMS,
+    F_OFFSET,
     F_PARSED,
     F_PLEN,
     F_POFF,
@@ -28,6 +33,7 @@ from spoa_mp.codec import (
     F_TYPE,
     FLAG_ABORT,
     FLAG_FIN,
+    MESSAGE_NAMES,
     MIN_FRAME_SIZE,
     CodecError,
     Decoder,
@@ -38,6 +44,7 @@ from spoa_mp.codec import (
     encode_varint,
     item_value,
     kv_items,
+    message_name,
     messages,
     status_reason,
 )
@@ -114,8 +121,9 @@ class _FailError(Exception):
 
 
 def parse_capabilities(value: bytes) -> tuple[str, ...]:
-    """HAProxy's capability list: comma-separated, blanks ignored."""
-    return tuple(t for t in (p.strip().decode("ascii", "replace") for p in value.split(b",")) if t)
+    """HAProxy's capability list: comma-separated, blanks ignored (a blank also
+    ends a name, as in HAProxy's own parser)."""
+    return tuple(t.decode("ascii", "replace") for t in re.split(rb"[,\s]+", value) if t)
 
 
 def supports_version(value: bytes) -> bool:
@@ -123,7 +131,9 @@ def supports_version(value: bytes) -> bool:
     announces all its minors)."""
     for entry in value.split(b","):
         major, _, minor = entry.strip().partition(b".")
-        if major.isdigit() and minor.isdigit() and int(major) == 2:
+        # bounded before int(): a peer could send thousands of digits
+        numeric = major.isdigit() and minor.isdigit() and len(major) <= 3 and len(minor) <= 3
+        if numeric and int(major) == 2:
             return True
     return False
 
@@ -196,16 +206,33 @@ class AgentConnection:
             data = self._pending + data
         notes: list[Notification] = []
         decode = self._decoder.decode
+        names = MESSAGE_NAMES  # text of names already seen
         while data:
             frames, items, consumed, error = decode(data, self.max_frame_size)
+            ready = self._phase == _READY
             try:
                 for f in frames:
-                    if f[F_TYPE] == 3 and f[F_PARSED] and self._phase == _READY:
-                        notes.append((f[F_SID], f[F_FID], messages(data, f, items)))
-                    else:
-                        self._other_frame(data, f, items, notes)
+                    if f[F_TYPE] == 3 and f[F_PARSED] and ready:
+                        first = f[F_FIRST]
+                        rec = items[first] if f[F_NITEMS] else None
+                        if rec is None or rec[7] + 1 != f[F_NITEMS]:  # not one message
+                            notes.append((f[F_SID], f[F_FID], messages(data, f, items)))
+                            continue
+                        # one message: the usual NOTIFY, inlined
+                        raw = data[rec[1] : rec[1] + rec[2]]
+                        name = names.get(raw) or message_name(raw)
+                        msg = Message(name, data, items, first + 1, rec[7])
+                        notes.append((f[F_SID], f[F_FID], [msg]))
+                        continue
+                    self._other_frame(data, f, items, notes)
                     if self._phase == _CLOSING:
                         return notes
+                    if not ready and self._phase == _READY:
+                        # the handshake set max-frame-size: what follows in
+                        # this read must be decoded again under that limit
+                        consumed = f[F_OFFSET] + 4 + f[F_LENGTH]
+                        error = 0
+                        break
                 if error:
                     raise _FailError(error, "malformed frame")
             except _FailError as e:
@@ -213,7 +240,7 @@ class AgentConnection:
                 return notes
             if not frames or consumed == len(data):
                 break
-            data = data[consumed:]  # the record arrays filled up: go again
+            data = data[consumed:]  # records full, or a new limit: go again
         self._pending = data[consumed:] if frames else data
         return notes
 
@@ -366,6 +393,8 @@ class AgentConnection:
         if msg is not None and msg[6] == DataType.STRING:
             text = bytes(item_value(data, msg)).decode("utf-8", "replace")  # type: ignore[arg-type]
         assert isinstance(status, int)
+        if not 0 <= status <= 0xFFFFFFFF:
+            status = Status.UNKNOWN
         self._events.append(PeerDisconnected(status, text))
         # answer with the same status, as HAProxy's example agent does
         self._queue_disconnect(status, status_reason(status))
@@ -375,7 +404,6 @@ class AgentConnection:
         self._events.append(ProtocolError(status, detail))
         self._queue_disconnect(status, Status(status).reason)
         self._phase = _CLOSING
-        self._pending = b""
 
     def _queue_disconnect(self, status: int, message: str) -> None:
         self._out.append(
