@@ -1,0 +1,45 @@
+# spoa-mp developer entry points. `make test` works on a fresh Debian machine
+# (as root, or with sudo): it installs the system packages and the virtualenv
+# it needs, then runs every test.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := clang libclang-rt-14-dev
+FUZZ_SECONDS ?= 60
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test lint bench deps venv clean
+
+test: deps venv lint
+	SPOA_MP_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: venv
+	$(BIN)/python bench/bench_codec.py
+
+# System packages: a C toolchain with libFuzzer and the sanitizer runtimes.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+# The virtualenv with an editable install (the cffi module is built in-tree);
+# rebuilt when the C codec or the packaging changes.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py build_ffi.py csrc/spop.c csrc/spop.h
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf build dist *.egg-info spoa_mp/_spop.c spoa_mp/_spop*.so .pytest_cache
