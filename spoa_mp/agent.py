@@ -1,0 +1,304 @@
+"""The handler API: an `Agent` maps SPOE message names to handler functions.
+
+A handler module needs nothing but this module and `spoa_mp.model`::
+
+    from spoa_mp.agent import Agent
+    from spoa_mp.model import set_var
+
+    agent = Agent("example")
+
+    @agent.on_message("check-client-ip")
+    def check(msg):
+        return set_var("sess", "ip_score", 42 if msg[0] else 0)
+
+and is served with `spoa-mp myhandlers:agent`. A handler gets a
+`spoa_mp.model.Message` and returns an `Action`, an iterable of Actions or
+None; it may be `async def`. Decorators return the function unchanged, so
+`check(msg)` stays directly callable in tests.
+
+Registration happens at import time, in the supervisor, which then freezes
+the agent and forks: every worker inherits the same table, and a late
+registration (which one worker would see and the others not) is an error.
+This module imports no server code, so handler modules can be unit-tested
+without building the codec.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeAlias, TypeVar
+
+from spoa_mp.model import Action, Message
+
+__all__ = [
+    "Agent",
+    "AppLoadError",
+    "Handler",
+    "HandlerResult",
+    "Registered",
+    "WorkerStartHook",
+    "load_app",
+    "normalize_actions",
+]
+
+HandlerResult: TypeAlias = Action | Iterable[Action] | None
+"""What a handler returns: one Action, an iterable of Actions, or None."""
+
+Handler: TypeAlias = Callable[[Message], HandlerResult | Awaitable[HandlerResult]]
+"""A handler: called with one `Message`; sync or async."""
+
+WorkerStartHook: TypeAlias = Callable[[], object]
+"""A per-worker init function: no arguments; sync or async."""
+
+H = TypeVar("H", bound=Handler)
+W = TypeVar("W", bound=WorkerStartHook)
+
+_CLOSED = (
+    "registration is closed: handlers must be registered at import time, "
+    "before the server forks workers"
+)
+
+
+class Registered(NamedTuple):
+    """A registered callable and whether calling it returns an awaitable."""
+
+    fn: Callable[..., Any]
+    is_coroutine: bool
+
+
+def _is_coroutine(fn: object) -> bool:
+    """True when calling fn returns a coroutine: async def functions and
+    methods, functools.partial of them, and objects whose __call__ is async."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func  # inspect unwraps partials too, but not partial(obj_with_async_call)
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if isinstance(fn, type) or inspect.isfunction(fn) or inspect.ismethod(fn):
+        return False  # calling a class builds an instance; a plain function is sync
+    return inspect.iscoroutinefunction(type(fn).__call__)
+
+
+class Agent:
+    """A table of SPOE message handlers, plus per-worker init hooks.
+
+    ::
+
+        agent = Agent("iprep")
+
+        @agent.on_message("check-client-ip")
+        async def check(msg): ...
+
+        @agent.on_worker_start
+        def connect():  # runs in each worker, after the fork
+            ...
+
+    The server calls `freeze()` before forking; registering afterwards raises
+    RuntimeError.
+    """
+
+    __slots__ = ("_frozen", "_handlers", "_handlers_view", "_hooks", "name")
+
+    def __init__(self, name: str = "agent") -> None:
+        self.name = name
+        self._handlers: dict[str, Registered] = {}
+        self._handlers_view = MappingProxyType(self._handlers)
+        self._hooks: list[Registered] = []
+        self._frozen = False
+
+    def __repr__(self) -> str:
+        state = ", frozen" if self._frozen else ""
+        return f"<Agent {self.name!r}: {len(self._handlers)} handlers{state}>"
+
+    def _check_open(self, method: str) -> None:
+        if self._frozen:
+            raise RuntimeError(f"Agent {self.name!r}: {method}(): {_CLOSED}")
+
+    def add_handler(self, name: str, fn: Handler) -> None:
+        """Register `fn` for SPOE message `name` (the non-decorator form).
+
+        Raises ValueError for a duplicate or empty name, TypeError when fn is
+        not callable, RuntimeError once frozen.
+        """
+        self._check_open("add_handler")
+        if not isinstance(name, str):
+            raise TypeError(f"message name must be a str, not {type(name).__name__}")
+        if not name:
+            raise ValueError("message name must not be empty")
+        if not callable(fn):
+            raise TypeError(f"handler for {name!r} must be callable, not {type(fn).__name__}")
+        if name in self._handlers:
+            old = self._handlers[name].fn
+            raise ValueError(
+                f"Agent {self.name!r}: message {name!r} already has a handler "
+                f"({getattr(old, '__qualname__', repr(old))})"
+            )
+        self._handlers[name] = Registered(fn, _is_coroutine(fn))
+
+    def on_message(self, name: str) -> Callable[[H], H]:
+        """Decorator registering the function for SPOE message `name`.
+
+        Returns the function unchanged::
+
+            @agent.on_message("check-client-ip")
+            def check(msg: Message) -> Action: ...
+        """
+        self._check_open("on_message")  # fail at the decorator line, not later
+
+        def decorator(fn: H) -> H:
+            self.add_handler(name, fn)
+            return fn
+
+        return decorator
+
+    def on_worker_start(self, fn: W) -> W:
+        """Decorator registering a function run in every worker after the fork
+        (sync or async, no arguments), in registration order. The place to
+        open connections or reseed random generators: anything that must not
+        be shared between processes. Returns the function unchanged.
+        """
+        self._check_open("on_worker_start")
+        if not callable(fn):
+            raise TypeError(f"worker start hook must be callable, not {type(fn).__name__}")
+        self._hooks.append(Registered(fn, _is_coroutine(fn)))
+        return fn
+
+    def freeze(self) -> None:
+        """Close registration (idempotent); the server calls it before forking."""
+        self._frozen = True
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @property
+    def handlers(self) -> Mapping[str, Registered]:
+        """Read-only live view: message name -> Registered(fn, is_coroutine)."""
+        return self._handlers_view
+
+    @property
+    def worker_start_hooks(self) -> tuple[Registered, ...]:
+        """The on_worker_start functions, as Registered(fn, is_coroutine), in order."""
+        return tuple(self._hooks)
+
+
+# ------------------------------------------------------------ handler results
+
+
+def _describe(result: object) -> str:
+    return type(result).__qualname__
+
+
+_NOT_ITERABLES = (str, bytes, bytearray, memoryview, Mapping)
+
+
+def _normalize_slow(result: object) -> tuple[Action, ...]:
+    if isinstance(result, Action):  # a subclass
+        return (result,)
+    expected = "a handler must return an Action, an iterable of Actions or None"
+    if isinstance(result, _NOT_ITERABLES):
+        raise TypeError(f"{expected}, not {_describe(result)}")
+    try:
+        items = tuple(result)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{expected}, not {_describe(result)}") from None
+    for i, a in enumerate(items):
+        if not isinstance(a, Action):
+            raise TypeError(
+                f"{expected}; got a {_describe(result)} whose item {i} is a {_describe(a)}"
+            )
+    return items
+
+
+def normalize_actions(result: object) -> tuple[Action, ...]:
+    """A handler's result as a tuple of Actions (TypeError if it is not one).
+
+    None gives (), an Action gives (action,), an iterable of Actions gives
+    them as a tuple (a tuple of Actions is returned as is). Strings, bytes
+    and mappings are refused even though they are iterable.
+
+    >>> normalize_actions(None)
+    ()
+    """
+    # Runs once per message: exact-class checks first, no isinstance or
+    # try/except unless the result is unusual.
+    if result is None:
+        return ()
+    cls = result.__class__
+    if cls is tuple or cls is list:
+        for a in result:  # type: ignore[attr-defined]
+            if a.__class__ is not Action:
+                return _normalize_slow(result)
+        return result if cls is tuple else tuple(result)  # type: ignore[return-value,arg-type]
+    if cls is Action:
+        return (result,)  # type: ignore[return-value]
+    return _normalize_slow(result)
+
+
+# ------------------------------------------------------------- app loading
+
+
+class AppLoadError(ValueError):
+    """An app spec could not be turned into an Agent; str() is one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """'Type: message' on one line (exception messages may span several)."""
+    text = " ".join(str(exc).split())
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _is_dotted_name(s: str) -> bool:
+    return bool(s) and all(part.isidentifier() for part in s.split("."))
+
+
+def load_app(spec: str) -> Agent:
+    """The Agent named by `"module:attribute"`, like gunicorn and uvicorn.
+
+    The attribute may be dotted (`"pkg.mod:factory.agent"`). When it names a
+    callable that is not an Agent, it is an app factory: it is called with no
+    arguments and must return an Agent. Every failure raises AppLoadError
+    with a one-line message (the CLI prints it and exits 2)::
+
+        agent = load_app("myapp.handlers:agent")
+        agent = load_app("myapp.handlers:create_agent")  # factory
+    """
+    module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not _is_dotted_name(module_name) or not _is_dotted_name(attr):
+        raise AppLoadError(
+            f"invalid app spec {spec!r}: expected 'module:attribute', e.g. 'myapp.handlers:agent'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # Only "not found" when the missing module is the one named (or a
+        # parent package of it); a missing import *inside* it is the user's bug.
+        missing = e.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise AppLoadError(f"module {module_name!r} not found") from e
+        raise AppLoadError(f"error while importing {module_name!r}: {_one_line(e)}") from e
+    except (Exception, SystemExit) as e:  # user code: anything can happen at import
+        raise AppLoadError(f"error while importing {module_name!r}: {_one_line(e)}") from e
+
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise AppLoadError(f"attribute {attr!r} not found in module {module_name!r}") from e
+
+    if isinstance(obj, Agent):
+        return obj
+    if not callable(obj):
+        raise AppLoadError(f"{spec!r} is a {_describe(obj)}, not an Agent")
+    try:
+        result = obj()
+    except (Exception, SystemExit) as e:
+        raise AppLoadError(f"error while calling app factory {spec!r}: {_one_line(e)}") from e
+    if not isinstance(result, Agent):
+        raise AppLoadError(f"app factory {spec!r} returned a {_describe(result)}, not an Agent")
+    return result
