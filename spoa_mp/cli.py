@@ -1,0 +1,246 @@
+"""The ``spoa-mp`` command: ``spoa-mp [serve] [options]`` or ``spoa-mp bench ...``.
+
+The short flags are those of HAProxy's example agent (``spoa -h -d -p PORT -n N``),
+so it can be swapped in. Every flag is optional; a flag given on the command
+line overrides the same key of ``--config FILE``, and flags not given leave the
+file alone (their argparse default is SUPPRESS). Any bad flag or config value
+ends the process with exactly one line on stderr, ``spoa-mp: error: ...``, and
+exit status 2; there is no usage dump to scroll past in a journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from spoa_mp import __version__
+from spoa_mp.config import (
+    MAX_FRAME_SIZE,
+    MAX_WORKERS,
+    MIN_FRAME_SIZE,
+    ConfigError,
+    ServerConfig,
+    load_config,
+)
+from spoa_mp.logs import set_role, setup_logging
+
+__all__ = ["build_parser", "main", "parse_serve_args"]
+
+PROG = "spoa-mp"
+EXIT_USAGE = 2
+
+_D = ServerConfig()  # the defaults, for the help text
+
+_DESCRIPTION = f"""\
+A pre-fork HAProxy SPOE agent: a supervisor forks worker processes that share
+one listening socket. By default it serves the built-in IP-reputation agent on
+{_D.host}:{_D.port} (loopback only: use --host to accept other machines).
+"""
+
+_EPILOG = f"""\
+config file (--config FILE, TOML; flags given on the command line win):
+  the keys are the long option names without the leading dashes, e.g.
+    port = {_D.port}
+    workers = 8
+    max-frame-size = {_D.max_frame_size}
+    reputation-file = "reputation.txt"   # relative to the file's directory
+    pipelining = false
+
+other commands:
+  {PROG} bench --help   load generator and benchmark
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line ConfigErrors, not usage dumps."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The serve command's parser; every option defaults to "not given"."""
+    p = _Parser(
+        prog=PROG,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # "--max" style abbreviations break when options are added
+    )
+    add = p.add_argument
+    add("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    add("-d", "--debug", action="store_true", help="log every frame (very verbose)")
+    add("--config", metavar="FILE", dest="config_file", help="read settings from this TOML file")
+
+    listen = p.add_argument_group("listening")
+    add = listen.add_argument
+    add(
+        "-p",
+        "--port",
+        type=_int,
+        metavar="PORT",
+        help=f"TCP port (default {_D.port}; 0 = any free port)",
+    )
+    add(
+        "--host",
+        metavar="HOST",
+        help=f"address or name to listen on (default {_D.host}: loopback only; "
+        "0.0.0.0 or :: to accept connections from other machines)",
+    )
+    add(
+        "--unix",
+        metavar="PATH",
+        help="listen on this Unix socket instead of TCP (--host and --port are then ignored)",
+    )
+    add(
+        "--backlog",
+        type=_int,
+        metavar="N",
+        help=f"listen queue length (default {_D.backlog}; HAProxy opens connections in "
+        "bursts, which the example agent's backlog of 10 drops; the kernel caps it at "
+        "net.core.somaxconn)",
+    )
+
+    procs = p.add_argument_group("processes")
+    add = procs.add_argument
+    add(
+        "-n",
+        "--workers",
+        type=_int,
+        metavar="N",
+        help=f"worker processes, 1..{MAX_WORKERS} (default: the CPUs this process may use, "
+        f"{_D.workers} here)",
+    )
+    add(
+        "--worker-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"kill a worker that sent no heartbeat for this long (default {_D.worker_timeout:g})",
+    )
+    add(
+        "--graceful-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"time workers get to finish their work when stopping (default "
+        f"{_D.graceful_timeout:g}; 0 = none)",
+    )
+
+    job = p.add_argument_group("the job")
+    add = job.add_argument
+    add(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="serve this Agent (or factory returning one) instead of the built-in "
+        "IP-reputation agent, e.g. myapp.handlers:agent",
+    )
+    add(
+        "--reputation-file",
+        metavar="FILE",
+        help="'CIDR score' lines for the built-in agent (longest prefix wins); "
+        "without one, every address gets a random score 0..100 like HAProxy's "
+        "example agent",
+    )
+    add(
+        "--default-score",
+        type=_int,
+        metavar="N",
+        help=f"score, 0..100, of addresses the reputation file does not list "
+        f"(default {_D.default_score})",
+    )
+
+    proto = p.add_argument_group("protocol")
+    add = proto.add_argument
+    add(
+        "--max-frame-size",
+        type=_int,
+        metavar="N",
+        help=f"largest frame accepted, {MIN_FRAME_SIZE}..{MAX_FRAME_SIZE} (default "
+        f"{_D.max_frame_size}; the smaller of this and HAProxy's is used)",
+    )
+    add(
+        "--pipelining",
+        action=argparse.BooleanOptionalAction,
+        help="offer pipelining to HAProxy (default: on)",
+    )
+    add(
+        "--fragmentation",
+        action=argparse.BooleanOptionalAction,
+        help="accept fragmented NOTIFY frames (default: on)",
+    )
+    add(
+        "--max-in-flight",
+        type=_int,
+        metavar="N",
+        help=f"messages in flight on one connection before the worker stops reading "
+        f"it (default {_D.max_in_flight})",
+    )
+    return p
+
+
+def parse_serve_args(argv: Sequence[str]) -> ServerConfig:
+    """The ServerConfig for serve's command line (and its --config file).
+
+    Raises ConfigError (one line) on any mistake; SystemExit(0) for --help/--version.
+    """
+    values = vars(build_parser().parse_args(list(argv)))
+    config_file = values.pop("config_file", None)
+    return load_config(values, config_file)
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        bench = importlib.import_module("spoa_mp.bench")
+    except ModuleNotFoundError as e:
+        if e.name != "spoa_mp.bench":
+            raise
+        return _error("the bench command is not available (spoa_mp.bench is missing)")
+    result: int = bench.main(argv)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spoa-mp`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"]:
+        return _bench(args[1:])
+    if args[:1] == ["serve"]:
+        args = args[1:]
+    try:
+        config = parse_serve_args(args)
+    except SystemExit as e:  # --help, --version: argparse printed and exits 0
+        return e.code if isinstance(e.code, int) else 0
+    except ConfigError as e:
+        return _error(str(e))
+
+    setup_logging(config.debug)
+    set_role("supervisor")
+    try:
+        from spoa_mp.supervisor import serve  # noqa: PLC0415 - --help must work without it
+    except ModuleNotFoundError as e:
+        if e.name != "spoa_mp.supervisor":
+            raise
+        return _error("the server is not available (spoa_mp.supervisor is missing)")
+    return serve(config)

@@ -1,0 +1,347 @@
+"""Server configuration: defaults, an optional TOML file, command-line overrides.
+
+Precedence, lowest first: the defaults of :class:`ServerConfig`, the TOML file
+(``--config FILE``), then the flags given on the command line. Only flags that
+were actually given override the file. The file's keys are the long option
+names without the dashes::
+
+    # /etc/spoa-mp.toml
+    host = "127.0.0.1"
+    port = 12345
+    workers = 8
+    max-frame-size = 16380
+    reputation-file = "reputation.txt"   # relative to this file's directory
+    default-score = 100
+    pipelining = false
+    worker-timeout = 30                  # an integer is fine for seconds
+
+Rules (decided here, documented in ``--help``):
+
+* ``unix`` wins: when set, the agent listens on that Unix socket and ``host`` and
+  ``port`` are ignored, wherever they came from (a shared file may name a port
+  while one instance is started with ``--unix``).
+* Relative paths in the file (``unix``, ``reputation-file``) are relative to the
+  file's own directory; on the command line, to the current directory. Both are
+  stored absolute, so a reload after a ``chdir`` still means the same files.
+* ``port = 0`` asks the kernel for any free port (tests use it).
+* Every mistake raises :class:`ConfigError` with a one-line message naming where
+  the bad value came from: ``FILE: 'port' ...`` or ``--port ...``.
+
+:func:`reload_config` re-reads the file of a running configuration and applies
+the same command-line values again, which is what SIGHUP needs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+
+__all__ = [
+    "MAX_FRAME_SIZE",
+    "MAX_WORKERS",
+    "MIN_FRAME_SIZE",
+    "TOML_KEYS",
+    "ConfigError",
+    "ServerConfig",
+    "default_workers",
+    "load_config",
+    "reload_config",
+]
+
+MAX_WORKERS = 1024
+MIN_FRAME_SIZE = 256  # SPOP: HAProxy refuses less (and so do we, status 9)
+MAX_FRAME_SIZE = 16_777_216
+# sockaddr_un.sun_path is 108 bytes on Linux, NUL included.
+_UNIX_PATH_MAX = 107
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (affinity, e.g. taskset or a cpuset), capped."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or file; ``str()`` is always one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything the supervisor and its workers need to know, immutable.
+
+    Build it with :func:`load_config` (which validates); constructing it directly
+    (tests, embedding) skips validation.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 12345
+    unix: str | None = None  # listen on this Unix socket instead of TCP (host/port ignored)
+    backlog: int = 1024
+    workers: int = field(default_factory=default_workers)
+    app: str | None = None  # "module:attr"; None = the built-in IP-reputation agent
+    reputation_file: str | None = None
+    default_score: int = 100  # for addresses the reputation file does not list
+    max_frame_size: int = 16380  # MIN_FRAME_SIZE..MAX_FRAME_SIZE
+    pipelining: bool = True
+    fragmentation: bool = True
+    max_in_flight: int = 256  # messages in flight per connection before reads pause
+    worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
+    graceful_timeout: float = 30.0  # seconds workers get to finish when stopping
+    debug: bool = False
+    config_file: str | None = None  # absolute path of the TOML file read, if any
+    # The explicitly given command-line values (already normalised), kept so that a
+    # reload re-applies them over the re-read file. Not part of equality.
+    cli_values: tuple[tuple[str, object], ...] = field(default=(), compare=False, repr=False)
+
+    def listen_description(self) -> str:
+        """``127.0.0.1:12345``, ``[::1]:12345`` or ``unix:/run/spoa-mp.sock``."""
+        if self.unix:
+            return f"unix:{self.unix}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+# --------------------------------------------------------------- key tables
+
+# Every settable key (field name) and the Python type its value must have.
+_KINDS: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "unix": str,
+    "backlog": int,
+    "workers": int,
+    "app": str,
+    "reputation_file": str,
+    "default_score": int,
+    "max_frame_size": int,
+    "pipelining": bool,
+    "fragmentation": bool,
+    "max_in_flight": int,
+    "worker_timeout": float,
+    "graceful_timeout": float,
+    "debug": bool,
+}
+_OPTIONAL = frozenset({"unix", "app", "reputation_file"})  # may be None (not from TOML)
+_PATH_KEYS = frozenset({"unix", "reputation_file"})
+TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
+
+_EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+# Python type of a parsed TOML value -> its TOML name, for "got ..." messages.
+_TOML_TYPE_NAMES: dict[type, str] = {
+    str: "string",
+    int: "integer",
+    float: "float",
+    bool: "boolean",
+    list: "array",
+    dict: "table",
+    datetime: "datetime",
+    date: "date",
+    time: "time",
+}
+
+
+def _type_name(value: object) -> str:
+    return _TOML_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _coerce(name: str, value: object, where: str) -> object:
+    """value checked against the key's type (an integer is fine where seconds go)."""
+    kind = _KINDS[name]
+    if value is None and name in _OPTIONAL:
+        return None
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:  # not isinstance: True is no integer here
+        raise ConfigError(f"{where} must be {_EXPECTED[kind]}, got {_type_name(value)}")
+    return value
+
+
+# ----------------------------------------------------------- value checks
+#
+# Each check returns None when the value is fine, else the reason, worded to
+# follow "FILE: 'key' " or "--key ".
+
+
+def _between(low: int, high: int) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        assert isinstance(value, int)
+        if low <= value <= high:
+            return None
+        return f"must be between {low} and {high}, got {value}"
+
+    return check
+
+
+def _at_least_one(value: object) -> str | None:
+    assert isinstance(value, int)
+    return None if value >= 1 else f"must be at least 1, got {value}"
+
+
+def _seconds(*, zero_ok: bool) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        assert isinstance(value, float)
+        if not math.isfinite(value):
+            return f"must be a finite number of seconds, got {value}"
+        if value < 0 or (value == 0 and not zero_ok):
+            bound = "0 or more" if zero_ok else "more than 0"
+            return f"must be {bound} seconds, got {value:g}"
+        return None
+
+    return check
+
+
+def _check_host(value: object) -> str | None:
+    assert isinstance(value, str)
+    if not value or value != value.strip():
+        return f"must be a host name or address, got {value!r}"
+    return None
+
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\Z", re.ASCII)
+
+
+def _check_app(value: object) -> str | None:
+    if value is None:
+        return None
+    assert isinstance(value, str)
+    module, sep, attr = value.partition(":")
+    if sep and _DOTTED.match(module) and _DOTTED.match(attr):
+        return None
+    return f"must look like 'module:attribute' (e.g. 'myapp.handlers:agent'), got {value!r}"
+
+
+def _check_unix(value: object) -> str | None:
+    if value is None:
+        return None
+    assert isinstance(value, str)
+    if not value:
+        return "must be a path, got ''"
+    size = len(os.fsencode(value))
+    if size > _UNIX_PATH_MAX:
+        return f"is too long for a Unix socket ({size} bytes, at most {_UNIX_PATH_MAX}): {value}"
+    directory = os.path.dirname(value) or "."
+    if not os.path.isdir(directory):
+        return f"is in a directory that does not exist: {directory}"
+    return None
+
+
+def _check_readable_file(value: object) -> str | None:
+    if value is None:
+        return None
+    assert isinstance(value, str)
+    if not value:
+        return "must be a path, got ''"
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as e:
+        return f"cannot be read: {value}: {e.strerror or e}"
+    return None
+
+
+_CHECKS: dict[str, Callable[[object], str | None]] = {
+    "host": _check_host,
+    "port": _between(0, 65535),
+    "unix": _check_unix,
+    "backlog": _between(1, 65535),
+    "workers": _between(1, MAX_WORKERS),
+    "app": _check_app,
+    "reputation_file": _check_readable_file,
+    "default_score": _between(0, 100),
+    "max_frame_size": _between(MIN_FRAME_SIZE, MAX_FRAME_SIZE),
+    "max_in_flight": _at_least_one,
+    "worker_timeout": _seconds(zero_ok=False),
+    "graceful_timeout": _seconds(zero_ok=True),
+}
+
+
+# ------------------------------------------------------------------ loading
+
+_TOML_POSITION = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.DOTALL)
+
+
+def _read_toml(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        m = _TOML_POSITION.match(str(e))
+        if m:
+            raise ConfigError(f"{path}:{m[2]}:{m[3]}: {m[1]}") from None
+        raise ConfigError(f"{path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start}): {e.reason}") from None
+
+
+def _unknown_key(path: str, key: str) -> ConfigError:
+    hint = difflib.get_close_matches(key.replace("_", "-"), TOML_KEYS, n=1)
+    suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return ConfigError(f"{path}: unknown key {key!r}{suffix}")
+
+
+def load_config(cli_values: Mapping[str, object], config_file: str | None = None) -> ServerConfig:
+    """Defaults, then the TOML file (if any), then `cli_values`; validated.
+
+    `cli_values` maps field names (``max_frame_size``) to the values given on the
+    command line, and holds only those actually given. Raises ConfigError.
+    """
+    merged: dict[str, object] = {}
+    origin: dict[str, str] = {}  # key -> how to name it in an error message
+    config_path: str | None = None
+
+    if config_file is not None:
+        config_path = os.path.abspath(config_file)
+        base = os.path.dirname(config_path)
+        for key, raw in _read_toml(config_file).items():
+            name = key.replace("-", "_")
+            if "_" in key or name not in _KINDS:
+                raise _unknown_key(config_file, key)
+            where = f"{config_file}: {key!r}"
+            value = _coerce(name, raw, where)
+            if name in _PATH_KEYS and isinstance(value, str) and value:
+                value = os.path.normpath(os.path.join(base, value))
+            merged[name] = value
+            origin[name] = where
+
+    given: dict[str, object] = {}
+    for name, raw in cli_values.items():
+        if name not in _KINDS:
+            raise ConfigError(f"unknown option {name!r}")
+        where = "--" + name.replace("_", "-")
+        value = _coerce(name, raw, where)
+        if name in _PATH_KEYS and isinstance(value, str) and value:
+            value = os.path.abspath(value)
+        merged[name] = given[name] = value
+        origin[name] = where
+
+    for name, value in merged.items():
+        check = _CHECKS.get(name)
+        reason = check(value) if check else None
+        if reason:
+            raise ConfigError(f"{origin[name]} {reason}")
+
+    return ServerConfig(
+        **merged,  # type: ignore[arg-type]  # each value checked against _KINDS above
+        config_file=config_path,
+        cli_values=tuple(given.items()),
+    )
+
+
+def reload_config(config: ServerConfig) -> ServerConfig:
+    """`config` built again: its file re-read, its command-line values re-applied."""
+    return load_config(dict(config.cli_values), config.config_file)
