@@ -5,11 +5,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := clang libclang-rt-14-dev
+APT_PACKAGES := clang libclang-rt-14-dev haproxy
 FUZZ_SECONDS ?= 60
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint bench deps venv clean
+.PHONY: run test lint bench deps venv clean
+
+# The default job: the IP-reputation agent on 127.0.0.1:12345, one worker per
+# CPU, in the foreground (Ctrl-C stops it). Pass flags with ARGS="-n 2 -d".
+run: venv
+	$(BIN)/spoa-mp $(ARGS)
 
 test: deps venv lint
 	SPOA_MP_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest
@@ -21,7 +26,8 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/bench_codec.py
 
-# System packages: a C toolchain with libFuzzer and the sanitizer runtimes.
+# System packages: a C toolchain with libFuzzer and the sanitizer runtimes, and
+# HAProxy (2.6 on Debian 12) for the end-to-end tests.
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

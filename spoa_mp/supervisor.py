@@ -1,0 +1,450 @@
+"""The supervisor: opens the listening sockets once, pre-forks the workers,
+watches them, and stops them.
+
+Signal handlers only record: `signal.set_wakeup_fd` writes each signal
+number to a socket that sits in the same selector as every worker's health
+pipe, and the loop does the work. Children are reaped without blocking.
+A worker that stops beating for --worker-timeout is killed and replaced;
+dead workers are respawned with a growing delay; workers that cannot boot
+stop the server with one clear line instead of a crash loop.
+
+Signals: TERM and INT stop gracefully (stop accepting, finish in-flight
+messages, close) within --graceful-timeout, then SIGKILL; a second INT, or
+QUIT, stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+
+from spoa_mp import health, logs
+from spoa_mp.agent import Agent, AppLoadError, load_app
+from spoa_mp.config import ServerConfig
+from spoa_mp.protocol import AgentSettings
+from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+RESPAWN_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # per worker slot, reset once it is ready
+MAX_BOOT_FAILURES = 5  # consecutive workers dying before ready, with none ever ready
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP)
+
+
+class HaltError(Exception):
+    """Stop the server: `reason` is logged, `code` is the exit status."""
+
+    def __init__(self, reason: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(eq=False, slots=True)
+class WorkerProcess:
+    index: int
+    pid: int
+    pipe: int  # read end of its health pipe
+    started: float
+    last_beat: float
+    reader: health.Reader = field(default_factory=health.Reader)
+    ready: bool = False
+    boot_error: str | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+    killed: bool = False
+
+
+def build_agent(config: ServerConfig) -> Agent:
+    """The user's agent (--app) or the default IP-reputation agent."""
+    if config.app:
+        # like gunicorn and uvicorn: --app myapp:agent finds ./myapp.py even when
+        # started through the console script (which does not put . on sys.path)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return load_app(config.app)
+    from spoa_mp.apps.iprep import make_agent  # noqa: PLC0415 - only when it is the job
+
+    return make_agent(config.reputation_file, default_score=config.default_score)
+
+
+def open_listener(config: ServerConfig) -> socket.socket:
+    """Bind the one listening socket the workers will share."""
+    if config.unix:
+        path = config.unix
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode) and not _in_use(path):
+                os.unlink(path)  # a stale socket left by a crash
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    else:
+        info = socket.getaddrinfo(
+            config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, type_, proto, _, addr = info[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    sock.listen(config.backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def _in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def describe(sock: socket.socket) -> str:
+    addr = sock.getsockname()
+    if isinstance(addr, tuple):
+        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        return f"{host}:{addr[1]}"
+    return f"unix:{addr}"
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig, agent: Agent, listeners: list[socket.socket]) -> None:
+        self.config = config
+        self.agent = agent
+        self.listeners = listeners
+        self.settings = AgentSettings(
+            max_frame_size=config.max_frame_size,
+            pipelining=config.pipelining,
+            fragmentation=config.fragmentation,
+        )
+        self.workers: dict[int, WorkerProcess] = {}  # by pid
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._respawn_at: dict[int, float] = {}  # slot index -> when
+        self._failures: dict[int, int] = {}  # slot index -> consecutive deaths before ready
+        self._ever_ready = False
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._exit_code = EXIT_OK
+
+    # ---------------------------------------------------------------- main loop
+
+    def run(self) -> int:
+        self._install_signals()
+        try:
+            log.info(
+                "spoa-mp %s: %d worker(s) on %s, max-frame-size %d, pipelining %s",
+                _version(), self.config.workers,
+                ", ".join(describe(s) for s in self.listeners),
+                self.config.max_frame_size, "on" if self.config.pipelining else "off",
+            )  # fmt: skip
+            for index in range(1, self.config.workers + 1):
+                self._spawn(index)
+            while self.workers or not self._stopping:
+                self._wait()
+                self._reap()
+                self._check_timeouts()
+                if not self._stopping:
+                    self._respawn_due()
+        except HaltError as e:
+            log.error("%s", e.reason)
+            self._exit_code = e.code
+            self._kill_all(signal.SIGKILL)
+            self._reap_all()
+        finally:
+            self._cleanup()
+        return self._exit_code
+
+    def _wait(self) -> None:
+        timeout = 1.0
+        now = time.monotonic()
+        if self._respawn_at and not self._stopping:
+            timeout = max(0.0, min(timeout, min(self._respawn_at.values()) - now))
+        if self._stopping:
+            timeout = max(0.0, min(timeout, self._stop_deadline - now))
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                self._read_signals()
+            else:
+                self._read_health(key.data)
+        if self._stopping and time.monotonic() >= self._stop_deadline and self.workers:
+            log.warning("graceful timeout: killing %d worker(s) still running", len(self.workers))
+            self._kill_all(signal.SIGKILL)
+            self._stop_deadline = float("inf")
+
+    # ---------------------------------------------------------------- signals
+
+    def _install_signals(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            # the C-level handler writes the number to the wakeup socket;
+            # the Python one does nothing, so no work ever runs in a handler
+            signal.signal(sig, _record_only)
+
+    def _read_signals(self) -> None:
+        try:
+            data = self._wake_r.recv(256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._graceful_stop(signal.Signals(signum).name)
+            elif signum == signal.SIGQUIT:
+                self._quick_stop()
+            elif signum == signal.SIGHUP:
+                log.warning("SIGHUP: reload is not available yet; ignored")
+            # SIGCHLD: reaping follows every wake-up anyway
+
+    def _graceful_stop(self, why: str) -> None:
+        if self._stopping:
+            # a second Ctrl-C means "now"; a second TERM is often the same
+            # stop delivered twice (to us, then to our process group)
+            if why == "SIGINT":
+                log.info("SIGINT again: stopping at once")
+                self._quick_stop()
+            return
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + self.config.graceful_timeout
+        log.info("%s: graceful stop (up to %.0f s)", why, self.config.graceful_timeout)
+        self._close_listeners()
+        self._kill_all(signal.SIGTERM)
+
+    def _quick_stop(self) -> None:
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + 1.0  # then SIGKILL
+        self._close_listeners()
+        self._kill_all(signal.SIGQUIT)
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+
+    # ---------------------------------------------------------------- workers
+
+    def _spawn(self, index: int) -> None:
+        read_fd, write_fd = os.pipe()
+        gc.collect()
+        gc.freeze()  # keep the shared heap out of the collector: pages stay shared
+        pid = os.fork()
+        if pid == 0:  # child
+            code = EXIT_FAILURE
+            try:
+                os.close(read_fd)
+                code = self._child(index, write_fd)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    log.exception("worker %d crashed", index)
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        now = time.monotonic()
+        proc = WorkerProcess(index=index, pid=pid, pipe=read_fd, started=now, last_beat=now)
+        self.workers[pid] = proc
+        self.selector.register(read_fd, selectors.EVENT_READ, proc)
+        log.debug("worker %d started (pid %d)", index, pid)
+
+    def _child(self, index: int, health_fd: int) -> int:
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches us via the supervisor
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_OK))
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        for other in self.workers.values():
+            os.close(other.pipe)
+        _set_title(f"spoa-mp: worker {index}")
+        logs.set_role(f"worker {index}")
+        return worker_main(
+            index, self.listeners, self.agent, self.settings, health_fd,
+            self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
+        )  # fmt: skip
+
+    def _read_health(self, proc: WorkerProcess) -> None:
+        try:
+            data = os.read(proc.pipe, 65536)
+        except BlockingIOError:
+            return
+        if not data:  # the worker is gone; reaping will say how
+            self._forget_pipe(proc)
+            return
+        for msg in proc.reader.feed(data):
+            kind = msg["kind"]
+            proc.last_beat = time.monotonic()
+            if kind == health.BEAT:
+                proc.counters = msg.get("counters", {})
+            elif kind == health.READY:
+                proc.ready = True
+                self._ever_ready = True
+                self._failures.pop(proc.index, None)
+                log.info("worker %d ready (pid %d)", proc.index, proc.pid)
+            elif kind == health.BOOT_ERROR:
+                proc.boot_error = str(msg.get("error", ""))
+
+    def _forget_pipe(self, proc: WorkerProcess) -> None:
+        if proc.pipe >= 0:
+            self.selector.unregister(proc.pipe)
+            os.close(proc.pipe)
+            proc.pipe = -1
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.workers.pop(pid, None)
+            if proc is None:
+                continue  # not ours (we may be PID 1 in a container)
+            if proc.pipe >= 0:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    for msg in proc.reader.feed(os.read(proc.pipe, 65536)):
+                        if msg["kind"] == health.BOOT_ERROR:
+                            proc.boot_error = str(msg.get("error", ""))
+                self._forget_pipe(proc)
+            self._worker_died(proc, status)
+
+    def _worker_died(self, proc: WorkerProcess, status: int) -> None:
+        how = _describe_status(status)
+        if self._stopping:
+            log.debug("worker %d (pid %d) %s", proc.index, proc.pid, how)
+            return
+        if proc.boot_error:
+            if not self._ever_ready:
+                raise HaltError(f"worker {proc.index} failed to boot: {proc.boot_error}")
+            log.error("worker %d failed to boot: %s", proc.index, proc.boot_error)
+        elif proc.killed:
+            log.warning(
+                "worker %d (pid %d) was killed after --worker-timeout", proc.index, proc.pid
+            )
+        else:
+            log.warning("worker %d (pid %d) %s", proc.index, proc.pid, how)
+        if not proc.ready:
+            failures = self._failures.get(proc.index, 0) + 1
+            self._failures[proc.index] = failures
+            if not self._ever_ready and failures >= MAX_BOOT_FAILURES:
+                raise HaltError(
+                    f"worker {proc.index} died {failures} times before it was ready "
+                    f"(last: {how}); giving up"
+                )
+        delay = RESPAWN_DELAYS[min(self._failures.get(proc.index, 0), len(RESPAWN_DELAYS) - 1)]
+        self._respawn_at[proc.index] = time.monotonic() + delay
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for index, when in list(self._respawn_at.items()):
+            if when <= now:
+                del self._respawn_at[index]
+                self._spawn(index)
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for proc in self.workers.values():
+            if not proc.killed and now - proc.last_beat > self.config.worker_timeout:
+                # a wedged loop cannot act on SIGTERM: SIGKILL it
+                log.error(
+                    "worker %d (pid %d) sent no heartbeat for %.1f s: killing it",
+                    proc.index, proc.pid, now - proc.last_beat,
+                )  # fmt: skip
+                proc.killed = True
+                _kill(proc.pid, signal.SIGKILL)
+
+    def _kill_all(self, sig: signal.Signals) -> None:
+        for pid in list(self.workers):
+            _kill(pid, sig)
+
+    def _reap_all(self) -> None:
+        deadline = time.monotonic() + 5.0
+        while self.workers and time.monotonic() < deadline:
+            self._reap()
+            if self.workers:
+                self.selector.select(0.05)
+
+    def _cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for proc in self.workers.values():
+            self._forget_pipe(proc)
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        for sock in self.listeners:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self.config.unix:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.unix)
+
+
+def _record_only(signum: int, frame: object) -> None:
+    """Python-level signal handler: the wakeup fd already carries the signal."""
+
+
+def _kill(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        extra = " (perhaps out of memory)" if sig == signal.SIGKILL else ""
+        return f"was killed by {name}{extra}"
+    code = os.WEXITSTATUS(status)
+    if code == EXIT_BOOT_ERROR:
+        return "failed to boot"
+    return f"exited with code {code}"
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle  # noqa: PLC0415 - optional at import time for tooling
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+
+
+def _version() -> str:
+    from spoa_mp import __version__  # noqa: PLC0415
+
+    return __version__
+
+
+def serve(config: ServerConfig) -> int:
+    """Run the server until it is stopped; returns the exit code."""
+    _set_title("spoa-mp: supervisor")
+    try:
+        agent = build_agent(config)
+    except (AppLoadError, ValueError, OSError) as e:
+        print(f"spoa-mp: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    agent.freeze()
+    try:
+        listener = open_listener(config)
+    except OSError as e:
+        print(f"spoa-mp: error: cannot listen on {config.listen_description()}: {e.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    return Supervisor(config, agent, [listener]).run()

@@ -1,0 +1,438 @@
+"""A worker process: accepts HAProxy connections on the shared listening
+sockets and answers NOTIFY frames with the agent's handlers.
+
+One asyncio loop per worker, driven with raw non-blocking sockets
+(`add_reader`) rather than transports: a read is decoded in one C call, the
+synchronous handlers run inline, and every ACK of that read leaves in one
+encode call and one `send`. Coroutine handlers run as tasks, so a slow one
+holds up nobody but its own stream. A bound on the messages in flight per
+connection stops reading that connection until its handlers catch up.
+
+The worker is the only process that touches connection sockets; it reports
+to the supervisor over its health pipe (see health.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from spoa_mp import health
+from spoa_mp.agent import Agent, normalize_actions
+from spoa_mp.codec import Decoder, Encoder
+from spoa_mp.logs import RateLimitedLog
+from spoa_mp.model import Action, Message
+from spoa_mp.protocol import (
+    AgentConnection,
+    AgentSettings,
+    HandshakeDone,
+    HealthCheck,
+    Notification,
+    PeerDisconnected,
+    ProtocolError,
+)
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024
+HEARTBEAT_INTERVAL = 1.0
+EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
+
+
+@dataclass(slots=True)
+class Counters:
+    """What a worker reports in every heartbeat (cumulative since it started)."""
+
+    messages: int = 0
+    notifies: int = 0
+    handler_errors: int = 0
+    connections_total: int = 0
+    protocol_errors: int = 0
+    acks_cut: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    sock: socket.socket
+    fd: int
+    peer: str
+    proto: AgentConnection
+    out: bytearray = field(default_factory=bytearray)  # what the kernel did not take yet
+    in_flight: int = 0  # NOTIFYs handed to coroutine handlers, not ACKed yet
+    reading: bool = True
+    closed: bool = False
+
+
+class Worker:
+    def __init__(
+        self,
+        index: int,
+        listeners: Sequence[socket.socket],
+        agent: Agent,
+        settings: AgentSettings,
+        health_fd: int,
+        max_in_flight: int = 256,
+        graceful_timeout: float = 30.0,
+        debug: bool = False,
+    ) -> None:
+        self.index = index
+        self.listeners = list(listeners)
+        self.agent = agent
+        self.settings = settings
+        self.health_fd = health_fd
+        self.max_in_flight = max_in_flight
+        self.graceful_timeout = graceful_timeout
+        self.debug = debug
+        self.counters = Counters()
+        self.connections: dict[int, Connection] = {}
+        self._decoder = Decoder(max_frame_size=settings.max_frame_size)
+        self._encoder = Encoder()
+        self._handlers = dict(agent.handlers)
+        self._noisy = RateLimitedLog(log, interval=10.0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._parent = os.getppid()
+        self._stopping = False
+        self._done: asyncio.Future[None] | None = None
+
+    # ---------------------------------------------------------------- life
+
+    def run(self) -> int:
+        """Serve until told to stop; returns the process exit code."""
+        try:
+            return asyncio.run(self._main())
+        except BootError as e:
+            health.send(self.health_fd, health.BOOT_ERROR, error=str(e))
+            log.error("cannot start: %s", e)
+            return EXIT_BOOT_ERROR
+
+    async def _main(self) -> int:
+        loop = self._loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        for hook in self.agent.worker_start_hooks:
+            try:
+                result = hook.fn()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as e:
+                raise BootError(f"worker start hook {_name(hook.fn)} failed: {_one_line(e)}") from e
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        for sock in self.listeners:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        health.send(self.health_fd, health.READY)
+        self._beat()
+        await self._done
+        return 0
+
+    def stop(self) -> None:
+        """Graceful stop: accept nothing more, finish what is in flight, close."""
+        if self._stopping or self._loop is None:
+            return
+        self._stopping = True
+        log.info("stopping: %d connection(s) to finish", len(self.connections))
+        for sock in self.listeners:
+            self._loop.remove_reader(sock.fileno())
+        self._loop.call_later(self.graceful_timeout, self._finish)
+        for conn in list(self.connections.values()):
+            self._close_if_idle(conn)
+        self._check_done()
+
+    def _finish(self) -> None:
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self._stopping and not self.connections and self._done and not self._done.done():
+            self._done.set_result(None)
+
+    def _beat(self) -> None:
+        # scheduled from the loop itself: a blocked loop stops beating, and
+        # the supervisor replaces the worker after --worker-timeout
+        if os.getppid() != self._parent:
+            log.error("the supervisor is gone: stopping")
+            self.stop()
+        health.send(
+            self.health_fd,
+            health.BEAT,
+            counters=self.counters.as_dict(),
+            connections=len(self.connections),
+            in_flight=sum(c.in_flight for c in self.connections.values()),
+        )
+        assert self._loop is not None
+        self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    # ---------------------------------------------------------------- sockets
+
+    def _accept(self, listener: socket.socket) -> None:
+        # every worker is woken for a new connection; the losers get EAGAIN
+        for _ in range(64):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._noisy.warning("accept", "accept failed: %s", e)
+                    return
+                raise
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # ACKs are small and latency-bound: no Nagle delay
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(
+                sock=sock,
+                fd=sock.fileno(),
+                peer=_peer(addr),
+                proto=AgentConnection(self.settings, self._decoder, self._encoder),
+            )
+            self.connections[conn.fd] = conn
+            self.counters.connections_total += 1
+            assert self._loop is not None
+            self._loop.add_reader(conn.fd, self._readable, conn)
+            if self.debug:
+                log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
+
+    def _readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # reset by HAProxy: normal (3.x pool purge, health checks)
+            if self.debug:
+                log.debug("conn %d: %s", conn.fd, e)
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        notes = conn.proto.receive(data)
+        self._events(conn)
+        if notes:
+            self._dispatch(conn, notes)
+        self._flush(conn)
+        if self._stopping:
+            self._close_if_idle(conn)
+
+    def _events(self, conn: Connection) -> None:
+        for ev in conn.proto.take_events():
+            if isinstance(ev, ProtocolError):
+                self.counters.protocol_errors += 1
+                # HAProxy 2.6 reconnects at once after a refused handshake
+                self._noisy.warning(
+                    f"proto{ev.status}",
+                    "conn %d (%s): protocol error, status %d: %s",
+                    conn.fd, conn.peer, ev.status, ev.detail,
+                )  # fmt: skip
+            elif self.debug:
+                if isinstance(ev, HandshakeDone):
+                    log.debug("conn %d: handshake %s", conn.fd, ev.handshake)
+                elif isinstance(ev, HealthCheck):
+                    log.debug("conn %d: health check answered", conn.fd)
+                elif isinstance(ev, PeerDisconnected):
+                    log.debug("conn %d: HAProxy disconnects: %d %s", conn.fd, ev.status, ev.message)
+
+    def _flush(self, conn: Connection) -> None:
+        data = conn.proto.data_to_send()
+        if data:
+            if conn.out:
+                conn.out += data
+            else:
+                try:
+                    sent = conn.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._close(conn)
+                    return
+                if sent < len(data):
+                    conn.out += data[sent:]
+                    assert self._loop is not None
+                    self._loop.add_writer(conn.fd, self._writable, conn)
+        if conn.proto.closing and not conn.out:
+            self._close(conn)
+
+    def _writable(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        del conn.out[:sent]
+        if not conn.out:
+            assert self._loop is not None
+            self._loop.remove_writer(conn.fd)
+            if conn.proto.closing or (self._stopping and self._idle(conn)):
+                self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        assert self._loop is not None
+        self._loop.remove_reader(conn.fd)
+        if conn.out:
+            self._loop.remove_writer(conn.fd)
+        self.connections.pop(conn.fd, None)
+        conn.sock.close()
+        if self.debug:
+            log.debug("conn %d: closed", conn.fd)
+        self._check_done()
+
+    @staticmethod
+    def _idle(conn: Connection) -> bool:
+        return conn.in_flight == 0 and conn.proto.buffered == 0 and not conn.out
+
+    def _close_if_idle(self, conn: Connection) -> None:
+        """While stopping: say goodbye to a connection with nothing pending."""
+        if not conn.closed and self._idle(conn):
+            conn.proto.disconnect()
+            self._flush(conn)
+
+    # ---------------------------------------------------------------- handlers
+
+    def _dispatch(self, conn: Connection, notes: list[Notification]) -> None:
+        handlers = self._handlers
+        replies: list[tuple[int, int, Sequence[Action]]] = []
+        counters = self.counters
+        counters.notifies += len(notes)
+        for sid, fid, msgs in notes:
+            if self.debug:
+                log.debug("conn %d: NOTIFY sid=%d fid=%d %r", conn.fd, sid, fid, msgs)
+            actions: tuple[Action, ...] = ()
+            waiting: list[tuple[Message, Awaitable[object]]] = []
+            for msg in msgs:
+                reg = handlers.get(msg.name)
+                if reg is None:
+                    continue  # a message nobody handles: an empty ACK, as HAProxy expects
+                counters.messages += 1
+                try:
+                    result = reg.fn(msg)
+                    if reg.is_coroutine or inspect.isawaitable(result):
+                        waiting.append((msg, result))  # type: ignore[arg-type]
+                        continue
+                    actions += normalize_actions(result)
+                except Exception:
+                    self._handler_failed(msg)
+            if waiting:
+                self._start_async(conn, sid, fid, actions, waiting)
+            else:
+                replies.append((sid, fid, actions))
+        if replies:
+            cut = conn.proto.ack(replies)
+            if cut:
+                self._acks_cut(conn, len(cut))
+
+    def _handler_failed(self, msg: Message) -> None:
+        self.counters.handler_errors += 1
+        # the stream still gets its (empty) ACK; log the traceback, but not
+        # thousands of times a second
+        self._noisy.exception(f"handler:{msg.name}", "handler for %r failed", msg.name)
+
+    def _acks_cut(self, conn: Connection, n: int) -> None:
+        self.counters.acks_cut += n
+        self._noisy.warning(
+            "cut",
+            "conn %d: %d ACK(s) cut to max-frame-size %d",
+            conn.fd,
+            n,
+            conn.proto.max_frame_size,
+        )
+
+    def _start_async(
+        self,
+        conn: Connection,
+        sid: int,
+        fid: int,
+        actions: tuple[Action, ...],
+        waiting: list[tuple[Message, Awaitable[object]]],
+    ) -> None:
+        conn.in_flight += 1
+        if conn.in_flight >= self.max_in_flight and conn.reading:
+            conn.reading = False  # stop taking work until handlers catch up
+            assert self._loop is not None
+            self._loop.remove_reader(conn.fd)
+        assert self._loop is not None
+        self._loop.create_task(self._finish_async(conn, sid, fid, actions, waiting))
+
+    async def _finish_async(
+        self,
+        conn: Connection,
+        sid: int,
+        fid: int,
+        actions: tuple[Action, ...],
+        waiting: list[tuple[Message, Awaitable[object]]],
+    ) -> None:
+        for msg, awaitable in waiting:
+            try:
+                actions += normalize_actions(await awaitable)
+            except Exception:
+                self._handler_failed(msg)
+        conn.in_flight -= 1
+        if conn.closed:
+            return  # HAProxy went away: nobody to answer
+        cut = conn.proto.ack([(sid, fid, actions)])
+        if cut:
+            self._acks_cut(conn, len(cut))
+        if not conn.reading and conn.in_flight < self.max_in_flight:
+            conn.reading = True
+            assert self._loop is not None
+            self._loop.add_reader(conn.fd, self._readable, conn)
+        self._flush(conn)
+        if self._stopping:
+            self._close_if_idle(conn)
+
+
+class BootError(Exception):
+    """The worker cannot start serving (reported to the supervisor)."""
+
+
+def _peer(addr: Any) -> str:
+    if isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr) or "unix"
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def worker_main(
+    index: int,
+    listeners: Sequence[socket.socket],
+    agent: Agent,
+    settings: AgentSettings,
+    health_fd: int,
+    max_in_flight: int,
+    graceful_timeout: float,
+    debug: bool,
+) -> int:
+    """Entry point in the forked child (signals and title are set by the caller)."""
+    os.set_blocking(health_fd, False)
+    started = time.monotonic()
+    code = Worker(
+        index, listeners, agent, settings, health_fd, max_in_flight, graceful_timeout, debug
+    ).run()
+    log.debug("worker exits with %d after %.1f s", code, time.monotonic() - started)
+    with contextlib.suppress(OSError):
+        os.close(health_fd)
+    return code
