@@ -41,7 +41,7 @@ deps:
 # rebuilt when the C codec or the packaging changes.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py build_ffi.py csrc/spop.c csrc/spop.h
+$(VENV)/.installed: pyproject.toml setup.py build_ffi.py $(wildcard csrc/*.c csrc/*.h)
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
 	$(BIN)/pip install -q -e '.[test]'
