@@ -1,0 +1,500 @@
+"""End-to-end harness: spoa-mp and HAProxy as real processes on 127.0.0.1.
+
+Everything here is bounded: every wait polls a condition until a deadline
+(`wait_for`), every process runs in its own session (process group) so that
+teardown can kill it with all its children, and every process writes its
+stdout/stderr to files that the conftest hook prints when a test fails.
+
+What is here:
+
+* `free_port`, `wait_for`, `wait_accepting`: the small primitives.
+* `ManagedProcess`: Popen in a new session, logs to files, graceful stop
+  (SIGTERM + wait) and a hard kill of the whole group.
+* `spoa_command`: the argv of `python -m spoa_mp` (the CLI contract).
+* `HAProxyConfig` / `render_haproxy_cfg` / `render_spoe_cfg`: the HAProxy
+  2.6 configuration of spop.md §9.5 in two forms (see `SpoeForm`).
+* `HAProxy`: `haproxy -c` then `haproxy -f cfg -db`, plus a stats-socket
+  client (`show stat`) to read the agent server's state.
+* `http_get`: a raw HTTP/1.0 GET from a chosen 127.x source address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import enum
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+HOST = "127.0.0.1"
+HAPROXY = "haproxy"
+# Run something else than `python -m spoa_mp` (same CLI), e.g. an installed
+# `spoa-mp` script: SPOA_MP_E2E_COMMAND="/usr/local/bin/spoa-mp".
+COMMAND_ENV = "SPOA_MP_E2E_COMMAND"
+
+START_TIMEOUT = 15.0  # process start until its port accepts
+STOP_TIMEOUT = 10.0  # SIGTERM until exit
+CHECK_TIMEOUT = 15.0  # HAProxy health check to reach a state
+IO_TIMEOUT = 5.0  # one HTTP exchange
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ primitives
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port the OS considers free right now (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll `predicate` until it returns something truthy; TimeoutError after
+    `timeout` seconds. Returns the truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def accepting(port: int, host: str = HOST) -> bool:
+    """Whether a TCP connect to host:port succeeds now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ processes
+
+
+class ProcessExitedError(RuntimeError):
+    pass
+
+
+class ManagedProcess:
+    """A child process in its own session, stdout/stderr in files.
+
+    `stop()` is graceful (SIGTERM to the leader, wait); `kill()` kills the whole
+    process group and any descendant that escaped it. Both are idempotent.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.stdout_path = log_dir / f"{name}.stdout.log"
+        self.stderr_path = log_dir / f"{name}.stderr.log"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                env=env,
+                cwd=cwd,
+            )
+        self.pid = self.popen.pid
+        self._ps = psutil.Process(self.pid)
+        self._known: dict[int, psutil.Process] = {self.pid: self._ps}
+
+    # -- state
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def descendants(self) -> list[psutil.Process]:
+        """Live descendants (workers); remembered so kill() finds them later."""
+        try:
+            children = self._ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for c in children:
+            self._known.setdefault(c.pid, c)
+        return children
+
+    def logs(self) -> str:
+        parts = []
+        for label, path in (("stderr", self.stderr_path), ("stdout", self.stdout_path)):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace")
+                if text:
+                    parts.append(f"[{self.name} {label}: {path}]\n{text}")
+        return "\n".join(parts) or f"[{self.name}: no output]"
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise ProcessExitedError(
+                f"{self.name} exited with {self.returncode}: {shlex.join(self.argv)}\n"
+                + self.logs()
+            )
+
+    # -- waits
+
+    def wait_accepting(self, port: int, timeout: float = START_TIMEOUT) -> None:
+        """Until host:port accepts TCP connections; fails early if we exit."""
+
+        def ready() -> bool:
+            self.check_alive()
+            return accepting(port)
+
+        wait_for(ready, timeout, f"{self.name} to accept on {HOST}:{port}")
+
+    # -- endings
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT, signum: int = signal.SIGTERM) -> int:
+        """Graceful stop: `signum` to the leader, wait for its exit code."""
+        self.descendants()  # remember the workers before they go
+        if self.alive():
+            self.send_signal(signum)
+        return self.popen.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """Kill the process group and every descendant we ever saw; reap the
+        leader and wait until the others are gone (a zombie counts as gone:
+        its parent or init reaps it)."""
+        self.descendants()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # session leader: pgid == pid
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=STOP_TIMEOUT)
+        others = [p for pid, p in self._known.items() if pid != self.pid]
+        for p in others:  # escaped the group (setsid/setpgid)?
+            if not _gone(p):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        wait_for(
+            lambda: all(_gone(p) for p in others), STOP_TIMEOUT, f"{self.name}'s processes to die"
+        )
+
+
+def _gone(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# ------------------------------------------------------------------ spoa-mp
+
+
+def spoa_command(
+    port: int,
+    workers: int = 2,
+    reputation_file: Path | None = None,
+    default_score: int | None = None,
+    debug: bool = False,
+) -> list[str]:
+    """argv of `python -m spoa_mp -p PORT -n WORKERS [...]` (the CLI contract)."""
+    prefix = shlex.split(os.environ.get(COMMAND_ENV, "")) or [sys.executable, "-m", "spoa_mp"]
+    argv = [*prefix, "-p", str(port), "-n", str(workers), "--host", HOST]
+    if reputation_file is not None:
+        argv += ["--reputation-file", str(reputation_file)]
+    if default_score is not None:
+        argv += ["--default-score", str(default_score)]
+    if debug:
+        argv.append("-d")
+    return argv
+
+
+class SpoaProcess(ManagedProcess):
+    """A running spoa-mp supervisor and the port its workers serve."""
+
+    def __init__(self, name: str, port: int, workers: int, argv: list[str], log_dir: Path):
+        super().__init__(name, argv, log_dir)
+        self.port = port
+        self.workers = workers
+
+    def wait_workers(self, timeout: float = START_TIMEOUT) -> list[psutil.Process]:
+        """The supervisor's descendants, once there are exactly -n of them
+        (the port may accept before every worker is forked)."""
+
+        def all_forked() -> list[psutil.Process] | None:
+            self.check_alive()
+            children = self.descendants()
+            return children if len(children) == self.workers else None
+
+        return wait_for(all_forked, timeout, f"{self.workers} workers of {self.name}")
+
+
+# ------------------------------------------------------------------ HAProxy config
+
+
+class SpoeForm(enum.Enum):
+    """The two common ways to send the client address (spop.md §9.5)."""
+
+    # `args src`, event on-client-session: one unnamed argument
+    SESSION_POSITIONAL = ("src", "on-client-session")
+    # `args ip=src`, event on-frontend-http-request: an argument named "ip"
+    HTTP_NAMED = ("ip=src", "on-frontend-http-request")
+
+    @property
+    def args(self) -> str:
+        return self.value[0]
+
+    @property
+    def event(self) -> str:
+        return self.value[1]
+
+
+@dataclass
+class HAProxyConfig:
+    agent_port: int
+    form: SpoeForm
+    workdir: Path  # haproxy.cfg, the SPOE file
+    socket_dir: Path  # the stats socket (short path: sun_path is 108 bytes)
+    score_port: int = field(default_factory=free_port)
+    deny_port: int = field(default_factory=free_port)
+    processing_timeout_ms: int = 1000
+    hello_timeout_ms: int = 2000
+    check_inter_ms: int = 500
+
+    @property
+    def cfg_path(self) -> Path:
+        return self.workdir / "haproxy.cfg"
+
+    @property
+    def spoe_path(self) -> Path:
+        return self.workdir / "spoe-iprep.conf"
+
+    @property
+    def stats_socket(self) -> Path:
+        return self.socket_dir / "haproxy.sock"
+
+    def write(self) -> None:
+        self.spoe_path.write_text(render_spoe_cfg(self))
+        self.cfg_path.write_text(render_haproxy_cfg(self))
+
+
+AGENT_BACKEND = "iprep-agents"
+AGENT_SERVER = "agent1"
+SCORE_BODY = re.compile(r"^score=(?P<score>\S*) err=(?P<err>\S*)$")
+
+
+def render_spoe_cfg(c: HAProxyConfig) -> str:
+    """The SPOE file of spop.md §9.5 (HAProxy 2.6: hello/idle/processing)."""
+    return f"""\
+[iprep]
+spoe-agent iprep-agent
+    messages check-client-ip
+    option var-prefix iprep
+    option set-on-error error
+    timeout hello      {c.hello_timeout_ms}ms
+    timeout idle       2m
+    timeout processing {c.processing_timeout_ms}ms
+    use-backend {AGENT_BACKEND}
+    log global
+
+spoe-message check-client-ip
+    args {c.form.args}
+    event {c.form.event}
+"""
+
+
+def render_haproxy_cfg(c: HAProxyConfig) -> str:
+    """haproxy.cfg: a frontend that returns the score, one that denies < 20,
+    and the agents' backend with `option spop-check`."""
+    return f"""\
+global
+    log stderr format raw local0 info
+    stats socket {c.stats_socket} mode 600 level admin
+    stats timeout 30s
+
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client  30s
+    timeout server  30s
+
+frontend score
+    bind {HOST}:{c.score_port}
+    filter spoe engine iprep config {c.spoe_path}
+    http-request return status 200 content-type text/plain lf-string \
+"score=%[var(sess.iprep.ip_score)] err=%[var(txn.iprep.error)]\\n"
+
+frontend guard
+    bind {HOST}:{c.deny_port}
+    filter spoe engine iprep config {c.spoe_path}
+    http-request deny if {{ var(sess.iprep.ip_score) -m int lt 20 }}
+    http-request return status 200 content-type text/plain lf-string \
+"allowed score=%[var(sess.iprep.ip_score)]\\n"
+
+backend {AGENT_BACKEND}
+    mode tcp
+    timeout connect 5s
+    timeout server  3m
+    option spop-check
+    server {AGENT_SERVER} {HOST}:{c.agent_port} check inter {c.check_inter_ms}ms
+"""
+
+
+# ------------------------------------------------------------------ HAProxy process
+
+
+def haproxy_version() -> str:
+    out = subprocess.run(
+        [HAPROXY, "-v"], capture_output=True, text=True, timeout=IO_TIMEOUT, check=False
+    )
+    m = re.search(r"version (\S+)", out.stdout)
+    return m.group(1) if m else "unknown"
+
+
+def check_config(cfg: Path) -> subprocess.CompletedProcess[str]:
+    """`haproxy -c -f cfg` (the caller asserts returncode 0)."""
+    return subprocess.run(
+        [HAPROXY, "-c", "-f", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=IO_TIMEOUT * 2,
+        check=False,
+    )
+
+
+class HAProxy(ManagedProcess):
+    """HAProxy in the foreground (`-db`), with a stats-socket client."""
+
+    def __init__(self, config: HAProxyConfig, log_dir: Path) -> None:
+        self.config = config
+        super().__init__("haproxy", [HAPROXY, "-f", str(config.cfg_path), "-db"], log_dir)
+
+    def command(self, line: str, timeout: float = IO_TIMEOUT) -> str:
+        """One command on the admin stats socket; its whole answer."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.config.stats_socket))
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            while data := s.recv(65536):
+                chunks.append(data)
+        return b"".join(chunks).decode(errors="replace")
+
+    def show_stat(self) -> list[dict[str, str]]:
+        """`show stat` as one dict per proxy/server row."""
+        text = self.command("show stat")
+        lines = text.splitlines()
+        if not lines or not lines[0].startswith("# "):
+            raise RuntimeError(f"unexpected 'show stat' answer: {text[:200]!r}")
+        return list(csv.DictReader([lines[0][2:], *(ln for ln in lines[1:] if ln)]))
+
+    def server_stat(
+        self, backend: str = AGENT_BACKEND, server: str = AGENT_SERVER
+    ) -> dict[str, str]:
+        for row in self.show_stat():
+            if row["pxname"] == backend and row["svname"] == server:
+                return row
+        raise KeyError(f"{backend}/{server} not in show stat")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Until the stats socket answers and both frontends are OPEN (listeners
+        are bound before the stats socket serves)."""
+
+        def ready() -> bool:
+            self.check_alive()
+            try:
+                rows = self.show_stat()
+            except (OSError, RuntimeError):
+                return False
+            status = {r["pxname"]: r["status"] for r in rows if r["svname"] == "FRONTEND"}
+            return status.get("score") == "OPEN" and status.get("guard") == "OPEN"
+
+        wait_for(ready, timeout, "HAProxy's stats socket and frontends")
+
+    def wait_server(
+        self, status: str, check_status: str | None = None, timeout: float = CHECK_TIMEOUT
+    ) -> dict[str, str]:
+        """Until the agent server's `status` (UP/DOWN) and, if given, its last
+        `check_status` (L7OK, L4CON...) match; returns that stat row."""
+
+        def matches() -> dict[str, str] | None:
+            self.check_alive()
+            row = self.server_stat()
+            ok = row["status"] == status and check_status in (None, row["check_status"])
+            return row if ok else None
+
+        return wait_for(
+            matches, timeout, f"agent server status {status} / check {check_status}", 0.05
+        )
+
+
+# ------------------------------------------------------------------ HTTP client
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: str
+    elapsed: float
+
+    def score(self) -> tuple[str, str]:
+        """(score, err) from the `score` frontend's body ('' when unset)."""
+        m = SCORE_BODY.match(self.body.strip("\n"))
+        if m is None:
+            raise AssertionError(f"unexpected body {self.body!r}")
+        return m.group("score"), m.group("err")
+
+
+def http_get(port: int, source: str, path: str = "/", timeout: float = IO_TIMEOUT) -> HttpResponse:
+    """GET over HTTP/1.0 from `source` (any 127.x address works on Linux
+    loopback) to 127.0.0.1:port; reads until the server closes."""
+    started = time.monotonic()
+    deadline = started + timeout
+    with socket.create_connection((HOST, port), timeout=timeout, source_address=(source, 0)) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: e2e\r\nUser-Agent: spoa-mp-e2e\r\n\r\n".encode())
+        chunks = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete HTTP response within {timeout}s")
+            s.settimeout(remaining)
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    elapsed = time.monotonic() - started
+    raw = b"".join(chunks)
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise AssertionError(f"malformed HTTP response {raw[:200]!r}")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return HttpResponse(int(status_line.split(" ", 2)[1]), headers, body.decode(), elapsed)
