@@ -101,6 +101,8 @@ class Worker:
         self._decoder = Decoder(max_frame_size=settings.max_frame_size)
         self._encoder = Encoder()
         self._handlers = dict(agent.handlers)
+        self._recv_buf = bytearray(RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buf)
         self._noisy = RateLimitedLog(log, interval=10.0)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parent = os.getppid()
@@ -207,7 +209,10 @@ class Worker:
 
     def _readable(self, conn: Connection) -> None:
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            # into one reused buffer: recv(n) would allocate n bytes each time
+            # (an mmap for large n), then copy out only what arrived
+            n = conn.sock.recv_into(self._recv_buf)
+            data = self._recv_view[:n].tobytes()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # reset by HAProxy: normal (3.x pool purge, health checks)
@@ -215,7 +220,7 @@ class Worker:
                 log.debug("conn %d: %s", conn.fd, e)
             self._close(conn)
             return
-        if not data:
+        if not n:
             self._close(conn)
             return
         notes = conn.proto.receive(data)
