@@ -121,6 +121,10 @@ class Decoded(NamedTuple):
     error: int  # 0, or the status of the malformed frame at `consumed`
 
 
+# NamedTuple's own constructor is Python code; this is the C one (per read)
+_new_decoded = tuple.__new__
+
+
 class CodecError(ValueError):
     """A frame could not be decoded or encoded; `status` is the SPOP code."""
 
@@ -164,7 +168,7 @@ class Decoder:
         )
         n = self._n[0]
         if n == 0:
-            return Decoded([], [], 0, -rc)
+            return _new_decoded(Decoded, ([], [], 0, -rc))
         frames = list(FRAME_RECORD.iter_unpack(self._frames_view[: n * FRAME_RECORD.size]))
         last = frames[-1]
         # records are handed out in order, so the last frame ends the items
@@ -174,7 +178,7 @@ class Decoder:
             if n_items
             else []
         )
-        return Decoded(frames, items, last[F_OFFSET] + 4 + last[F_LENGTH], -rc)
+        return _new_decoded(Decoded, (frames, items, last[F_OFFSET] + 4 + last[F_LENGTH], -rc))
 
 
 def item_value(data: bytes, item: ItemRecord) -> Value:
@@ -370,22 +374,31 @@ class Encoder:
     def _run(self, n_frames: int, n_items: int, strings: bytearray, max_frame_size: int) -> bytes:
         """Encode the packed records; loops if the output buffer fills up."""
         blob = bytes(strings)
+        frames = self._frames
+        rc = lib.spop_encode_frames(
+            self._out, self._out_size, max_frame_size, frames, n_frames,
+            self._items, n_items, blob, len(blob),
+        )  # fmt: skip
+        if rc == n_frames:  # the usual case: everything fitted at once
+            last = frames[rc - 1]
+            return ffi.buffer(self._out, last.offset + 4 + last.length)[:]
         chunks = []
         done = 0
-        while done < n_frames:
-            rc = lib.spop_encode_frames(
-                self._out, self._out_size, max_frame_size, self._frames + done,
-                n_frames - done, self._items, n_items, blob, len(blob),
-            )  # fmt: skip
+        while True:
             if rc < 0:
                 raise CodecError(-rc, "cannot encode frame records")
             if rc == 0:  # one frame larger than the buffer: make room and retry
                 self._grow_out(max_frame_size + 4)
-                continue
-            last = self._frames[done + rc - 1]
-            chunks.append(ffi.buffer(self._out, last.offset + 4 + last.length)[:])
-            done += rc
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            else:
+                last = frames[done + rc - 1]
+                chunks.append(ffi.buffer(self._out, last.offset + 4 + last.length)[:])
+                done += rc
+            if done == n_frames:
+                return b"".join(chunks)
+            rc = lib.spop_encode_frames(
+                self._out, self._out_size, max_frame_size, frames + done, n_frames - done,
+                self._items, n_items, blob, len(blob),
+            )  # fmt: skip
 
     def _grow_out(self, size: int) -> None:
         if size <= self._out_size:

@@ -175,8 +175,12 @@ class AgentConnection:
         """Bytes received but not yet a whole frame."""
         return len(self._pending)
 
-    def take_events(self) -> list[Event]:
-        events, self._events = self._events, []
+    def take_events(self) -> Sequence[Event]:
+        """The events since the last call (most reads have none: no allocation)."""
+        events = self._events
+        if not events:
+            return ()
+        self._events = []
         return events
 
     def data_to_send(self) -> bytes:

@@ -162,6 +162,7 @@ class Supervisor:
         except HaltError as e:
             log.error("%s", e.reason)
             self._exit_code = e.code
+            self._stopping = True  # the others' deaths are expected now, not news
             self._kill_all(signal.SIGKILL)
             self._reap_all()
         finally:

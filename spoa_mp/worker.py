@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,9 @@ class Connection:
     proto: AgentConnection
     out: bytearray = field(default_factory=bytearray)  # what the kernel did not take yet
     in_flight: int = 0  # NOTIFYs handed to coroutine handlers, not ACKed yet
+    # NOTIFYs for coroutine handlers beyond --max-in-flight, started in order
+    # as earlier ones finish (one read can carry many pipelined NOTIFYs)
+    waiting: deque[Notification] = field(default_factory=deque)
     reading: bool = True
     closed: bool = False
 
@@ -116,8 +120,9 @@ class Worker:
         try:
             return asyncio.run(self._main())
         except BootError as e:
+            # the supervisor reports it, once for all workers
             health.send(self.health_fd, health.BOOT_ERROR, error=str(e))
-            log.error("cannot start: %s", e)
+            log.debug("cannot start: %s", e)
             return EXIT_BOOT_ERROR
 
     async def _main(self) -> int:
@@ -146,6 +151,9 @@ class Worker:
         log.info("stopping: %d connection(s) to finish", len(self.connections))
         for sock in self.listeners:
             self._loop.remove_reader(sock.fileno())
+            # our copy keeps the socket listening: once every process has
+            # closed its own, the kernel refuses new connections
+            sock.close()
         self._loop.call_later(self.graceful_timeout, self._finish)
         for conn in list(self.connections.values()):
             self._close_if_idle(conn)
@@ -300,7 +308,9 @@ class Worker:
 
     @staticmethod
     def _idle(conn: Connection) -> bool:
-        return conn.in_flight == 0 and conn.proto.buffered == 0 and not conn.out
+        return (
+            conn.in_flight == 0 and not conn.waiting and conn.proto.buffered == 0 and not conn.out
+        )
 
     def _close_if_idle(self, conn: Connection) -> None:
         """While stopping: say goodbye to a connection with nothing pending."""
@@ -310,14 +320,20 @@ class Worker:
 
     # ---------------------------------------------------------------- handlers
 
-    def _dispatch(self, conn: Connection, notes: list[Notification]) -> None:
+    def _dispatch(self, conn: Connection, notes: list[Notification], queued: bool = False) -> None:
         handlers = self._handlers
         replies: list[tuple[int, int, Sequence[Action]]] = []
         counters = self.counters
         counters.notifies += len(notes)
-        for sid, fid, msgs in notes:
+        for note in notes:
+            sid, fid, msgs = note
             if self.debug:
                 log.debug("conn %d: NOTIFY sid=%d fid=%d %r", conn.fd, sid, fid, msgs)
+            # keep arrival order: nothing new starts while older ones wait
+            busy = conn.in_flight >= self.max_in_flight or (conn.waiting and not queued)
+            if busy and self._needs_task(msgs):
+                conn.waiting.append(note)
+                continue
             actions: tuple[Action, ...] = ()
             waiting: list[tuple[Message, Awaitable[object]]] = []
             for msg in msgs:
@@ -341,6 +357,13 @@ class Worker:
             cut = conn.proto.ack(replies)
             if cut:
                 self._acks_cut(conn, len(cut))
+
+    def _needs_task(self, msgs: list[Message]) -> bool:
+        for msg in msgs:
+            reg = self._handlers.get(msg.name)
+            if reg is not None and reg.is_coroutine:
+                return True
+        return False
 
     def _handler_failed(self, msg: Message) -> None:
         self.counters.handler_errors += 1
@@ -393,7 +416,9 @@ class Worker:
         cut = conn.proto.ack([(sid, fid, actions)])
         if cut:
             self._acks_cut(conn, len(cut))
-        if not conn.reading and conn.in_flight < self.max_in_flight:
+        while conn.waiting and conn.in_flight < self.max_in_flight:
+            self._dispatch(conn, [conn.waiting.popleft()], queued=True)
+        if not conn.reading and conn.in_flight < self.max_in_flight and not conn.waiting:
             conn.reading = True
             assert self._loop is not None
             self._loop.add_reader(conn.fd, self._readable, conn)

@@ -95,7 +95,7 @@ def assert_failed(conn: AgentConnection, status: int) -> None:
     assert conn.ack([(20, 1, [set_var("sess", "x", 1)])]) == []
     conn.disconnect()
     assert conn.data_to_send() == b""
-    assert conn.take_events() == []
+    assert not conn.take_events()
     assert conn.closing
 
 
@@ -178,7 +178,7 @@ def test_hello_26() -> None:
         healthcheck=False,
     )
     assert conn.take_events() == [HandshakeDone(hs)]
-    assert conn.take_events() == []
+    assert not conn.take_events()
     assert conn.handshake == hs
     assert conn.max_frame_size == MAX
     assert not conn.closing
@@ -235,7 +235,7 @@ def test_health_check() -> None:
     assert conn.receive(NOTIFY_20) == []
     assert conn.ack([(20, 1, [])]) == []
     assert conn.data_to_send() == b""
-    assert conn.take_events() == []
+    assert not conn.take_events()
 
 
 @pytest.mark.parametrize(
@@ -464,7 +464,7 @@ def test_unknown_frame_type_is_skipped(type_: int) -> None:
     notes = conn.receive(unknown + NOTIFY_20 + unknown)
     assert notes_meaning(notes) == vector_notes("notify check-client-ip ipv4 sid 20")
     assert not conn.closing
-    assert conn.take_events() == []
+    assert not conn.take_events()
     assert conn.data_to_send() == b""
     assert conn.buffered == 0
 
@@ -531,7 +531,7 @@ def test_too_big_uses_haproxy_smaller_limit() -> None:
 def test_notify_vectors(name: str) -> None:
     conn = ready()
     assert notes_meaning(conn.receive(V[name])) == vector_notes(name)
-    assert conn.take_events() == []
+    assert not conn.take_events()
     assert conn.data_to_send() == b""
 
 
@@ -687,7 +687,7 @@ def test_fragmented_notify() -> None:
         (0, 1, 7, 2),
     ]
     assert notes_meaning(conn.receive(data)) == vector_notes("notify two messages, every data type")
-    assert conn.take_events() == []
+    assert not conn.take_events()
     assert conn.data_to_send() == b""
     assert not conn.closing
     # and the connection goes on
@@ -722,7 +722,7 @@ def test_fragment_abort() -> None:
     start = ENC.frame(3, 20, 1, raw=payload[:5], flags=0)
     more = ENC.frame(0, 20, 1, raw=payload[5:9], flags=0)
     assert conn.receive(start + more + ABORT_20) == []
-    assert conn.take_events() == []
+    assert not conn.take_events()
     assert conn.data_to_send() == b""
     assert not conn.closing
     # the aborted payload is gone: a new fragmented NOTIFY starts clean
@@ -834,5 +834,5 @@ def test_connection_survives_any_input(stream: bytes, chunk: int) -> None:
         assert isinstance(events[0], ProtocolError | PeerDisconnected)
         disconnect_status(out)
     else:
-        assert events == []
+        assert not events
         assert out == b""
