@@ -2,18 +2,22 @@
 # (as root, or with sudo): it installs the system packages and the virtualenv
 # it needs, then runs every test.
 
-PYTHON ?= python3
+# Debian's own python3 when there is one: it is built with PGO and LTO, and
+# runs the workers' Python 20-40% faster here than a plain source build that
+# may come first on PATH. PYTHON=... picks another.
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := clang libclang-rt-14-dev haproxy
+RUN_PACKAGES := gcc python3-venv python3-dev
+TEST_PACKAGES := clang libclang-rt-14-dev haproxy
 FUZZ_SECONDS ?= 60
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench deps venv clean
+.PHONY: run test lint bench deps deps-run venv clean
 
 # The default job: the IP-reputation agent on 127.0.0.1:12345, one worker per
 # CPU, in the foreground (Ctrl-C stops it). Pass flags with ARGS="-n 2 -d".
-run: venv
+run: deps-run venv
 	$(BIN)/spoa-mp $(ARGS)
 
 test: deps venv lint
@@ -26,16 +30,24 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/bench_codec.py
 
-# System packages: a C toolchain with libFuzzer and the sanitizer runtimes, and
-# HAProxy (2.6 on Debian 12) for the end-to-end tests.
-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
-	fi
+# System packages, installed when missing: a C compiler, venv and headers for
+# Debian's python3 (to build and run); for the tests also clang with the
+# libFuzzer and sanitizer runtimes, and HAProxy (2.6 on Debian 12).
+deps-run:
+	@$(call apt_install,$(RUN_PACKAGES))
+
+deps: deps-run
+	@$(call apt_install,$(TEST_PACKAGES))
+
+define apt_install
+missing=""; for p in $(1); do \
+  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+if [ -n "$$missing" ]; then \
+  echo "installing:$$missing"; \
+  $(SUDO) apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+fi
+endef
 
 # The virtualenv with an editable install (the cffi module is built in-tree);
 # rebuilt when the C codec or the packaging changes.

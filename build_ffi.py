@@ -48,6 +48,9 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
                        spop_frame *frames, uint32_t n_frames,
                        const spop_item *items, uint32_t n_items,
                        const uint8_t *strings, size_t strings_len);
+int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
+                     const uint64_t *ids, const uint32_t *ends, uint32_t n,
+                     const uint8_t *payload, size_t payload_len);
 const char *spop_status_reason(int status);
 """
 

@@ -603,6 +603,41 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
     return (int)k;
 }
 
+int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
+                     const uint64_t *ids, const uint32_t *ends, uint32_t n,
+                     const uint8_t *payload, size_t payload_len)
+{
+    size_t pos = 0;
+    uint32_t start = 0;
+    if (cap > INT32_MAX)
+        cap = INT32_MAX; /* the byte count is returned as an int */
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t end = ends[i];
+        if (end < start || end > payload_len)
+            return -SPOP_ST_INVALID;
+        uint8_t hdr[SPOP_FRAME_HDR_MAX] = {SPOP_FRAME_ACK, 0, 0, 0, SPOP_FLAG_FIN};
+        size_t h = 5;
+        h += (size_t)spop_varint_encode(ids[2 * (size_t)i], hdr + h, sizeof(hdr) - h);
+        h += (size_t)spop_varint_encode(ids[2 * (size_t)i + 1], hdr + h, sizeof(hdr) - h);
+        size_t body = h + (end - start);
+        if (body > max_frame_size)
+            return -SPOP_ST_TOO_BIG;
+        if (cap - pos < 4 + body)
+            return -SPOP_ST_RES;
+        uint8_t *f = out + pos;
+        f[0] = (uint8_t)(body >> 24);
+        f[1] = (uint8_t)(body >> 16);
+        f[2] = (uint8_t)(body >> 8);
+        f[3] = (uint8_t)body;
+        memcpy(f + 4, hdr, h);
+        if (end > start)
+            memcpy(f + 4 + h, payload + start, end - start);
+        pos += 4 + body;
+        start = end;
+    }
+    return (int)pos;
+}
+
 /* ---------------------------------------------------------------- status */
 
 const char *spop_status_reason(int status)

@@ -199,6 +199,19 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
                        const spop_item *items, uint32_t n_items,
                        const uint8_t *strings, size_t strings_len);
 
+/*
+ * Encode n ACK frames, the hot path of an agent: ACK i carries stream-id
+ * ids[2i], frame-id ids[2i+1] and, as its action list, the pre-encoded bytes
+ * payload[ends[i-1] .. ends[i]) (ends[-1] = 0), e.g. actions kept encoded.
+ * Returns the bytes written (every frame whole, back to back), or
+ * -SPOP_ST_INVALID when ends are not increasing within payload_len,
+ * -SPOP_ST_TOO_BIG when one ACK would exceed max_frame_size (drop actions
+ * first), -SPOP_ST_RES when `cap` is short: n * 25 + payload_len always fits.
+ */
+int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
+                     const uint64_t *ids, const uint32_t *ends, uint32_t n,
+                     const uint8_t *payload, size_t payload_len);
+
 /* The text HAProxy uses for a status code ("frame is too big", ...). */
 const char *spop_status_reason(int status);
 

@@ -9,6 +9,7 @@ cdata fields one by one.
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Sequence
 from enum import IntEnum
 from typing import NamedTuple, TypeAlias
@@ -27,9 +28,6 @@ from spoa_mp.model import (
 # Record layouts; they must match spop_frame / spop_item in csrc/spop.h.
 FRAME_RECORD = struct.Struct("=QQIIIIIIIBB2x")
 ITEM_RECORD = struct.Struct("=QIIIIBBBBB3x")
-# An ACK with a raw payload: sid, fid, flags, payload_off, payload_len, type;
-# the pad bytes pack as zeros (offset, length, first_item, n_items = 0).
-ACK_RECORD = struct.Struct("=QQI8xII8xB3x")
 
 MIN_FRAME_SIZE = 256
 DEFAULT_FRAME_SIZE = 16380
@@ -43,7 +41,7 @@ def _check_layout() -> None:
         ("spop_frame", FRAME_RECORD, ("sid", "fid", "flags", "offset", "n_items", "type")),
         ("spop_item", ITEM_RECORD, ("num", "name_off", "val_len", "kind", "scope")),
     ):
-        if ffi.sizeof(ctype) != record.size or ACK_RECORD.size != FRAME_RECORD.size:
+        if ffi.sizeof(ctype) != record.size:
             raise ImportError(f"{ctype} is {ffi.sizeof(ctype)} bytes, record {record.size}")
         offsets = [ffi.offsetof(ctype, f) for f in fields]
         if offsets != sorted(offsets):
@@ -271,27 +269,38 @@ class Encoder:
         Returns the bytes and the indexes of replies whose actions did not all
         fit in max_frame_size; those ACKs carry the leading actions that fit.
         """
-        self._grow(len(replies), 0, 0)
-        pack_ack = ACK_RECORD.pack_into
-        fview = self._frames_view
-        payloads = bytearray()
-        safe = max_frame_size - 25  # fits whatever the header (ids of 10 bytes each)
+        ids: list[int] = []
+        ends: list[int] = []
+        add_id = ids.append
+        add_end = ends.append
+        payload = bytearray()
         cut = []
-        offset = 0
+        safe = max_frame_size - 25  # fits whatever the header (ids of 10 bytes each)
         for sid, fid, actions in replies:
-            start = len(payloads)
+            start = len(payload)
             for a in actions:
-                payloads += a.wire or self.action_wire(a)
-            size = len(payloads) - start
-            if size > safe:
+                payload += a.wire or self.action_wire(a)
+            if len(payload) - start > safe:
                 budget = max_frame_size - 5 - len(encode_varint(sid)) - len(encode_varint(fid))
-                if size > budget:
-                    del payloads[self._fit(start, actions, budget) :]
-                    cut.append(offset // 48)
-                    size = len(payloads) - start
-            pack_ack(fview, offset, sid, fid, FLAG_FIN, start, size, 103)
-            offset += 48
-        return self._run(len(replies), 0, payloads, max_frame_size), cut
+                if len(payload) - start > budget:
+                    del payload[self._fit(start, actions, budget) :]
+                    cut.append(len(ends))
+            add_id(sid)
+            add_id(fid)
+            add_end(len(payload))
+        need = len(payload) + 25 * len(ends)
+        if need > self._out_size:
+            self._grow_out(need)
+        # plain lists, converted once: cheaper than writing cdata item by item
+        rc = lib.spop_encode_acks(
+            self._out, self._out_size, max_frame_size,
+            ffi.from_buffer("uint64_t[]", array("Q", ids)),
+            ffi.from_buffer("uint32_t[]", array("I", ends)),
+            len(ends), bytes(payload), len(payload),
+        )  # fmt: skip
+        if rc < 0:
+            raise CodecError(-rc, "cannot encode ACKs")
+        return ffi.buffer(self._out, rc)[:], cut
 
     @staticmethod
     def _fit(start: int, actions: Sequence[Action], budget: int) -> int:
@@ -403,6 +412,7 @@ class Encoder:
     def _grow_out(self, size: int) -> None:
         if size <= self._out_size:
             raise CodecError(Status.TOO_BIG, "frame does not fit the output buffer")
+        size = max(size, 2 * self._out_size)
         self._out_size = size
         self._out = ffi.new("uint8_t[]", size)
 

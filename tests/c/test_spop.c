@@ -1303,6 +1303,52 @@ static void test_status_reason(void)
     }
 }
 
+/* spop_encode_acks: the ACK vectors byte for byte, back to back, and its errors. */
+static void test_encode_acks(void)
+{
+    /* "ack set-var sess ip_score uint32 42" (sid 20) then "ack empty" (sid 1) */
+    uint8_t want[64];
+    size_t w1 = unhex("00000015670000000114010103010869705f73636f7265032a", want, sizeof(want));
+    size_t w2 = unhex("0000000767000000010101", want + w1, sizeof(want) - w1);
+    uint8_t action[16];
+    size_t alen = unhex("010301" "0869705f73636f7265" "032a", action, sizeof(action));
+    uint64_t ids[4] = {20, 1, 1, 1};
+    uint32_t ends[2] = {(uint32_t)alen, (uint32_t)alen};
+    uint8_t *out = xmalloc(w1 + w2);
+    int n = spop_encode_acks(out, w1 + w2, 16380, ids, ends, 2, action, alen);
+    EQ(n, w1 + w2, "encode_acks: bytes written");
+    CHECK(n > 0 && memcmp(out, want, w1 + w2) == 0, "encode_acks: vectors byte for byte");
+    /* one byte short of the room the frames need: refused, not truncated */
+    EQ(spop_encode_acks(out, w1 + w2 - 1, 16380, ids, ends, 2, action, alen), -SPOP_ST_RES,
+       "encode_acks: short cap");
+    /* an ACK over max-frame-size (body 21 bytes) */
+    EQ(spop_encode_acks(out, w1 + w2, 20, ids, ends, 1, action, alen), -SPOP_ST_TOO_BIG,
+       "encode_acks: frame too big");
+    /* ends not increasing, or past the payload */
+    uint32_t back[2] = {(uint32_t)alen, 3};
+    EQ(spop_encode_acks(out, w1 + w2, 16380, ids, back, 2, action, alen), -SPOP_ST_INVALID,
+       "encode_acks: decreasing ends");
+    uint32_t past[1] = {(uint32_t)alen + 1};
+    EQ(spop_encode_acks(out, w1 + w2, 16380, ids, past, 1, action, alen), -SPOP_ST_INVALID,
+       "encode_acks: end past payload");
+    EQ(spop_encode_acks(out, w1 + w2, 16380, ids, ends, 0, action, alen), 0,
+       "encode_acks: nothing to do");
+    /* the largest ids: 10-byte varints, decoded back */
+    uint64_t big[2] = {UINT64_MAX, UINT64_MAX};
+    uint32_t none[1] = {0};
+    uint8_t frame[32];
+    int len = spop_encode_acks(frame, sizeof(frame), 16380, big, none, 1, action, 0);
+    EQ(len, 4 + 5 + 10 + 10, "encode_acks: 10-byte ids");
+    spop_frame f[1];
+    spop_item it[1];
+    uint32_t nf = 0;
+    int rc = len > 0 ? spop_decode_frames(frame, (size_t)len, 16380, f, 1, it, 1, &nf) : -1;
+    CHECK(rc == 0 && nf == 1 && f[0].sid == UINT64_MAX && f[0].fid == UINT64_MAX &&
+              f[0].type == SPOP_FRAME_ACK && f[0].n_items == 0,
+          "encode_acks: decodes back");
+    free(out);
+}
+
 int main(int argc, char **argv)
 {
     g_verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
@@ -1322,6 +1368,7 @@ int main(int argc, char **argv)
     test_encode_cap();
     test_encode_truncate();
     test_encode_bad();
+    test_encode_acks();
     test_status_reason();
 
     printf("1..%u\n%u passed, %u failed\n", g_pass + g_fail, g_pass, g_fail);
