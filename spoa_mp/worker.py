@@ -187,33 +187,35 @@ class Worker:
     # ---------------------------------------------------------------- sockets
 
     def _accept(self, listener: socket.socket) -> None:
-        # every worker is woken for a new connection; the losers get EAGAIN
-        for _ in range(64):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
+        # Every worker is woken for a new connection; the losers get EAGAIN.
+        # One accept per wake-up: HAProxy opens connections in bursts, and a
+        # worker draining the backlog would take them all while the others
+        # sleep; the socket stays readable, so the next one is contested again.
+        try:
+            sock, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._noisy.warning("accept", "accept failed: %s", e)
                 return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._noisy.warning("accept", "accept failed: %s", e)
-                    return
-                raise
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # ACKs are small and latency-bound: no Nagle delay
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(
-                sock=sock,
-                fd=sock.fileno(),
-                peer=_peer(addr),
-                proto=AgentConnection(self.settings, self._decoder, self._encoder),
-            )
-            self.connections[conn.fd] = conn
-            self.counters.connections_total += 1
-            assert self._loop is not None
-            self._loop.add_reader(conn.fd, self._readable, conn)
-            if self.debug:
-                log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
+            raise
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # ACKs are small and latency-bound: no Nagle delay
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(
+            sock=sock,
+            fd=sock.fileno(),
+            peer=_peer(addr),
+            proto=AgentConnection(self.settings, self._decoder, self._encoder),
+        )
+        self.connections[conn.fd] = conn
+        self.counters.connections_total += 1
+        assert self._loop is not None
+        self._loop.add_reader(conn.fd, self._readable, conn)
+        if self.debug:
+            log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
 
     def _readable(self, conn: Connection) -> None:
         try:
