@@ -99,6 +99,7 @@ class ServerConfig:
     max_in_flight: int = 256  # messages in flight per connection before reads pause
     worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
     graceful_timeout: float = 30.0  # seconds workers get to finish when stopping
+    reload_mode: str = "handover"  # SIGHUP: handover | rolling | drain (see supervisor.py)
     debug: bool = False
     config_file: str | None = None  # absolute path of the TOML file read, if any
     # The explicitly given command-line values (already normalised), kept so that a
@@ -132,6 +133,7 @@ _KINDS: dict[str, type] = {
     "max_in_flight": int,
     "worker_timeout": float,
     "graceful_timeout": float,
+    "reload_mode": str,
     "debug": bool,
 }
 _OPTIONAL = frozenset({"unix", "app", "reputation_file"})  # may be None (not from TOML)
@@ -252,6 +254,18 @@ def _check_readable_file(value: object) -> str | None:
     return None
 
 
+RELOAD_MODES = ("handover", "rolling", "drain")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        if value in choices:
+            return None
+        return f"must be one of {', '.join(choices)}, got {value!r}"
+
+    return check
+
+
 _CHECKS: dict[str, Callable[[object], str | None]] = {
     "host": _check_host,
     "port": _between(0, 65535),
@@ -265,6 +279,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_in_flight": _at_least_one,
     "worker_timeout": _seconds(zero_ok=False),
     "graceful_timeout": _seconds(zero_ok=True),
+    "reload_mode": _one_of(RELOAD_MODES),
 }
 
 

@@ -190,15 +190,68 @@ class AgentConnection:
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def snapshot(self) -> dict[str, object]:
-        """The negotiated state and unparsed bytes, to hand the connection over."""
+    @property
+    def at_frame_boundary(self) -> bool:
+        """No partial frame buffered and no fragmented NOTIFY under way: the
+        connection can move to another process as it stands."""
+        return not self._pending and self._fragment is None
+
+    def bytes_to_boundary(self) -> int:
+        """How many more bytes complete the buffered partial frame (or at
+        least its length prefix); 0 at a frame boundary. Reading no more than
+        this stops a connection exactly between two frames."""
+        pending = self._pending
+        if not pending:
+            return 0
+        if len(pending) < 4:
+            return 4 - len(pending)
+        return 4 + int.from_bytes(pending[:4], "big") - len(pending)
+
+    def handover_state(self) -> dict[str, object]:
+        """The negotiated state, as JSON-able data, for `AgentConnection.adopt`
+        in another process. Only at a frame boundary."""
+        if not self.at_frame_boundary:
+            raise RuntimeError("a connection moves only between two frames")
+        hs = self.handshake
         return {
             "phase": self._phase,
-            "pending": self._pending,
             "max_frame_size": self.max_frame_size,
-            "handshake": self.handshake,
-            "fragment": self._fragment,
-        }
+            "handshake": None if hs is None else {
+                "max_frame_size": hs.max_frame_size,
+                "pipelining": hs.pipelining,
+                "fragmentation": hs.fragmentation,
+                "engine_id": hs.engine_id,
+                "haproxy_capabilities": list(hs.haproxy_capabilities),
+                "healthcheck": hs.healthcheck,
+            },
+        }  # fmt: skip
+
+    @classmethod
+    def adopt(
+        cls,
+        state: dict[str, object],
+        settings: AgentSettings | None = None,
+        decoder: Decoder | None = None,
+        encoder: Encoder | None = None,
+    ) -> AgentConnection:
+        """Carry on a connection another process started (see handover_state)."""
+        conn = cls(settings, decoder, encoder)
+        phase = state["phase"]
+        if phase not in (_HELLO, _READY):
+            raise ValueError(f"cannot adopt a connection in phase {phase!r}")
+        conn._phase = phase  # type: ignore[assignment]
+        conn.max_frame_size = int(state["max_frame_size"])  # type: ignore[call-overload]
+        hs = state.get("handshake")
+        if isinstance(hs, dict):
+            conn.handshake = Handshake(
+                max_frame_size=int(hs["max_frame_size"]),
+                pipelining=bool(hs["pipelining"]),
+                fragmentation=bool(hs["fragmentation"]),
+                engine_id=str(hs["engine_id"]),
+                haproxy_capabilities=tuple(str(c) for c in hs["haproxy_capabilities"]),
+                healthcheck=bool(hs["healthcheck"]),
+            )
+        return conn
 
     # -------------------------------------------------------------- input
 

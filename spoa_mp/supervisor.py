@@ -10,7 +10,13 @@ stop the server with one clear line instead of a crash loop.
 
 Signals: TERM and INT stop gracefully (stop accepting, finish in-flight
 messages, close) within --graceful-timeout, then SIGKILL; a second INT, or
-QUIT, stops at once.
+QUIT, stops at once. HUP reloads: the configuration, the --app module and
+the reputation data are read again and a new generation of workers starts;
+once all of it is ready, the old workers hand their HAProxy connections
+over, between two frames, through the supervisor (which relays the sockets
+and never reads them), and exit. If the new generation cannot start, the old
+one keeps serving. --reload-mode rolling does it one worker at a time;
+drain lets the old workers finish and close instead.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 
 from spoa_mp import health, logs
 from spoa_mp.agent import Agent, AppLoadError, load_app
-from spoa_mp.config import ServerConfig
+from spoa_mp.config import ConfigError, ServerConfig, reload_config
 from spoa_mp.protocol import AgentSettings
 from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
 
@@ -55,15 +61,28 @@ class HaltError(Exception):
 @dataclass(eq=False, slots=True)
 class WorkerProcess:
     index: int
+    generation: int
     pid: int
-    pipe: int  # read end of its health pipe
+    control: socket.socket | None  # our end of its control channel (health.py)
     started: float
     last_beat: float
-    reader: health.Reader = field(default_factory=health.Reader)
     ready: bool = False
     boot_error: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    connections: int = 0
     killed: bool = False
+    retiring: bool = False  # told to hand over or stop after a reload
+
+
+@dataclass(slots=True)
+class Reload:
+    """A reload under way: the new generation is starting."""
+
+    generation: int
+    mode: str
+    deadline: float  # the new workers must be ready by then
+    previous: tuple[ServerConfig, Agent, AgentSettings]  # what to go back to
+    slots: list[int]  # rolling: slots still to replace, in order
 
 
 def build_agent(config: ServerConfig) -> Agent:
@@ -125,20 +144,19 @@ class Supervisor:
         self.config = config
         self.agent = agent
         self.listeners = listeners
-        self.settings = AgentSettings(
-            max_frame_size=config.max_frame_size,
-            pipelining=config.pipelining,
-            fragmentation=config.fragmentation,
-        )
+        self.settings = settings_for(config)
         self.workers: dict[int, WorkerProcess] = {}  # by pid
+        self.generation = 1
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._respawn_at: dict[int, float] = {}  # slot index -> when
+        self._respawn_at: dict[int, float] = {}  # slot index -> when (current generation)
         self._failures: dict[int, int] = {}  # slot index -> consecutive deaths before ready
         self._ever_ready = False
         self._stopping = False
         self._stop_deadline = 0.0
         self._exit_code = EXIT_OK
+        self._reload: Reload | None = None
+        self._next_target = 0  # round robin over the workers adopting connections
 
     # ---------------------------------------------------------------- main loop
 
@@ -158,6 +176,7 @@ class Supervisor:
                 self._reap()
                 self._check_timeouts()
                 if not self._stopping:
+                    self._check_reload()
                     self._respawn_due()
         except HaltError as e:
             log.error("%s", e.reason)
@@ -180,7 +199,7 @@ class Supervisor:
             if key.data is None:
                 self._read_signals()
             else:
-                self._read_health(key.data)
+                self._read_control(key.data)
         if self._stopping and time.monotonic() >= self._stop_deadline and self.workers:
             log.warning("graceful timeout: killing %d worker(s) still running", len(self.workers))
             self._kill_all(signal.SIGKILL)
@@ -208,8 +227,8 @@ class Supervisor:
                 self._graceful_stop(signal.Signals(signum).name)
             elif signum == signal.SIGQUIT:
                 self._quick_stop()
-            elif signum == signal.SIGHUP:
-                log.warning("SIGHUP: reload is not available yet; ignored")
+            elif signum == signal.SIGHUP and not self._stopping:
+                self._start_reload()
             # SIGCHLD: reaping follows every wake-up anyway
 
     def _graceful_stop(self, why: str) -> None:
@@ -236,32 +255,130 @@ class Supervisor:
         for sock in self.listeners:
             sock.close()
 
+    # ---------------------------------------------------------------- reload
+
+    def _start_reload(self) -> None:
+        if self._reload is not None:
+            log.warning("SIGHUP: a reload is already under way; ignored")
+            return
+        try:
+            config = reload_config(self.config)
+            agent = build_agent(config)
+        except (ConfigError, AppLoadError, ValueError, OSError) as e:
+            log.error("reload failed, the running workers keep serving: %s", e)
+            return
+        agent.freeze()
+        if config.listen_description() != self.config.listen_description():
+            log.warning(
+                "reload: the listening address (%s) changes only with a restart; keeping %s",
+                config.listen_description(), self.config.listen_description(),
+            )  # fmt: skip
+        previous = (self.config, self.agent, self.settings)
+        self.config, self.agent, self.settings = config, agent, settings_for(config)
+        self.generation += 1
+        self._respawn_at.clear()  # old slots are not refilled: the new generation replaces them
+        self._failures.clear()
+        slots = list(range(1, config.workers + 1))
+        self._reload = Reload(
+            generation=self.generation,
+            mode=config.reload_mode,
+            deadline=time.monotonic() + config.worker_timeout,
+            previous=previous,
+            slots=slots,
+        )
+        log.info(
+            "SIGHUP: reloading (generation %d, %d worker(s), %s)",
+            self.generation, config.workers, config.reload_mode,
+        )  # fmt: skip
+        first = slots[:1] if config.reload_mode == "rolling" else slots
+        for index in first:
+            self._spawn(index)
+
+    def _check_reload(self) -> None:
+        r = self._reload
+        if r is None:
+            return
+        new = [p for p in self.workers.values() if p.generation == r.generation]
+        old = [p for p in self.workers.values() if p.generation < r.generation]
+        if time.monotonic() > r.deadline and not all(p.ready for p in new):
+            self._abort_reload("the new workers were not ready in time")
+            return
+        if r.mode == "rolling":
+            self._roll(r, new, old)
+            return
+        if len(new) < len(r.slots) or not all(p.ready for p in new):
+            return
+        for proc in old:
+            self._retire(proc, r.mode)
+        self._reload = None
+        log.info("reload: generation %d serving", r.generation)
+
+    def _roll(self, r: Reload, new: list[WorkerProcess], old: list[WorkerProcess]) -> None:
+        """Rolling mode: replace one worker at a time, each once its successor
+        is ready."""
+        if not all(p.ready for p in new):
+            return
+        index = r.slots.pop(0)
+        for proc in old:
+            if proc.index == index and not proc.retiring:
+                self._retire(proc, "handover")
+        if r.slots:
+            self._spawn(r.slots[0])
+            r.deadline = time.monotonic() + self.config.worker_timeout
+            return
+        for proc in old:  # slots the new configuration no longer has
+            if not proc.retiring:
+                self._retire(proc, "handover")
+        self._reload = None
+        log.info("reload: generation %d serving", r.generation)
+
+    def _retire(self, proc: WorkerProcess, mode: str) -> None:
+        proc.retiring = True
+        if mode == "drain" or proc.control is None:
+            _kill(proc.pid, signal.SIGTERM)
+        elif not health.send(proc.control, health.HANDOVER):
+            _kill(proc.pid, signal.SIGTERM)  # its channel is gone: drain it instead
+
+    def _abort_reload(self, why: str) -> None:
+        r = self._reload
+        assert r is not None
+        log.error("reload failed, the running workers keep serving: %s", why)
+        for proc in self.workers.values():
+            if proc.generation == r.generation:
+                proc.retiring = True
+                _kill(proc.pid, signal.SIGKILL)
+        self.config, self.agent, self.settings = r.previous
+        self.generation = r.generation - 1
+        self._reload = None
+
     # ---------------------------------------------------------------- workers
 
     def _spawn(self, index: int) -> None:
-        read_fd, write_fd = os.pipe()
+        ours, theirs = health.channel()
         gc.collect()
         gc.freeze()  # keep the shared heap out of the collector: pages stay shared
         pid = os.fork()
         if pid == 0:  # child
             code = EXIT_FAILURE
             try:
-                os.close(read_fd)
-                code = self._child(index, write_fd)
+                ours.close()
+                code = self._child(index, theirs)
             except BaseException:
                 with contextlib.suppress(Exception):
                     log.exception("worker %d crashed", index)
             finally:
                 os._exit(code)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
+        theirs.close()
         now = time.monotonic()
-        proc = WorkerProcess(index=index, pid=pid, pipe=read_fd, started=now, last_beat=now)
+        proc = WorkerProcess(
+            index=index, generation=self.generation, pid=pid, control=ours,
+            started=now, last_beat=now,
+        )  # fmt: skip
         self.workers[pid] = proc
-        self.selector.register(read_fd, selectors.EVENT_READ, proc)
-        log.debug("worker %d started (pid %d)", index, pid)
+        self.selector.register(ours, selectors.EVENT_READ, proc)
+        log.debug("worker %d started (pid %d, generation %d)", index, pid, self.generation)
 
-    def _child(self, index: int, health_fd: int) -> int:
+    def _child(self, index: int, control: socket.socket) -> int:
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -272,27 +389,35 @@ class Supervisor:
         self._wake_r.close()
         self._wake_w.close()
         for other in self.workers.values():
-            os.close(other.pipe)
+            if other.control is not None:
+                other.control.close()
         _set_title(f"spoa-mp: worker {index}")
         logs.set_role(f"worker {index}")
         return worker_main(
-            index, self.listeners, self.agent, self.settings, health_fd,
+            index, self.listeners, self.agent, self.settings, control,
             self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
         )  # fmt: skip
 
-    def _read_health(self, proc: WorkerProcess) -> None:
-        try:
-            data = os.read(proc.pipe, 65536)
-        except BlockingIOError:
-            return
-        if not data:  # the worker is gone; reaping will say how
-            self._forget_pipe(proc)
-            return
-        for msg in proc.reader.feed(data):
-            kind = msg["kind"]
+    def _read_control(self, proc: WorkerProcess) -> None:
+        while proc.control is not None:
+            try:
+                got = health.receive(proc.control)
+            except EOFError:  # the worker is gone; reaping will say how
+                self._forget_control(proc)
+                return
+            if got is None:
+                return
+            msg, fds = got
             proc.last_beat = time.monotonic()
+            kind = msg["kind"]
+            if kind == health.HANDOVER and len(fds) == 1:
+                self._relay(msg, fds[0])
+                continue
+            for fd in fds:  # nothing else carries descriptors: never leak one
+                os.close(fd)
             if kind == health.BEAT:
                 proc.counters = msg.get("counters", {})
+                proc.connections = int(msg.get("connections", 0))
             elif kind == health.READY:
                 proc.ready = True
                 self._ever_ready = True
@@ -300,12 +425,39 @@ class Supervisor:
                 log.info("worker %d ready (pid %d)", proc.index, proc.pid)
             elif kind == health.BOOT_ERROR:
                 proc.boot_error = str(msg.get("error", ""))
+            elif kind == health.HANDED_OVER:
+                log.info(
+                    "worker %d (pid %d) handed %s connection(s) over",
+                    proc.index, proc.pid, msg.get("moved", "?"),
+                )  # fmt: skip
 
-    def _forget_pipe(self, proc: WorkerProcess) -> None:
-        if proc.pipe >= 0:
-            self.selector.unregister(proc.pipe)
-            os.close(proc.pipe)
-            proc.pipe = -1
+    def _relay(self, msg: health.Message, fd: int) -> None:
+        """Pass a connection from a retiring worker to a current one. The
+        supervisor only carries the descriptor; it never reads the socket."""
+        targets = [
+            p for p in self.workers.values()
+            if p.generation == self.generation and p.ready and not p.retiring and p.control
+        ]  # fmt: skip
+        try:
+            if not targets or self._stopping:
+                log.warning("a connection could not be handed over: no worker to take it")
+                return
+            self._next_target = (self._next_target + 1) % len(targets)
+            target = targets[self._next_target]
+            assert target.control is not None
+            if not health.send(
+                target.control, health.ADOPT, fds=(fd,), state=msg.get("state"),
+                peer=msg.get("peer", ""),
+            ):  # fmt: skip
+                log.warning("worker %d could not take a connection: closed", target.index)
+        finally:
+            os.close(fd)  # the adopter has its own descriptor now
+
+    def _forget_control(self, proc: WorkerProcess) -> None:
+        if proc.control is not None:
+            self.selector.unregister(proc.control)
+            proc.control.close()
+            proc.control = None
 
     def _reap(self) -> None:
         while True:
@@ -318,18 +470,26 @@ class Supervisor:
             proc = self.workers.pop(pid, None)
             if proc is None:
                 continue  # not ours (we may be PID 1 in a container)
-            if proc.pipe >= 0:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    for msg in proc.reader.feed(os.read(proc.pipe, 65536)):
-                        if msg["kind"] == health.BOOT_ERROR:
-                            proc.boot_error = str(msg.get("error", ""))
-                self._forget_pipe(proc)
+            if proc.control is not None:
+                with contextlib.suppress(EOFError, OSError):
+                    self._read_control(proc)  # a last boot_error or handover
+                self._forget_control(proc)
             self._worker_died(proc, status)
 
     def _worker_died(self, proc: WorkerProcess, status: int) -> None:
         how = _describe_status(status)
-        if self._stopping:
+        if self._stopping or proc.retiring:
             log.debug("worker %d (pid %d) %s", proc.index, proc.pid, how)
+            return
+        r = self._reload
+        if r is not None and proc.generation == r.generation and not proc.ready:
+            self._abort_reload(
+                f"worker {proc.index} of the new generation "
+                + (f"failed to boot: {proc.boot_error}" if proc.boot_error else how)
+            )
+            return
+        if proc.generation != self.generation:
+            log.warning("worker %d (pid %d, old generation) %s", proc.index, proc.pid, how)
             return
         if proc.boot_error:
             if not self._ever_ready:
@@ -385,7 +545,7 @@ class Supervisor:
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
         for proc in self.workers.values():
-            self._forget_pipe(proc)
+            self._forget_control(proc)
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -395,6 +555,14 @@ class Supervisor:
         if self.config.unix:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
+
+
+def settings_for(config: ServerConfig) -> AgentSettings:
+    return AgentSettings(
+        max_frame_size=config.max_frame_size,
+        pipelining=config.pipelining,
+        fragmentation=config.fragmentation,
+    )
 
 
 def _record_only(signum: int, frame: object) -> None:

@@ -60,6 +60,8 @@ class Counters:
     connections_total: int = 0
     protocol_errors: int = 0
     acks_cut: int = 0
+    handed_over: int = 0
+    adopted: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -87,7 +89,7 @@ class Worker:
         listeners: Sequence[socket.socket],
         agent: Agent,
         settings: AgentSettings,
-        health_fd: int,
+        control: socket.socket,
         max_in_flight: int = 256,
         graceful_timeout: float = 30.0,
         debug: bool = False,
@@ -96,7 +98,7 @@ class Worker:
         self.listeners = list(listeners)
         self.agent = agent
         self.settings = settings
-        self.health_fd = health_fd
+        self.control = control  # to the supervisor (health.py)
         self.max_in_flight = max_in_flight
         self.graceful_timeout = graceful_timeout
         self.debug = debug
@@ -111,6 +113,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parent = os.getppid()
         self._stopping = False
+        self._handing_over = False  # reload: connections move to the new workers
         self._done: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- life
@@ -121,7 +124,7 @@ class Worker:
             return asyncio.run(self._main())
         except BootError as e:
             # the supervisor reports it, once for all workers
-            health.send(self.health_fd, health.BOOT_ERROR, error=str(e))
+            health.send(self.control, health.BOOT_ERROR, error=str(e))
             log.debug("cannot start: %s", e)
             return EXIT_BOOT_ERROR
 
@@ -138,7 +141,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         for sock in self.listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
-        health.send(self.health_fd, health.READY)
+        loop.add_reader(self.control.fileno(), self._control_readable)
+        health.send(self.control, health.READY)
         self._beat()
         await self._done
         return 0
@@ -149,15 +153,20 @@ class Worker:
             return
         self._stopping = True
         log.info("stopping: %d connection(s) to finish", len(self.connections))
-        for sock in self.listeners:
-            self._loop.remove_reader(sock.fileno())
-            # our copy keeps the socket listening: once every process has
-            # closed its own, the kernel refuses new connections
-            sock.close()
+        self._stop_accepting()
         self._loop.call_later(self.graceful_timeout, self._finish)
         for conn in list(self.connections.values()):
             self._close_if_idle(conn)
         self._check_done()
+
+    def _stop_accepting(self) -> None:
+        assert self._loop is not None
+        for sock in self.listeners:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+                # our copy keeps the socket listening: once every process has
+                # closed its own, the kernel refuses new connections
+                sock.close()
 
     def _finish(self) -> None:
         for conn in list(self.connections.values()):
@@ -165,7 +174,11 @@ class Worker:
         self._check_done()
 
     def _check_done(self) -> None:
-        if self._stopping and not self.connections and self._done and not self._done.done():
+        if self.connections or not (self._stopping or self._handing_over):
+            return
+        if self._done and not self._done.done():
+            if self._handing_over:
+                health.send(self.control, health.HANDED_OVER, moved=self.counters.handed_over)
             self._done.set_result(None)
 
     def _beat(self) -> None:
@@ -175,7 +188,7 @@ class Worker:
             log.error("the supervisor is gone: stopping")
             self.stop()
         health.send(
-            self.health_fd,
+            self.control,
             health.BEAT,
             counters=self.counters.as_dict(),
             connections=len(self.connections),
@@ -218,10 +231,20 @@ class Worker:
             log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
 
     def _readable(self, conn: Connection) -> None:
+        size = RECV_SIZE
+        if self._handing_over:
+            # read only what completes the current frame: the connection then
+            # moves between two frames, and what follows waits in the kernel
+            # for the worker that adopts it
+            size = min(size, conn.proto.bytes_to_boundary())
+            if not size:
+                self._update_reading(conn)
+                self._try_handover(conn)
+                return
         try:
             # into one reused buffer: recv(n) would allocate n bytes each time
             # (an mmap for large n), then copy out only what arrived
-            n = conn.sock.recv_into(self._recv_buf)
+            n = conn.sock.recv_into(self._recv_buf, size)
             data = self._recv_view[:n].tobytes()
         except (BlockingIOError, InterruptedError):
             return
@@ -240,6 +263,9 @@ class Worker:
         self._flush(conn)
         if self._stopping:
             self._close_if_idle(conn)
+        elif self._handing_over:
+            self._update_reading(conn)
+            self._try_handover(conn)
 
     def _events(self, conn: Connection) -> None:
         for ev in conn.proto.take_events():
@@ -293,19 +319,118 @@ class Worker:
             self._loop.remove_writer(conn.fd)
             if conn.proto.closing or (self._stopping and self._idle(conn)):
                 self._close(conn)
+            elif self._handing_over:
+                self._try_handover(conn)
 
     def _close(self, conn: Connection) -> None:
         if conn.closed:
             return
-        conn.closed = True
-        assert self._loop is not None
-        self._loop.remove_reader(conn.fd)
-        if conn.out:
-            self._loop.remove_writer(conn.fd)
-        self.connections.pop(conn.fd, None)
+        self._release(conn)
         conn.sock.close()
         if self.debug:
             log.debug("conn %d: closed", conn.fd)
+        self._check_done()
+
+    def _release(self, conn: Connection) -> None:
+        """Forget a connection (the socket itself is closed by the caller)."""
+        conn.closed = True
+        assert self._loop is not None
+        if conn.reading:
+            self._loop.remove_reader(conn.fd)
+        if conn.out:
+            self._loop.remove_writer(conn.fd)
+        self.connections.pop(conn.fd, None)
+
+    def _update_reading(self, conn: Connection) -> None:
+        """Read a connection unless its handlers are behind, or it is about
+        to move at a frame boundary."""
+        want = not conn.closed and conn.in_flight < self.max_in_flight and not conn.waiting
+        if self._handing_over and conn.proto.at_frame_boundary:
+            want = False
+        if want != conn.reading:
+            conn.reading = want
+            assert self._loop is not None
+            if want:
+                self._loop.add_reader(conn.fd, self._readable, conn)
+            else:
+                self._loop.remove_reader(conn.fd)
+
+    # ---------------------------------------------------------------- reload
+
+    def _control_readable(self) -> None:
+        while True:
+            try:
+                got = health.receive(self.control)
+            except EOFError:  # the supervisor is gone
+                assert self._loop is not None
+                self._loop.remove_reader(self.control.fileno())
+                self.stop()
+                return
+            if got is None:
+                return
+            msg, fds = got
+            if msg["kind"] == health.ADOPT and len(fds) == 1:
+                self._adopt(msg, fds[0])
+                continue
+            for fd in fds:  # not for us: never leak a descriptor
+                os.close(fd)
+            if msg["kind"] == health.HANDOVER:
+                self._begin_handover()
+
+    def _adopt(self, msg: dict[str, Any], fd: int) -> None:
+        """Carry on a connection an old worker passed on (reload)."""
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.setblocking(False)
+            state = msg["state"]
+            size = int(state["max_frame_size"])
+            decoder = self._decoder
+            if size > self.settings.max_frame_size:  # negotiated before a smaller limit
+                decoder = Decoder(max_frame_size=size)
+            proto = AgentConnection.adopt(state, self.settings, decoder, self._encoder)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            log.error("cannot adopt a connection: %s", e)
+            sock.close()
+            return
+        conn = Connection(sock=sock, fd=sock.fileno(), peer=str(msg.get("peer", "")), proto=proto)
+        self.connections[conn.fd] = conn
+        self.counters.adopted += 1
+        assert self._loop is not None
+        # level-triggered: what HAProxy sent meanwhile is read right away
+        self._loop.add_reader(conn.fd, self._readable, conn)
+        if self.debug:
+            log.debug("conn %d: adopted from %s", conn.fd, conn.peer)
+
+    def _begin_handover(self) -> None:
+        if self._stopping or self._handing_over or self._loop is None:
+            return
+        self._handing_over = True
+        log.info("reload: handing %d connection(s) over", len(self.connections))
+        self._stop_accepting()
+        self._loop.call_later(self.graceful_timeout, self._finish)
+        for conn in list(self.connections.values()):
+            self._update_reading(conn)
+            self._try_handover(conn)
+        self._check_done()
+
+    def _try_handover(self, conn: Connection) -> None:
+        """Pass a connection on once nothing of it is left here: no partial
+        frame, no handler running or waiting, no unsent ACK."""
+        if conn.closed or conn.in_flight or conn.waiting or conn.out:
+            return
+        if conn.proto.closing or not conn.proto.at_frame_boundary:
+            return
+        state = conn.proto.handover_state()
+        if not health.send(
+            self.control, health.HANDOVER, fds=(conn.fd,), state=state, peer=conn.peer
+        ):
+            assert self._loop is not None  # the channel is full: try again soon
+            self._loop.call_later(0.005, self._try_handover, conn)
+            return
+        # the kernel holds its own reference to the socket now
+        self._release(conn)
+        conn.sock.close()
+        self.counters.handed_over += 1
         self._check_done()
 
     @staticmethod
@@ -392,10 +517,7 @@ class Worker:
         waiting: list[tuple[Message, Awaitable[object]]],
     ) -> None:
         conn.in_flight += 1
-        if conn.in_flight >= self.max_in_flight and conn.reading:
-            conn.reading = False  # stop taking work until handlers catch up
-            assert self._loop is not None
-            self._loop.remove_reader(conn.fd)
+        self._update_reading(conn)  # stop taking work if handlers fall behind
         assert self._loop is not None
         self._loop.create_task(self._finish_async(conn, sid, fid, actions, waiting))
 
@@ -420,13 +542,12 @@ class Worker:
             self._acks_cut(conn, len(cut))
         while conn.waiting and conn.in_flight < self.max_in_flight:
             self._dispatch(conn, [conn.waiting.popleft()], queued=True)
-        if not conn.reading and conn.in_flight < self.max_in_flight and not conn.waiting:
-            conn.reading = True
-            assert self._loop is not None
-            self._loop.add_reader(conn.fd, self._readable, conn)
+        self._update_reading(conn)
         self._flush(conn)
         if self._stopping:
             self._close_if_idle(conn)
+        elif self._handing_over:
+            self._try_handover(conn)
 
 
 class BootError(Exception):
@@ -453,18 +574,17 @@ def worker_main(
     listeners: Sequence[socket.socket],
     agent: Agent,
     settings: AgentSettings,
-    health_fd: int,
+    control: socket.socket,
     max_in_flight: int,
     graceful_timeout: float,
     debug: bool,
 ) -> int:
     """Entry point in the forked child (signals and title are set by the caller)."""
-    os.set_blocking(health_fd, False)
     started = time.monotonic()
     code = Worker(
-        index, listeners, agent, settings, health_fd, max_in_flight, graceful_timeout, debug
+        index, listeners, agent, settings, control, max_in_flight, graceful_timeout, debug
     ).run()
     log.debug("worker exits with %d after %.1f s", code, time.monotonic() - started)
     with contextlib.suppress(OSError):
-        os.close(health_fd)
+        control.close()
     return code

@@ -292,7 +292,7 @@ def test_boot_failure_stops_the_server_without_crash_loop(start: StartServer) ->
     log = srv.log()
     assert "database unreachable" in log
     assert "connect_db" in log
-    spawned = re.findall(r"worker \d+ started \(pid (\d+)\)", log)
+    spawned = re.findall(r"worker \d+ started \(pid (\d+)[,)]", log)
     assert 1 <= len(spawned) <= 3, f"{len(spawned)} workers spawned for 3 slots: a crash loop"
     wait_for(lambda: not srv.leftovers(), 5, "no process left in the server's group")
 
