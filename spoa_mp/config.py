@@ -34,8 +34,10 @@ the same command-line values again, which is what SIGHUP needs.
 from __future__ import annotations
 
 import difflib
+import grp
 import math
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -100,6 +102,12 @@ class ServerConfig:
     worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
     graceful_timeout: float = 30.0  # seconds workers get to finish when stopping
     reload_mode: str = "handover"  # SIGHUP: handover | rolling | drain (see supervisor.py)
+    user: str | None = None  # switch to this user (and its group) once the socket is bound
+    group: str | None = None
+    pidfile: str | None = None
+    max_requests: int = 0  # recycle a worker after this many messages (0 = never)
+    max_requests_jitter: int = 0  # plus a random 0..N, so workers do not recycle together
+    max_rss: int = 0  # recycle a worker whose resident memory exceeds this many MiB (0 = never)
     debug: bool = False
     config_file: str | None = None  # absolute path of the TOML file read, if any
     # The explicitly given command-line values (already normalised), kept so that a
@@ -134,10 +142,17 @@ _KINDS: dict[str, type] = {
     "worker_timeout": float,
     "graceful_timeout": float,
     "reload_mode": str,
+    "user": str,
+    "group": str,
+    "pidfile": str,
+    "max_requests": int,
+    "max_requests_jitter": int,
+    "max_rss": int,
     "debug": bool,
 }
-_OPTIONAL = frozenset({"unix", "app", "reputation_file"})  # may be None (not from TOML)
-_PATH_KEYS = frozenset({"unix", "reputation_file"})
+# may be None (not from TOML)
+_OPTIONAL = frozenset({"unix", "app", "reputation_file", "user", "group", "pidfile"})
+_PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile"})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
 _EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
@@ -257,6 +272,22 @@ def _check_readable_file(value: object) -> str | None:
 RELOAD_MODES = ("handover", "rolling", "drain")
 
 
+def _check_user(value: object) -> str | None:
+    try:
+        pwd.getpwnam(str(value))
+    except KeyError:
+        return f"no such user: {value}"
+    return None
+
+
+def _check_group(value: object) -> str | None:
+    try:
+        grp.getgrnam(str(value))
+    except KeyError:
+        return f"no such group: {value}"
+    return None
+
+
 def _one_of(choices: tuple[str, ...]) -> Callable[[object], str | None]:
     def check(value: object) -> str | None:
         if value in choices:
@@ -280,6 +311,11 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "worker_timeout": _seconds(zero_ok=False),
     "graceful_timeout": _seconds(zero_ok=True),
     "reload_mode": _one_of(RELOAD_MODES),
+    "user": _check_user,
+    "group": _check_group,
+    "max_requests": _between(0, 1 << 62),
+    "max_requests_jitter": _between(0, 1 << 62),
+    "max_rss": _between(0, 1 << 40),
 }
 
 
@@ -325,6 +361,10 @@ def load_config(cli_values: Mapping[str, object], config_file: str | None = None
         for key, raw in _read_toml(config_file).items():
             name = key.replace("-", "_")
             if "_" in key or name not in _KINDS:
+                if isinstance(raw, dict):  # a [table]: ours are all top-level keys
+                    raise ConfigError(
+                        f"{config_file}: unknown table [{key}]: settings are top-level keys"
+                    )
                 raise _unknown_key(config_file, key)
             where = f"{config_file}: {key!r}"
             value = _coerce(name, raw, where)

@@ -9,7 +9,7 @@ Worker -> supervisor: `ready` once it accepts connections; `beat` about
 once a second from its event loop (a wedged loop stops beating) with its
 counters; `boot_error` explaining why it could not start; `handover` with
 one connection's socket and negotiated state; `handed_over` when it has
-passed on all of them.
+passed on all of them; `recycle` when it reached --max-requests.
 Supervisor -> worker: `handover` (pass your connections on, then exit);
 `adopt` with a connection's socket and state.
 
@@ -30,6 +30,7 @@ BOOT_ERROR = "boot_error"
 HANDOVER = "handover"  # supervisor: "hand your connections over"; worker: "here is one"
 HANDED_OVER = "handed_over"
 ADOPT = "adopt"
+RECYCLE = "recycle"  # worker: "I reached --max-requests, replace me"
 
 MAX_MESSAGE = 1 << 16  # JSON only: connection state is small (no pending bytes, see worker)
 

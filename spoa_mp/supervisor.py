@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import grp
 import logging
 import os
+import pwd
+import random
 import selectors
 import signal
 import socket
@@ -33,7 +36,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from spoa_mp import health, logs
+import psutil
+
+from spoa_mp import health, logs, systemd
 from spoa_mp.agent import Agent, AppLoadError, load_app
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
 from spoa_mp.protocol import AgentSettings
@@ -46,7 +51,11 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 RESPAWN_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # per worker slot, reset once it is ready
 MAX_BOOT_FAILURES = 5  # consecutive workers dying before ready, with none ever ready
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP)
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
+    signal.SIGTTIN, signal.SIGTTOU,
+)  # fmt: skip
+RSS_CHECK_INTERVAL = 5.0
 
 
 class HaltError(Exception):
@@ -72,6 +81,7 @@ class WorkerProcess:
     connections: int = 0
     killed: bool = False
     retiring: bool = False  # told to hand over or stop after a reload
+    successor: int = 0  # recycling: pid of the worker that will take over
 
 
 @dataclass(slots=True)
@@ -140,10 +150,23 @@ def describe(sock: socket.socket) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, agent: Agent, listeners: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        agent: Agent,
+        listeners: list[socket.socket],
+        notifier: systemd.Notifier | None = None,
+        own_socket_file: bool = True,
+    ) -> None:
         self.config = config
         self.agent = agent
         self.listeners = listeners
+        self.notifier = notifier or systemd.Notifier(None)
+        self.own_socket_file = own_socket_file  # never unlink a socket systemd created
+        self._announced_ready = False
+        self._next_watchdog = 0.0
+        self._retired_messages = 0  # counted by workers that are gone
+        self._rate_mark = (time.monotonic(), 0)  # (when, messages_total) at the last STATUS
         self.settings = settings_for(config)
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.generation = 1
@@ -157,6 +180,8 @@ class Supervisor:
         self._exit_code = EXIT_OK
         self._reload: Reload | None = None
         self._next_target = 0  # round robin over the workers adopting connections
+        self.target_workers = config.workers  # SIGTTIN/SIGTTOU change it until a reload
+        self._next_rss_check = time.monotonic() + RSS_CHECK_INTERVAL
 
     # ---------------------------------------------------------------- main loop
 
@@ -177,7 +202,9 @@ class Supervisor:
                 self._check_timeouts()
                 if not self._stopping:
                     self._check_reload()
+                    self._check_recycling()
                     self._respawn_due()
+                self._tell_systemd()
         except HaltError as e:
             log.error("%s", e.reason)
             self._exit_code = e.code
@@ -187,6 +214,40 @@ class Supervisor:
         finally:
             self._cleanup()
         return self._exit_code
+
+    def _tell_systemd(self) -> None:
+        """READY once the first generation serves, STATUS, and the watchdog
+        ping: sent from this loop, so a wedged supervisor stops pinging."""
+        n = self.notifier
+        if not n.enabled:
+            return
+        now = time.monotonic()
+        if not self._announced_ready and not self._stopping:
+            current = self._current()
+            if current and all(p.ready for p in current):
+                self._announced_ready = True
+                n.ready(self._status())
+        if n.watchdog_interval and now >= self._next_watchdog:
+            self._next_watchdog = now + n.watchdog_interval
+            n.watchdog()
+            if self._announced_ready and not self._stopping:
+                n.status(self._status())
+
+    def messages_total(self) -> int:
+        """Messages handled since start, by workers alive or gone (monotonic)."""
+        live = sum(_int(p.counters.get("messages")) for p in self.workers.values())
+        return self._retired_messages + live
+
+    def _status(self) -> str:
+        now = time.monotonic()
+        total = self.messages_total()
+        rate = (total - self._rate_mark[1]) / max(now - self._rate_mark[0], 1e-3)
+        self._rate_mark = (now, total)
+        alive = [p for p in self.workers.values() if p.ready and not p.retiring]
+        return (
+            f"{len(alive)} worker(s), {sum(p.connections for p in alive)} connection(s), "
+            f"{rate:.0f} msg/s, {total} messages, generation {self.generation}"
+        )
 
     def _wait(self) -> None:
         timeout = 1.0
@@ -229,6 +290,10 @@ class Supervisor:
                 self._quick_stop()
             elif signum == signal.SIGHUP and not self._stopping:
                 self._start_reload()
+            elif signum == signal.SIGTTIN and not self._stopping:
+                self._add_worker()
+            elif signum == signal.SIGTTOU and not self._stopping:
+                self._remove_worker()
             # SIGCHLD: reaping follows every wake-up anyway
 
     def _graceful_stop(self, why: str) -> None:
@@ -240,12 +305,15 @@ class Supervisor:
                 self._quick_stop()
             return
         self._stopping = True
+        self.notifier.stopping()
         self._stop_deadline = time.monotonic() + self.config.graceful_timeout
         log.info("%s: graceful stop (up to %.0f s)", why, self.config.graceful_timeout)
         self._close_listeners()
         self._kill_all(signal.SIGTERM)
 
     def _quick_stop(self) -> None:
+        if not self._stopping:
+            self.notifier.stopping()
         self._stopping = True
         self._stop_deadline = time.monotonic() + 1.0  # then SIGKILL
         self._close_listeners()
@@ -273,9 +341,11 @@ class Supervisor:
                 "reload: the listening address (%s) changes only with a restart; keeping %s",
                 config.listen_description(), self.config.listen_description(),
             )  # fmt: skip
+        self.notifier.reloading()
         previous = (self.config, self.agent, self.settings)
         self.config, self.agent, self.settings = config, agent, settings_for(config)
         self.generation += 1
+        self.target_workers = config.workers
         self._respawn_at.clear()  # old slots are not refilled: the new generation replaces them
         self._failures.clear()
         slots = list(range(1, config.workers + 1))
@@ -310,8 +380,12 @@ class Supervisor:
             return
         for proc in old:
             self._retire(proc, r.mode)
+        self._reload_done(r)
+
+    def _reload_done(self, r: Reload) -> None:
         self._reload = None
         log.info("reload: generation %d serving", r.generation)
+        self.notifier.ready(self._status())
 
     def _roll(self, r: Reload, new: list[WorkerProcess], old: list[WorkerProcess]) -> None:
         """Rolling mode: replace one worker at a time, each once its successor
@@ -329,8 +403,7 @@ class Supervisor:
         for proc in old:  # slots the new configuration no longer has
             if not proc.retiring:
                 self._retire(proc, "handover")
-        self._reload = None
-        log.info("reload: generation %d serving", r.generation)
+        self._reload_done(r)
 
     def _retire(self, proc: WorkerProcess, mode: str) -> None:
         proc.retiring = True
@@ -350,10 +423,61 @@ class Supervisor:
         self.config, self.agent, self.settings = r.previous
         self.generation = r.generation - 1
         self._reload = None
+        self.notifier.ready(f"reload failed: {why}")
+
+    # ---------------------------------------------------------------- recycling
+
+    def _recycle(self, proc: WorkerProcess, why: str) -> None:
+        """Replace a worker without losing a message: a successor starts, and
+        once it is ready the worker hands its connections over and exits."""
+        if proc.retiring or proc.successor or proc.generation != self.generation:
+            return
+        if self._reload is not None:
+            return  # the reload replaces it anyway
+        log.info("worker %d (pid %d) %s: replacing it", proc.index, proc.pid, why)
+        proc.successor = self._spawn(proc.index)
+
+    def _check_recycling(self) -> None:
+        now = time.monotonic()
+        if self.config.max_rss and now >= self._next_rss_check:
+            self._next_rss_check = now + RSS_CHECK_INTERVAL
+            limit = self.config.max_rss << 20
+            for proc in list(self.workers.values()):
+                rss = _rss(proc.pid)
+                if rss > limit and proc.ready:
+                    self._recycle(proc, f"uses {rss >> 20} MiB (--max-rss {self.config.max_rss})")
+        for proc in list(self.workers.values()):
+            if not proc.successor or proc.retiring:
+                continue
+            successor = self.workers.get(proc.successor)
+            if successor is None:
+                proc.successor = 0  # it died: the next request or check tries again
+            elif successor.ready:
+                self._retire(proc, "handover")
+
+    def _add_worker(self) -> None:
+        self.target_workers += 1
+        index = 1 + max((p.index for p in self._current()), default=0)
+        log.info("SIGTTIN: %d worker(s)", self.target_workers)
+        self._spawn(index)
+
+    def _remove_worker(self) -> None:
+        current = [p for p in self._current() if not p.retiring]
+        if self.target_workers <= 1 or not current:
+            log.info("SIGTTOU: keeping the last worker")
+            return
+        self.target_workers -= 1
+        last = max(current, key=lambda p: p.index)
+        self._respawn_at.pop(last.index, None)
+        log.info("SIGTTOU: %d worker(s); worker %d hands over", self.target_workers, last.index)
+        self._retire(last, "handover")
+
+    def _current(self) -> list[WorkerProcess]:
+        return [p for p in self.workers.values() if p.generation == self.generation]
 
     # ---------------------------------------------------------------- workers
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int) -> int:
         ours, theirs = health.channel()
         gc.collect()
         gc.freeze()  # keep the shared heap out of the collector: pages stay shared
@@ -377,6 +501,7 @@ class Supervisor:
         self.workers[pid] = proc
         self.selector.register(ours, selectors.EVENT_READ, proc)
         log.debug("worker %d started (pid %d, generation %d)", index, pid, self.generation)
+        return pid
 
     def _child(self, index: int, control: socket.socket) -> int:
         signal.set_wakeup_fd(-1)
@@ -393,9 +518,15 @@ class Supervisor:
                 other.control.close()
         _set_title(f"spoa-mp: worker {index}")
         logs.set_role(f"worker {index}")
+        recycle_after = 0
+        if self.config.max_requests:
+            recycle_after = self.config.max_requests + random.randint(
+                0, self.config.max_requests_jitter
+            )
         return worker_main(
             index, self.listeners, self.agent, self.settings, control,
             self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
+            recycle_after,
         )  # fmt: skip
 
     def _read_control(self, proc: WorkerProcess) -> None:
@@ -425,6 +556,8 @@ class Supervisor:
                 log.info("worker %d ready (pid %d)", proc.index, proc.pid)
             elif kind == health.BOOT_ERROR:
                 proc.boot_error = str(msg.get("error", ""))
+            elif kind == health.RECYCLE:
+                self._recycle(proc, f"handled {msg.get('messages', '?')} messages")
             elif kind == health.HANDED_OVER:
                 log.info(
                     "worker %d (pid %d) handed %s connection(s) over",
@@ -467,13 +600,15 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            proc = self.workers.pop(pid, None)
+            proc = self.workers.get(pid)
             if proc is None:
                 continue  # not ours (we may be PID 1 in a container)
             if proc.control is not None:
                 with contextlib.suppress(EOFError, OSError):
-                    self._read_control(proc)  # a last boot_error or handover
+                    self._read_control(proc)  # a last beat, boot_error or handover
                 self._forget_control(proc)
+            del self.workers[pid]
+            self._retired_messages += _int(proc.counters.get("messages"))
             self._worker_died(proc, status)
 
     def _worker_died(self, proc: WorkerProcess, status: int) -> None:
@@ -490,6 +625,10 @@ class Supervisor:
             return
         if proc.generation != self.generation:
             log.warning("worker %d (pid %d, old generation) %s", proc.index, proc.pid, how)
+            return
+        if any(p.successor == proc.pid for p in self.workers.values()):
+            # a successor died while starting: its predecessor still serves
+            log.warning("worker %d (pid %d), a replacement, %s", proc.index, proc.pid, how)
             return
         if proc.boot_error:
             if not self._ever_ready:
@@ -552,9 +691,21 @@ class Supervisor:
         for sock in self.listeners:
             with contextlib.suppress(OSError):
                 sock.close()
-        if self.config.unix:
+        if self.config.unix and self.own_socket_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
+
+
+def _int(value: object) -> int:
+    """A counter from a worker's heartbeat (JSON: never trust its type)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
 
 def settings_for(config: ServerConfig) -> AgentSettings:
@@ -603,17 +754,82 @@ def _version() -> str:
 
 def serve(config: ServerConfig) -> int:
     """Run the server until it is stopped; returns the exit code."""
+    # the title first: setproctitle stops working if the environment changes
+    # before its first use (gunicorn #3430), and systemd.py edits it
     _set_title("spoa-mp: supervisor")
+    notifier = systemd.Notifier.from_environment()
+    try:
+        inherited = systemd.listen_fds()  # before the user's app can see LISTEN_*
+    except ValueError as e:
+        print(f"spoa-mp: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         agent = build_agent(config)
     except (AppLoadError, ValueError, OSError) as e:
         print(f"spoa-mp: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     agent.freeze()
+    if inherited:
+        # socket activation: systemd's socket unit says where we listen
+        named = [s.sock for s in inherited if s.name == "spop"]
+        listeners = named or [s.sock for s in inherited]
+        for sock in listeners:
+            systemd.prepare_listener(sock, config.backlog)
+        listener = listeners[0]
+    else:
+        try:
+            listener = open_listener(config)
+        except OSError as e:
+            print(f"spoa-mp: error: cannot listen on {config.listen_description()}: "
+                  f"{e.strerror}", file=sys.stderr)  # fmt: skip
+            return EXIT_FAILURE
+        listeners = [listener]
     try:
-        listener = open_listener(config)
-    except OSError as e:
-        print(f"spoa-mp: error: cannot listen on {config.listen_description()}: {e.strerror}",
-              file=sys.stderr)  # fmt: skip
+        if config.pidfile:
+            write_pidfile(config.pidfile)
+        drop_privileges(config.user, config.group, None if inherited else listener)
+    except (OSError, ValueError) as e:
+        print(f"spoa-mp: error: {e}", file=sys.stderr)
+        listener.close()
         return EXIT_FAILURE
-    return Supervisor(config, agent, [listener]).run()
+    try:
+        return Supervisor(config, agent, listeners, notifier, own_socket_file=not inherited).run()
+    finally:
+        if config.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(config.pidfile)
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid; refuse when the file names a process that still runs."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        with open(path) as f:
+            other = int(f.read().strip() or 0)
+        if other and other != os.getpid() and psutil.pid_exists(other):
+            raise ValueError(f"{path}: spoa-mp already runs as pid {other}")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)  # never a half-written pidfile
+
+
+def drop_privileges(user: str | None, group: str | None, listener: socket.socket | None) -> None:
+    """Switch to --user/--group once the socket is bound (workers inherit it)."""
+    if not user and not group:
+        return
+    pw = pwd.getpwnam(user) if user else None
+    gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
+    uid = pw.pw_uid if pw else os.getuid()
+    if (uid, gid) == (os.getuid(), os.getgid()):
+        return
+    if os.geteuid() != 0:
+        raise PermissionError("--user/--group need the server to start as root")
+    if listener is not None and listener.family == socket.AF_UNIX:
+        # the socket file stays usable by (and removable for) the new identity
+        os.chown(listener.getsockname(), uid, gid)
+    os.setgroups([])
+    if pw is not None:
+        os.initgroups(pw.pw_name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+    log.info("running as uid %d gid %d", uid, gid)

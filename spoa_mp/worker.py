@@ -93,6 +93,7 @@ class Worker:
         max_in_flight: int = 256,
         graceful_timeout: float = 30.0,
         debug: bool = False,
+        recycle_after: int = 0,
     ) -> None:
         self.index = index
         self.listeners = list(listeners)
@@ -102,6 +103,7 @@ class Worker:
         self.max_in_flight = max_in_flight
         self.graceful_timeout = graceful_timeout
         self.debug = debug
+        self.recycle_after = recycle_after  # messages (0: never); asked once, from _beat
         self.counters = Counters()
         self.connections: dict[int, Connection] = {}
         self._decoder = Decoder(max_frame_size=settings.max_frame_size)
@@ -187,6 +189,9 @@ class Worker:
         if os.getppid() != self._parent:
             log.error("the supervisor is gone: stopping")
             self.stop()
+        if self.recycle_after and self.counters.messages >= self.recycle_after:
+            self.recycle_after = 0
+            health.send(self.control, health.RECYCLE, messages=self.counters.messages)
         health.send(
             self.control,
             health.BEAT,
@@ -405,7 +410,7 @@ class Worker:
         if self._stopping or self._handing_over or self._loop is None:
             return
         self._handing_over = True
-        log.info("reload: handing %d connection(s) over", len(self.connections))
+        log.info("handing %d connection(s) over", len(self.connections))
         self._stop_accepting()
         self._loop.call_later(self.graceful_timeout, self._finish)
         for conn in list(self.connections.values()):
@@ -578,12 +583,14 @@ def worker_main(
     max_in_flight: int,
     graceful_timeout: float,
     debug: bool,
+    recycle_after: int = 0,
 ) -> int:
     """Entry point in the forked child (signals and title are set by the caller)."""
     started = time.monotonic()
     code = Worker(
-        index, listeners, agent, settings, control, max_in_flight, graceful_timeout, debug
-    ).run()
+        index, listeners, agent, settings, control, max_in_flight, graceful_timeout, debug,
+        recycle_after,
+    ).run()  # fmt: skip
     log.debug("worker exits with %d after %.1f s", code, time.monotonic() - started)
     with contextlib.suppress(OSError):
         control.close()

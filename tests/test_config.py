@@ -201,7 +201,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path, key: str, hint: str)
 
 def test_tables_are_unknown_keys(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nport = 1\n")
-    assert error_of({}, path) == f"{path}: unknown key 'server'"
+    assert error_of({}, path) == f"{path}: unknown table [server]: settings are top-level keys"
 
 
 @pytest.mark.parametrize(
