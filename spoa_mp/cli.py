@@ -1,4 +1,5 @@
-"""The ``spoa-mp`` command: ``spoa-mp [serve] [options]`` or ``spoa-mp bench ...``.
+"""The ``spoa-mp`` command: ``spoa-mp [serve] [options]``, ``spoa-mp bench ...``,
+``spoa-mp check-config ...`` or ``spoa-mp haproxy-config ...``.
 
 The short flags are those of HAProxy's example agent (``spoa -h -d -p PORT -n N``),
 so it can be swapped in. Every flag is optional; a flag given on the command
@@ -21,6 +22,7 @@ from spoa_mp.config import (
     MAX_FRAME_SIZE,
     MAX_WORKERS,
     MIN_FRAME_SIZE,
+    RELOAD_MODES,
     ConfigError,
     ServerConfig,
     load_config,
@@ -50,7 +52,9 @@ config file (--config FILE, TOML; flags given on the command line win):
     pipelining = false
 
 other commands:
-  {PROG} bench --help   load generator and benchmark
+  {PROG} bench --help           load generator and benchmark
+  {PROG} check-config --help    validate a config file (and its app, reputation file)
+  {PROG} haproxy-config --help  print the HAProxy configuration for these options
 """
 
 
@@ -142,6 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"time workers get to finish their work when stopping (default "
         f"{_D.graceful_timeout:g}; 0 = none)",
     )
+    add(
+        "--reload-mode",
+        choices=RELOAD_MODES,
+        help="what SIGHUP does once the new workers are ready: handover (default) moves "
+        "every HAProxy connection to them, between two frames, losing nothing; rolling "
+        "does it one worker at a time; drain lets the old workers finish and close "
+        "their connections within --graceful-timeout",
+    )
+    add(
+        "--max-requests",
+        type=_int,
+        metavar="N",
+        help="replace a worker after it handled N messages, handing its connections to "
+        "its successor (default 0: never)",
+    )
+    add(
+        "--max-requests-jitter",
+        type=_int,
+        metavar="N",
+        help="add a random 0..N to --max-requests per worker, so they do not all go at once",
+    )
+    add(
+        "--max-rss",
+        type=_int,
+        metavar="MIB",
+        help="replace a worker whose resident memory exceeds MIB (default 0: never)",
+    )
+    add("--user", metavar="USER", help="run as USER once the socket is bound (needs root)")
+    add("--group", metavar="GROUP", help="run as GROUP (default: USER's primary group)")
+    add("--pidfile", metavar="FILE", help="write the supervisor's pid to FILE")
 
     job = p.add_argument_group("the job")
     add = job.add_argument
@@ -221,11 +255,22 @@ def _bench(argv: list[str]) -> int:
     return result
 
 
+_SUBCOMMANDS = {"check-config": "spoa_mp.check_config", "haproxy-config": "spoa_mp.haproxy_config"}
+
+
+def _subcommand(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(_SUBCOMMANDS[name])
+    result: int = module.main(argv)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spoa-mp`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["bench"]:
         return _bench(args[1:])
+    if args and args[0] in _SUBCOMMANDS:
+        return _subcommand(args[0], args[1:])
     if args[:1] == ["serve"]:
         args = args[1:]
     try:

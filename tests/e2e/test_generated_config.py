@@ -1,0 +1,223 @@
+"""The configuration `spoa-mp haproxy-config` generates, run by a real HAProxy 2.6.
+
+spoa-mp serves the e2e reputation file; `haproxy-config` gets the very same
+serve options (plus its own: the frontend's port, the application server)
+and writes haproxy.cfg and the SPOE file with --output-dir; the only change
+made to them here is a stats socket appended to haproxy.cfg (a second
+`global` section) so that the agent server's state can be read. Requests
+from 127.x source addresses then show the generated deny rule at work:
+scores below 20 get a 403, the others reach the application (200).
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import DENY_BELOW, EXPECTED_SCORES
+from .haproxy import (
+    HAPROXY,
+    HOST,
+    IO_TIMEOUT,
+    START_TIMEOUT,
+    HAProxy,
+    HAProxyConfig,
+    ManagedProcess,
+    SpoaProcess,
+    SpoeForm,
+    check_config,
+    free_port,
+    http_get,
+    spoa_command,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+APP_BODY = b"hello from the application\n"
+FRONTEND = "www"
+
+
+class _AppHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(APP_BODY)))
+        self.end_headers()
+        self.wfile.write(APP_BODY)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def app_server() -> Iterator[int]:
+    """The application behind the generated frontend: 200 for every GET."""
+    server = http.server.ThreadingHTTPServer((HOST, 0), _AppHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=IO_TIMEOUT)
+
+
+def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command prefix, the serve options) of a spoa_command() argv: the
+    prefix is `python -m spoa_mp` or SPOA_MP_E2E_COMMAND."""
+    i = argv.index("-p")
+    return argv[:i], argv[i:]
+
+
+def unix_accepting(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def generate(
+    prefix: list[str], serve_argv: list[str], out_dir: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """`spoa-mp haproxy-config <serve options> <options> --output-dir out_dir`."""
+    proc = subprocess.run(
+        [*prefix, "haproxy-config", *serve_argv, *options, "--output-dir", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def start_haproxy(
+    out_dir: Path, socket_dir: Path, tmp_path: Path, processes: list[ManagedProcess]
+) -> HAProxy:
+    """HAProxy on the generated files (plus a stats socket), once its frontend is open."""
+    # The harness's HAProxy needs only cfg_path (out_dir/haproxy.cfg) and the
+    # stats socket path from this; the files are the generated ones.
+    harness = HAProxyConfig(0, SpoeForm.SESSION_POSITIONAL, out_dir, socket_dir)
+    assert harness.cfg_path == out_dir / "haproxy.cfg"
+    with harness.cfg_path.open("a") as f:
+        f.write(f"\nglobal\n    stats socket {harness.stats_socket} mode 600 level admin\n")
+    checked = check_config(harness.cfg_path)
+    assert checked.returncode == 0, (
+        f"haproxy -c failed:\n{checked.stdout}{checked.stderr}\n{harness.cfg_path.read_text()}"
+    )
+    haproxy = HAProxy(harness, tmp_path)
+    processes.append(haproxy)
+
+    def frontend_open() -> bool:
+        haproxy.check_alive()
+        try:
+            rows = haproxy.show_stat()
+        except (OSError, RuntimeError):
+            return False
+        return any(r["pxname"] == FRONTEND and r["status"] == "OPEN" for r in rows)
+
+    wait_for(frontend_open, START_TIMEOUT, "HAProxy's stats socket and frontend")
+    return haproxy
+
+
+def assert_deny_rule_works(haproxy: HAProxy, port: int) -> None:
+    row = haproxy.wait_server("UP", "L7OK")
+    assert row["check_desc"] == "Layer7 check passed"
+    for source, score in EXPECTED_SCORES.items():
+        response = http_get(port, source)
+        if score < DENY_BELOW:
+            assert response.status == 403, (source, score, response)
+        else:
+            assert response.status == 200, (source, score, response)
+            assert response.body == APP_BODY.decode()
+
+
+@pytest.fixture
+def haproxy_available() -> None:
+    if shutil.which(HAPROXY) is None:
+        pytest.skip("haproxy is not installed (make deps installs it)")
+
+
+@pytest.mark.usefixtures("haproxy_available")
+@pytest.mark.parametrize(
+    "options",
+    [(), ("--arg-name", "ip", "--event", "on-frontend-http-request")],
+    ids=["args-src-session", "args-ip-http-request"],
+)
+def test_generated_26_config_denies_low_scores(
+    spoa: SpoaProcess,
+    app_server: int,
+    socket_dir: Path,
+    tmp_path: Path,
+    processes: list[ManagedProcess],
+    options: tuple[str, ...],
+) -> None:
+    prefix, serve_argv = split_command(spoa.argv)
+    assert "--reputation-file" in serve_argv
+    port = free_port()
+    out_dir = tmp_path / "generated"
+    proc = generate(
+        prefix,
+        serve_argv,
+        out_dir,
+        "--haproxy", "2.6",
+        "--frontend-bind", f"{HOST}:{port}",
+        "--upstream", f"{HOST}:{app_server}",
+        "--processing-timeout", "1s",  # a loaded test machine; the rest is as generated
+        *options,
+    )  # fmt: skip
+    assert f"wrote {out_dir}/haproxy.cfg" in proc.stdout
+    cfg = (out_dir / "haproxy.cfg").read_text()
+    assert f"server agent1 {HOST}:{spoa.port} check inter 5s" in cfg
+    assert f"config {out_dir}/spoe-iprep.conf" in cfg
+
+    haproxy = start_haproxy(out_dir, socket_dir, tmp_path, processes)
+    assert_deny_rule_works(haproxy, port)
+
+
+@pytest.mark.usefixtures("haproxy_available")
+def test_generated_26_config_over_a_unix_socket(
+    reputation_file: Path,
+    app_server: int,
+    socket_dir: Path,
+    tmp_path: Path,
+    processes: list[ManagedProcess],
+) -> None:
+    """The `server agent1 unix@PATH` line: spoa-mp started with --unix."""
+    prefix, _ = split_command(spoa_command(1))
+    agent_socket = socket_dir / "agent.sock"
+    serve_argv = ["--unix", str(agent_socket), "-n", "2", "--reputation-file", str(reputation_file)]
+    spoa = ManagedProcess("spoa-mp-unix", [*prefix, *serve_argv], tmp_path)
+    processes.append(spoa)
+
+    def accepting_unix() -> bool:
+        spoa.check_alive()
+        return unix_accepting(agent_socket)
+
+    wait_for(accepting_unix, START_TIMEOUT, "spoa-mp's unix socket")
+
+    port = free_port()
+    out_dir = tmp_path / "generated-unix"
+    generate(
+        prefix,
+        serve_argv,
+        out_dir,
+        "--frontend-bind", f"{HOST}:{port}",
+        "--upstream", f"{HOST}:{app_server}",
+        "--processing-timeout", "1s",
+    )  # fmt: skip
+    assert (
+        f"server agent1 unix@{agent_socket} check inter 5s" in (out_dir / "haproxy.cfg").read_text()
+    )
+
+    haproxy = start_haproxy(out_dir, socket_dir, tmp_path, processes)
+    assert_deny_rule_works(haproxy, port)
