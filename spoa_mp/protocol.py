@@ -198,11 +198,14 @@ class AgentConnection:
 
     def bytes_to_boundary(self) -> int:
         """How many more bytes complete the buffered partial frame (or at
-        least its length prefix); 0 at a frame boundary. Reading no more than
-        this stops a connection exactly between two frames."""
+        least its length prefix); 0 at a frame boundary with no fragmented
+        NOTIFY under way. Reading no more than this stops a connection
+        exactly between two frames."""
         pending = self._pending
         if not pending:
-            return 0
+            # between frames, but a fragmented NOTIFY is not complete: go on
+            # frame by frame (its next length prefix first) until it is
+            return 4 if self._fragment is not None else 0
         if len(pending) < 4:
             return 4 - len(pending)
         return 4 + int.from_bytes(pending[:4], "big") - len(pending)

@@ -95,8 +95,14 @@ class Reload:
     slots: list[int]  # rolling: slots still to replace, in order
 
 
-def build_agent(config: ServerConfig) -> Agent:
-    """The user's agent (--app) or the default IP-reputation agent."""
+def build_agent(config: ServerConfig, reload: bool = False) -> Agent:
+    """The user's agent (--app) or the default IP-reputation agent. On a
+    reload the --app module (and its submodules) is imported again, so
+    changed code takes effect; packages above it are not."""
+    if config.app and reload:
+        module = config.app.partition(":")[0]
+        for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+            del sys.modules[name]
     if config.app:
         # like gunicorn and uvicorn: --app myapp:agent finds ./myapp.py even when
         # started through the console script (which does not put . on sys.path)
@@ -331,7 +337,7 @@ class Supervisor:
             return
         try:
             config = reload_config(self.config)
-            agent = build_agent(config)
+            agent = build_agent(config, reload=True)
         except (ConfigError, AppLoadError, ValueError, OSError) as e:
             log.error("reload failed, the running workers keep serving: %s", e)
             return
@@ -416,13 +422,26 @@ class Supervisor:
         r = self._reload
         assert r is not None
         log.error("reload failed, the running workers keep serving: %s", why)
-        for proc in self.workers.values():
-            if proc.generation == r.generation:
-                proc.retiring = True
-                _kill(proc.pid, signal.SIGKILL)
         self.config, self.agent, self.settings = r.previous
         self.generation = r.generation - 1
+        self.target_workers = self.config.workers
         self._reload = None
+        for proc in list(self.workers.values()):
+            if proc.generation != r.generation or proc.retiring:
+                continue
+            if proc.ready:
+                # a rolling reload got this far: it may hold connections that
+                # moved to it; they move back to the previous generation
+                self._retire(proc, "handover")
+            else:
+                proc.retiring = True
+                _kill(proc.pid, signal.SIGKILL)
+        # slots whose old worker already left (rolling) get a new one
+        live = {p.index for p in self._current() if not p.retiring}
+        now = time.monotonic()
+        for index in range(1, self.target_workers + 1):
+            if index not in live:
+                self._respawn_at[index] = now
         self.notifier.ready(f"reload failed: {why}")
 
     # ---------------------------------------------------------------- recycling
@@ -567,10 +586,10 @@ class Supervisor:
     def _relay(self, msg: health.Message, fd: int) -> None:
         """Pass a connection from a retiring worker to a current one. The
         supervisor only carries the descriptor; it never reads the socket."""
-        targets = [
-            p for p in self.workers.values()
-            if p.generation == self.generation and p.ready and not p.retiring and p.control
-        ]  # fmt: skip
+        serving = [p for p in self.workers.values() if p.ready and not p.retiring and p.control]
+        # the newest generation if it is up; otherwise any worker still serving
+        # (a late handover while the next reload is starting)
+        targets = [p for p in serving if p.generation == self.generation] or serving
         try:
             if not targets or self._stopping:
                 log.warning("a connection could not be handed over: no worker to take it")
