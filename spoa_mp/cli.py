@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--user", metavar="USER", help="run as USER once the socket is bound (needs root)")
     add("--group", metavar="GROUP", help="run as GROUP (default: USER's primary group)")
     add("--pidfile", metavar="FILE", help="write the supervisor's pid to FILE")
+    add(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (all workers summed) at http://HOST:PORT/metrics",
+    )
 
     job = p.add_argument_group("the job")
     add = job.add_argument

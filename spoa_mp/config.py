@@ -108,6 +108,7 @@ class ServerConfig:
     max_requests: int = 0  # recycle a worker after this many messages (0 = never)
     max_requests_jitter: int = 0  # plus a random 0..N, so workers do not recycle together
     max_rss: int = 0  # recycle a worker whose resident memory exceeds this many MiB (0 = never)
+    metrics: str | None = None  # HOST:PORT serving Prometheus /metrics from the supervisor
     debug: bool = False
     config_file: str | None = None  # absolute path of the TOML file read, if any
     # The explicitly given command-line values (already normalised), kept so that a
@@ -148,10 +149,11 @@ _KINDS: dict[str, type] = {
     "max_requests": int,
     "max_requests_jitter": int,
     "max_rss": int,
+    "metrics": str,
     "debug": bool,
 }
 # may be None (not from TOML)
-_OPTIONAL = frozenset({"unix", "app", "reputation_file", "user", "group", "pidfile"})
+_OPTIONAL = frozenset({"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics"})
 _PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile"})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
@@ -272,6 +274,16 @@ def _check_readable_file(value: object) -> str | None:
 RELOAD_MODES = ("handover", "rolling", "drain")
 
 
+def _check_metrics_address(value: object) -> str | None:
+    from spoa_mp.metrics import parse_address  # noqa: PLC0415 - only when asked for
+
+    try:
+        parse_address(str(value))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _check_user(value: object) -> str | None:
     try:
         pwd.getpwnam(str(value))
@@ -316,6 +328,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_requests": _between(0, 1 << 62),
     "max_requests_jitter": _between(0, 1 << 62),
     "max_rss": _between(0, 1 << 40),
+    "metrics": _check_metrics_address,
 }
 
 

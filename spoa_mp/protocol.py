@@ -109,6 +109,35 @@ class ProtocolError:
 
 Event: TypeAlias = HandshakeDone | HealthCheck | PeerDisconnected | ProtocolError
 
+
+class FrameCounts:
+    """Frames counted where they are rare: everything but NOTIFY in and ACK
+    out, which the caller counts in bulk (one worker-wide instance is shared
+    by its connections)."""
+
+    __slots__ = ("disconnects_in", "disconnects_out", "frames_in", "frames_out")
+
+    def __init__(self) -> None:
+        self.frames_in: dict[str, int] = {}
+        self.frames_out: dict[str, int] = {}
+        self.disconnects_in: dict[str, int] = {}  # by status code
+        self.disconnects_out: dict[str, int] = {}
+
+    @staticmethod
+    def add(table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+FRAME_NAMES = {
+    FrameType.UNSET: "unset",
+    FrameType.HAPROXY_HELLO: "haproxy-hello",
+    FrameType.HAPROXY_DISCONNECT: "haproxy-disconnect",
+    FrameType.NOTIFY: "notify",
+    FrameType.AGENT_HELLO: "agent-hello",
+    FrameType.AGENT_DISCONNECT: "agent-disconnect",
+    FrameType.ACK: "ack",
+}
+
 _HELLO, _READY, _CLOSING = range(3)
 _INTEGER_TYPES = frozenset((DataType.INT32, DataType.UINT32, DataType.INT64, DataType.UINT64))
 
@@ -150,8 +179,10 @@ class AgentConnection:
         settings: AgentSettings | None = None,
         decoder: Decoder | None = None,
         encoder: Encoder | None = None,
+        counts: FrameCounts | None = None,
     ) -> None:
         self.settings = settings or AgentSettings()
+        self.counts = counts or FrameCounts()
         self._decoder = decoder or Decoder(max_frame_size=self.settings.max_frame_size)
         self._encoder = encoder or Encoder()
         self._phase = _HELLO
@@ -236,9 +267,10 @@ class AgentConnection:
         settings: AgentSettings | None = None,
         decoder: Decoder | None = None,
         encoder: Encoder | None = None,
+        counts: FrameCounts | None = None,
     ) -> AgentConnection:
         """Carry on a connection another process started (see handover_state)."""
-        conn = cls(settings, decoder, encoder)
+        conn = cls(settings, decoder, encoder, counts)
         phase = state["phase"]
         if phase not in (_HELLO, _READY):
             raise ValueError(f"cannot adopt a connection in phase {phase!r}")
@@ -308,6 +340,7 @@ class AgentConnection:
         self, data: bytes, f: FrameRecord, items: list[ItemRecord], notes: list[Notification]
     ) -> None:
         type_, flags = f[F_TYPE], f[F_FLAGS]
+        FrameCounts.add(self.counts.frames_in, FRAME_NAMES.get(type_, "unknown"))
         if type_ == FrameType.HAPROXY_DISCONNECT and f[F_PARSED]:
             self._peer_disconnect(data, f, items)
         elif self._phase == _HELLO:
@@ -390,6 +423,7 @@ class AgentConnection:
                 ],
             )
         )  # fmt: skip
+        FrameCounts.add(self.counts.frames_out, "agent-hello")
         self.handshake = hs
         self.max_frame_size = hs.max_frame_size
         if healthcheck:
@@ -455,6 +489,7 @@ class AgentConnection:
         assert isinstance(status, int)
         if not 0 <= status <= 0xFFFFFFFF:
             status = Status.UNKNOWN
+        FrameCounts.add(self.counts.disconnects_in, str(status))
         self._events.append(PeerDisconnected(status, text))
         # answer with the same status, as HAProxy's example agent does
         self._queue_disconnect(status, status_reason(status))
@@ -466,6 +501,8 @@ class AgentConnection:
         self._phase = _CLOSING
 
     def _queue_disconnect(self, status: int, message: str) -> None:
+        FrameCounts.add(self.counts.frames_out, "agent-disconnect")
+        FrameCounts.add(self.counts.disconnects_out, str(status))
         self._out.append(
             self._encoder.frame(
                 FrameType.AGENT_DISCONNECT, 0, 0,
@@ -504,6 +541,7 @@ __all__ = [
     "AgentSettings",
     "CodecError",
     "Event",
+    "FrameCounts",
     "Handshake",
     "HandshakeDone",
     "HealthCheck",

@@ -34,13 +34,14 @@ import socket
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
 
 from spoa_mp import health, logs, systemd
 from spoa_mp.agent import Agent, AppLoadError, load_app
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
+from spoa_mp.metrics import Aggregator, MetricsServer
 from spoa_mp.protocol import AgentSettings
 from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
 
@@ -77,7 +78,6 @@ class WorkerProcess:
     last_beat: float
     ready: bool = False
     boot_error: str | None = None
-    counters: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     killed: bool = False
     retiring: bool = False  # told to hand over or stop after a reload
@@ -163,6 +163,7 @@ class Supervisor:
         listeners: list[socket.socket],
         notifier: systemd.Notifier | None = None,
         own_socket_file: bool = True,
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.config = config
         self.agent = agent
@@ -171,8 +172,13 @@ class Supervisor:
         self.own_socket_file = own_socket_file  # never unlink a socket systemd created
         self._announced_ready = False
         self._next_watchdog = 0.0
-        self._retired_messages = 0  # counted by workers that are gone
         self._rate_mark = (time.monotonic(), 0)  # (when, messages_total) at the last STATUS
+        # counters of every worker, alive or gone, summed (never going down)
+        self.aggregator = Aggregator()
+        self.metrics_server = metrics_server
+        self._restarts = 0
+        self._reloads = 0
+        self._reloads_failed = 0
         self.settings = settings_for(config)
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.generation = 1
@@ -241,8 +247,17 @@ class Supervisor:
 
     def messages_total(self) -> int:
         """Messages handled since start, by workers alive or gone (monotonic)."""
-        live = sum(_int(p.counters.get("messages")) for p in self.workers.values())
-        return self._retired_messages + live
+        return self.aggregator.total("messages")
+
+    def render_metrics(self) -> str:
+        self.aggregator.set_supervisor(
+            workers_alive=sum(1 for p in self.workers.values() if p.ready and not p.retiring),
+            worker_restarts=self._restarts,
+            reloads=self._reloads,
+            reloads_failed=self._reloads_failed,
+            generation=self.generation,
+        )
+        return self.aggregator.render()
 
     def _status(self) -> str:
         now = time.monotonic()
@@ -265,8 +280,12 @@ class Supervisor:
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals()
+            elif isinstance(key.data, MetricsServer):
+                key.data.handle(key)
             else:
                 self._read_control(key.data)
+        if self.metrics_server is not None:
+            self.metrics_server.expire()
         if self._stopping and time.monotonic() >= self._stop_deadline and self.workers:
             log.warning("graceful timeout: killing %d worker(s) still running", len(self.workers))
             self._kill_all(signal.SIGKILL)
@@ -278,6 +297,8 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        if self.metrics_server is not None:
+            self.metrics_server.register(self.selector)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in HANDLED_SIGNALS:
             # the C-level handler writes the number to the wakeup socket;
@@ -340,6 +361,7 @@ class Supervisor:
             agent = build_agent(config, reload=True)
         except (ConfigError, AppLoadError, ValueError, OSError) as e:
             log.error("reload failed, the running workers keep serving: %s", e)
+            self._reloads_failed += 1
             return
         agent.freeze()
         if config.listen_description() != self.config.listen_description():
@@ -389,6 +411,7 @@ class Supervisor:
         self._reload_done(r)
 
     def _reload_done(self, r: Reload) -> None:
+        self._reloads += 1
         self._reload = None
         log.info("reload: generation %d serving", r.generation)
         self.notifier.ready(self._status())
@@ -422,6 +445,7 @@ class Supervisor:
         r = self._reload
         assert r is not None
         log.error("reload failed, the running workers keep serving: %s", why)
+        self._reloads_failed += 1
         self.config, self.agent, self.settings = r.previous
         self.generation = r.generation - 1
         self.target_workers = self.config.workers
@@ -454,6 +478,7 @@ class Supervisor:
         if self._reload is not None:
             return  # the reload replaces it anyway
         log.info("worker %d (pid %d) %s: replacing it", proc.index, proc.pid, why)
+        self._restarts += 1
         proc.successor = self._spawn(proc.index)
 
     def _check_recycling(self) -> None:
@@ -529,6 +554,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches us via the supervisor
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_OK))
+        if self.metrics_server is not None:
+            self.metrics_server.close_in_child()  # the epoll set is shared: do not unregister
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -566,8 +593,10 @@ class Supervisor:
             for fd in fds:  # nothing else carries descriptors: never leak one
                 os.close(fd)
             if kind == health.BEAT:
-                proc.counters = msg.get("counters", {})
-                proc.connections = int(msg.get("connections", 0))
+                gauges = msg.get("gauges")
+                self.aggregator.update(str(proc.pid), msg.get("counters"), gauges)
+                if isinstance(gauges, dict):
+                    proc.connections = _int(gauges.get("connections"))
             elif kind == health.READY:
                 proc.ready = True
                 self._ever_ready = True
@@ -627,7 +656,7 @@ class Supervisor:
                     self._read_control(proc)  # a last beat, boot_error or handover
                 self._forget_control(proc)
             del self.workers[pid]
-            self._retired_messages += _int(proc.counters.get("messages"))
+            self.aggregator.retire(str(pid))  # its counts stay in the totals
             self._worker_died(proc, status)
 
     def _worker_died(self, proc: WorkerProcess, status: int) -> None:
@@ -675,6 +704,7 @@ class Supervisor:
         for index, when in list(self._respawn_at.items()):
             if when <= now:
                 del self._respawn_at[index]
+                self._restarts += 1
                 self._spawn(index)
 
     def _check_timeouts(self) -> None:
@@ -704,6 +734,8 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for proc in self.workers.values():
             self._forget_control(proc)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -803,7 +835,17 @@ def serve(config: ServerConfig) -> int:
                   f"{e.strerror}", file=sys.stderr)  # fmt: skip
             return EXIT_FAILURE
         listeners = [listener]
+    metrics_server = None
+    supervisor: Supervisor | None = None
+
+    def supervisor_metrics() -> str:
+        assert supervisor is not None
+        return supervisor.render_metrics()
+
     try:
+        if config.metrics:  # bound before dropping privileges (a port below 1024)
+            metrics_server = MetricsServer(config.metrics, supervisor_metrics)
+            log.info("metrics on http://%s/metrics", metrics_server.listen())
         if config.pidfile:
             write_pidfile(config.pidfile)
         drop_privileges(config.user, config.group, None if inherited else listener)
@@ -812,7 +854,11 @@ def serve(config: ServerConfig) -> int:
         listener.close()
         return EXIT_FAILURE
     try:
-        return Supervisor(config, agent, listeners, notifier, own_socket_file=not inherited).run()
+        supervisor = Supervisor(
+            config, agent, listeners, notifier, own_socket_file=not inherited,
+            metrics_server=metrics_server,
+        )  # fmt: skip
+        return supervisor.run()
     finally:
         if config.pidfile:
             with contextlib.suppress(OSError):

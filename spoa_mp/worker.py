@@ -32,10 +32,12 @@ from spoa_mp import health
 from spoa_mp.agent import Agent, normalize_actions
 from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.logs import RateLimitedLog
+from spoa_mp.metrics import LatencyHistogram
 from spoa_mp.model import Action, Message
 from spoa_mp.protocol import (
     AgentConnection,
     AgentSettings,
+    FrameCounts,
     HandshakeDone,
     HealthCheck,
     Notification,
@@ -50,21 +52,42 @@ HEARTBEAT_INTERVAL = 1.0
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 
 
-@dataclass(slots=True)
 class Counters:
-    """What a worker reports in every heartbeat (cumulative since it started)."""
+    """What a worker reports in every heartbeat, cumulative since it started
+    (the supervisor sums them over workers alive and gone: see metrics.py)."""
 
-    messages: int = 0
-    notifies: int = 0
-    handler_errors: int = 0
-    connections_total: int = 0
-    protocol_errors: int = 0
-    acks_cut: int = 0
-    handed_over: int = 0
-    adopted: int = 0
+    def __init__(self) -> None:
+        self.messages: dict[str, int] = {}  # by message name
+        self.handler_errors: dict[str, int] = {}
+        self.latency = LatencyHistogram()
+        self.frames = FrameCounts()  # the rare frames, counted by the protocol core
+        self.notifies = 0  # NOTIFY in and ACK out: counted in bulk here
+        self.acks = 0
+        self.connections_total = 0
+        self.protocol_errors = 0
+        self.acks_cut = 0
+        self.handed_over = 0
+        self.adopted = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+    @property
+    def messages_total(self) -> int:
+        return sum(self.messages.values())
+
+    def as_dict(self) -> dict[str, object]:
+        f = self.frames
+        return {
+            "messages": self.messages,
+            "handler_errors": self.handler_errors,
+            "latency": self.latency.snapshot(),
+            "frames_in": {**f.frames_in, "notify": self.notifies},
+            "frames_out": {**f.frames_out, "ack": self.acks},
+            "disconnects": {"in": f.disconnects_in, "out": f.disconnects_out},
+            "connections_total": self.connections_total,
+            "protocol_errors": self.protocol_errors,
+            "acks_cut": self.acks_cut,
+            "handed_over": self.handed_over,
+            "adopted": self.adopted,
+        }
 
 
 @dataclass(eq=False, slots=True)
@@ -189,18 +212,31 @@ class Worker:
         if os.getppid() != self._parent:
             log.error("the supervisor is gone: stopping")
             self.stop()
-        if self.recycle_after and self.counters.messages >= self.recycle_after:
+        handled = self.counters.messages_total
+        if self.recycle_after and handled >= self.recycle_after:
             self.recycle_after = 0
-            health.send(self.control, health.RECYCLE, messages=self.counters.messages)
+            health.send(self.control, health.RECYCLE, messages=handled)
         health.send(
-            self.control,
-            health.BEAT,
-            counters=self.counters.as_dict(),
-            connections=len(self.connections),
-            in_flight=sum(c.in_flight for c in self.connections.values()),
+            self.control, health.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
         )
         assert self._loop is not None
         self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    def _gauges(self) -> dict[str, object]:
+        sizes: dict[str, int] = {}
+        caps: dict[str, int] = {}
+        for conn in self.connections.values():
+            hs = conn.proto.handshake
+            if hs is not None and not hs.healthcheck:
+                FrameCounts.add(sizes, str(hs.max_frame_size))
+                names = [n for n, on in (("pipelining", hs.pipelining),
+                                         ("fragmentation", hs.fragmentation)) if on]  # fmt: skip
+                FrameCounts.add(caps, ",".join(names))
+        return {
+            "connections": len(self.connections),
+            "in_flight": sum(c.in_flight + len(c.waiting) for c in self.connections.values()),
+            "negotiated": {"max_frame_size": sizes, "capabilities": caps},
+        }
 
     # ---------------------------------------------------------------- sockets
 
@@ -226,7 +262,9 @@ class Worker:
             sock=sock,
             fd=sock.fileno(),
             peer=_peer(addr),
-            proto=AgentConnection(self.settings, self._decoder, self._encoder),
+            proto=AgentConnection(
+                self.settings, self._decoder, self._encoder, self.counters.frames
+            ),
         )
         self.connections[conn.fd] = conn
         self.counters.connections_total += 1
@@ -392,7 +430,9 @@ class Worker:
             decoder = self._decoder
             if size > self.settings.max_frame_size:  # negotiated before a smaller limit
                 decoder = Decoder(max_frame_size=size)
-            proto = AgentConnection.adopt(state, self.settings, decoder, self._encoder)
+            proto = AgentConnection.adopt(
+                state, self.settings, decoder, self._encoder, self.counters.frames
+            )
         except (KeyError, TypeError, ValueError, OSError) as e:
             log.error("cannot adopt a connection: %s", e)
             sock.close()
@@ -456,7 +496,11 @@ class Worker:
         handlers = self._handlers
         replies: list[tuple[int, int, Sequence[Action]]] = []
         counters = self.counters
+        counted = counters.messages
+        observe = counters.latency.observe
         counters.notifies += len(notes)
+        clock = time.perf_counter
+        t0 = clock()
         for note in notes:
             sid, fid, msgs = note
             if self.debug:
@@ -472,7 +516,7 @@ class Worker:
                 reg = handlers.get(msg.name)
                 if reg is None:
                     continue  # a message nobody handles: an empty ACK, as HAProxy expects
-                counters.messages += 1
+                counted[msg.name] = counted.get(msg.name, 0) + 1
                 try:
                     result = reg.fn(msg)
                     if reg.is_coroutine or inspect.isawaitable(result):
@@ -481,11 +525,17 @@ class Worker:
                     actions += normalize_actions(result)
                 except Exception:
                     self._handler_failed(msg)
+                # one clock read per message: each handler's time ends where
+                # the next one's begins
+                t1 = clock()
+                observe(t1 - t0)
+                t0 = t1
             if waiting:
                 self._start_async(conn, sid, fid, actions, waiting)
             else:
                 replies.append((sid, fid, actions))
         if replies:
+            counters.acks += len(replies)
             cut = conn.proto.ack(replies)
             if cut:
                 self._acks_cut(conn, len(cut))
@@ -498,7 +548,8 @@ class Worker:
         return False
 
     def _handler_failed(self, msg: Message) -> None:
-        self.counters.handler_errors += 1
+        errors = self.counters.handler_errors
+        errors[msg.name] = errors.get(msg.name, 0) + 1
         # the stream still gets its (empty) ACK; log the traceback, but not
         # thousands of times a second
         self._noisy.exception(f"handler:{msg.name}", "handler for %r failed", msg.name)
@@ -534,14 +585,17 @@ class Worker:
         actions: tuple[Action, ...],
         waiting: list[tuple[Message, Awaitable[object]]],
     ) -> None:
+        started = time.perf_counter()
         for msg, awaitable in waiting:
             try:
                 actions += normalize_actions(await awaitable)
             except Exception:
                 self._handler_failed(msg)
+        self.counters.latency.observe(time.perf_counter() - started)
         conn.in_flight -= 1
         if conn.closed:
             return  # HAProxy went away: nobody to answer
+        self.counters.acks += 1
         cut = conn.proto.ack([(sid, fid, actions)])
         if cut:
             self._acks_cut(conn, len(cut))
