@@ -200,11 +200,18 @@ class Supervisor:
     def run(self) -> int:
         self._install_signals()
         try:
+            offered = (
+                ("pipelining", self.config.pipelining),
+                ("fragmentation", self.config.fragmentation),
+            )
+            caps = [name for name, on in offered if on]
             log.info(
-                "spoa-mp %s: %d worker(s) on %s, max-frame-size %d, pipelining %s",
-                _version(), self.config.workers,
+                "spoa-mp %s (pid %d): %d worker(s) on %s; SPOP 2.0, max-frame-size %d, "
+                "capabilities offered: %s; reload mode %s; agent %s",
+                _version(), os.getpid(), self.config.workers,
                 ", ".join(describe(s) for s in self.listeners),
-                self.config.max_frame_size, "on" if self.config.pipelining else "off",
+                self.config.max_frame_size, ",".join(caps) or "none",
+                self.config.reload_mode, self.config.app or "built-in IP reputation",
             )  # fmt: skip
             for index in range(1, self.config.workers + 1):
                 self._spawn(index)

@@ -536,6 +536,9 @@ class Worker:
                 replies.append((sid, fid, actions))
         if replies:
             counters.acks += len(replies)
+            if self.debug:
+                for sid, fid, actions in replies:
+                    log.debug("conn %d: ACK sid=%d fid=%d %r", conn.fd, sid, fid, list(actions))
             cut = conn.proto.ack(replies)
             if cut:
                 self._acks_cut(conn, len(cut))
