@@ -395,9 +395,10 @@ class Aggregator:
         _family(out, "workers_alive", "gauge", "Worker processes alive.",
                 [("", (), sup["workers_alive"])])  # fmt: skip
         _family(out, "worker_restarts_total", "counter",
-                "Workers started again after one died.",
+                "Workers replaced: one died, hung, or was recycled (--max-requests, --max-rss).",
                 [("", (), sup["worker_restarts"])])  # fmt: skip
-        _family(out, "reloads_total", "counter", "Reloads (SIGHUP) started.",
+        _family(out, "reloads_total", "counter",
+                "Reloads (SIGHUP) completed: a new generation serves.",
                 [("", (), sup["reloads"])])  # fmt: skip
         _family(out, "reloads_failed_total", "counter",
                 "Reloads that failed and were rolled back.",

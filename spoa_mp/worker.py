@@ -170,6 +170,11 @@ class Worker:
         health.send(self.control, health.READY)
         self._beat()
         await self._done
+        # a last beat: what was counted since the previous one (handovers
+        # included) reaches the supervisor's totals before we are reaped
+        health.send(
+            self.control, health.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
+        )
         return 0
 
     def stop(self) -> None:
