@@ -284,6 +284,8 @@ class Supervisor:
             timeout = max(0.0, min(timeout, min(self._respawn_at.values()) - now))
         if self._stopping:
             timeout = max(0.0, min(timeout, self._stop_deadline - now))
+        if self.notifier.watchdog_interval:  # never ping later than systemd wants
+            timeout = max(0.0, min(timeout, self._next_watchdog - now))
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals()
@@ -508,7 +510,8 @@ class Supervisor:
 
     def _add_worker(self) -> None:
         self.target_workers += 1
-        index = 1 + max((p.index for p in self._current()), default=0)
+        taken = {p.index for p in self._current() if not p.retiring} | set(self._respawn_at)
+        index = next(i for i in range(1, len(taken) + 2) if i not in taken)
         log.info("SIGTTIN: %d worker(s)", self.target_workers)
         self._spawn(index)
 
@@ -855,7 +858,7 @@ def serve(config: ServerConfig) -> int:
             log.info("metrics on http://%s/metrics", metrics_server.listen())
         if config.pidfile:
             write_pidfile(config.pidfile)
-        drop_privileges(config.user, config.group, None if inherited else listener)
+        drop_privileges(config.user, config.group, None if inherited else listener, config.pidfile)
     except (OSError, ValueError) as e:
         print(f"spoa-mp: error: {e}", file=sys.stderr)
         listener.close()
@@ -868,24 +871,49 @@ def serve(config: ServerConfig) -> int:
         return supervisor.run()
     finally:
         if config.pidfile:
-            with contextlib.suppress(OSError):
-                os.unlink(config.pidfile)
+            remove_pidfile(config.pidfile)
 
 
 def write_pidfile(path: str) -> None:
-    """Write our pid; refuse when the file names a process that still runs."""
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        with open(path) as f:
-            other = int(f.read().strip() or 0)
-        if other and other != os.getpid() and psutil.pid_exists(other):
-            raise ValueError(f"{path}: spoa-mp already runs as pid {other}")
+    """Write our pid; refuse when the file names a spoa-mp that still runs
+    (a pid reused by another program does not count)."""
+    other = 0
+    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
+        other = int(f.read().strip() or 0)
+    if other and other != os.getpid() and _is_spoa_mp(other):
+        raise ValueError(f"{path}: spoa-mp already runs as pid {other}")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(tmp, path)  # never a half-written pidfile
 
 
-def drop_privileges(user: str | None, group: str | None, listener: socket.socket | None) -> None:
+def remove_pidfile(path: str) -> None:
+    """Remove our pidfile; after --user the directory may not let us, so at
+    least empty it: an empty pidfile names nobody."""
+    try:
+        os.unlink(path)
+    except PermissionError:
+        with contextlib.suppress(OSError), open(path, "w"):
+            pass
+    except OSError:
+        pass
+
+
+def _is_spoa_mp(pid: int) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return any("spoa" in part for part in [proc.name(), *proc.cmdline()])
+    except psutil.Error:
+        return False
+
+
+def drop_privileges(
+    user: str | None,
+    group: str | None,
+    listener: socket.socket | None,
+    pidfile: str | None = None,
+) -> None:
     """Switch to --user/--group once the socket is bound (workers inherit it)."""
     if not user and not group:
         return
@@ -899,6 +927,8 @@ def drop_privileges(user: str | None, group: str | None, listener: socket.socket
     if listener is not None and listener.family == socket.AF_UNIX:
         # the socket file stays usable by (and removable for) the new identity
         os.chown(listener.getsockname(), uid, gid)
+    if pidfile:
+        os.chown(pidfile, uid, gid)  # so that we can at least empty it on exit
     os.setgroups([])
     if pw is not None:
         os.initgroups(pw.pw_name, gid)
