@@ -141,10 +141,11 @@ def _parse(lines: Iterable[str], source: str) -> tuple[dict[int, int], dict[int,
     v6: dict[int, int] = {}
     count = 0
     inet_pton = socket.inet_pton
-    af4, af6 = socket.AF_INET, socket.AF_INET6
     from_bytes = int.from_bytes
-    scores, plen4s, plen6s = _SCORES, _PLEN4, _PLEN6
-    hostmask4, hostmask6 = _HOSTMASK4, _HOSTMASK6
+    scores = _SCORES
+    # what differs between the families, picked once per line
+    family4 = (socket.AF_INET, "IPv4", 32, _PLEN4, _HOSTMASK4, IPv4Network, v4)
+    family6 = (socket.AF_INET6, "IPv6", 128, _PLEN6, _HOSTMASK6, IPv6Network, v6)
 
     for lineno, raw in enumerate(lines, 1):
         fields = (raw.partition("#")[0] if "#" in raw else raw).split()
@@ -161,38 +162,20 @@ def _parse(lines: Iterable[str], source: str) -> tuple[dict[int, int], dict[int,
         if score is None and (score := _small_int(score_text, MAX_SCORE)) is None:
             raise ReputationFileError(source, lineno, _bad_score(score_text))
         addr, slash, plen_text = net.partition("/")
-        if ":" in addr:
-            try:
-                value = from_bytes(inet_pton(af6, addr), "big")
-            except (OSError, ValueError, UnicodeError):
-                raise ReputationFileError(
-                    source, lineno, f"invalid IPv6 address in {net!r}"
-                ) from None
-            plen = plen6s.get(plen_text) if slash else 128
-            if plen is None and (plen := _small_int(plen_text, 128)) is None:
-                raise ReputationFileError(source, lineno, _bad_prefixlen(net, plen_text, 128))
-            if value & hostmask6[plen]:
-                raise ReputationFileError(
-                    source, lineno, _host_bits_message(net, value, plen, IPv6Network)
-                )
-            key = value << 8 | plen
-            v6[key] = key << 8 | score
-        else:
-            try:
-                value = from_bytes(inet_pton(af4, addr), "big")
-            except (OSError, ValueError, UnicodeError):
-                raise ReputationFileError(
-                    source, lineno, f"invalid IPv4 address in {net!r}"
-                ) from None
-            plen = plen4s.get(plen_text) if slash else 32
-            if plen is None and (plen := _small_int(plen_text, 32)) is None:
-                raise ReputationFileError(source, lineno, _bad_prefixlen(net, plen_text, 32))
-            if value & hostmask4[plen]:
-                raise ReputationFileError(
-                    source, lineno, _host_bits_message(net, value, plen, IPv4Network)
-                )
-            key = value << 8 | plen
-            v4[key] = key << 8 | score
+        af, name, bits, plens, hostmask, network, table = family6 if ":" in addr else family4
+        try:
+            value = from_bytes(inet_pton(af, addr), "big")
+        except (OSError, ValueError, UnicodeError):
+            raise ReputationFileError(
+                source, lineno, f"invalid {name} address in {net!r}"
+            ) from None
+        plen = plens.get(plen_text) if slash else bits
+        if plen is None and (plen := _small_int(plen_text, bits)) is None:
+            raise ReputationFileError(source, lineno, _bad_prefixlen(net, plen_text, bits))
+        if value & hostmask[plen]:
+            raise ReputationFileError(source, lineno, _host_bits_message(net, value, plen, network))
+        key = value << 8 | plen
+        table[key] = key << 8 | score
         count += 1
     return v4, v6, count
 

@@ -183,11 +183,17 @@ class Worker:
             return
         self._stopping = True
         log.info("stopping: %d connection(s) to finish", len(self.connections))
-        self._stop_accepting()
-        self._loop.call_later(self.graceful_timeout, self._finish)
+        self._wind_down()
         for conn in list(self.connections.values()):
             self._close_if_idle(conn)
         self._check_done()
+
+    def _wind_down(self) -> None:
+        """Leaving (stop or handover): accept nothing more; whatever is still
+        here after --graceful-timeout is closed."""
+        self._stop_accepting()
+        assert self._loop is not None
+        self._loop.call_later(self.graceful_timeout, self._finish)
 
     def _stop_accepting(self) -> None:
         assert self._loop is not None
@@ -456,8 +462,7 @@ class Worker:
             return
         self._handing_over = True
         log.info("handing %d connection(s) over", len(self.connections))
-        self._stop_accepting()
-        self._loop.call_later(self.graceful_timeout, self._finish)
+        self._wind_down()
         for conn in list(self.connections.values()):
             self._update_reading(conn)
             self._try_handover(conn)
