@@ -39,7 +39,14 @@ the workers and wrk use; then stop everything. Runs are interleaved over
 --repeat rounds (every configuration once per round) so that drift hits them
 alike; the figures are medians over the rounds. The ratio of a spoe
 configuration is its median req/s over the median of "nofilter" with the same
-nbthread (the same HAProxy settings with and without the filter).
+nbthread (the same HAProxy settings with and without the filter); "paired"
+is the median of the per-round ratios.
+
+The machine may be shared: before each run the script waits (--quiet-timeout)
+until the rest of the machine uses less than --max-others cores, redoes a run
+during which it used more (--noisy-retries) and leaves such runs out of the
+medians when a configuration has clean ones. A run whose agent was signalled
+by someone else or lost a worker counts as failed (and the exit status is 1).
 
 Everything listens on 127.0.0.1 only, temporary files go to a temporary
 directory, and every process started (each in its own process group) is
@@ -538,6 +545,7 @@ class RunResult:
     agent_conns_total: int | None = None  # stot: connections opened
     samples_problem: str = ""
     attempts: int = 1  # runs made (the earlier ones were noisy)
+    noisy: bool = False  # others used >= --max-others cores even in the last attempt
 
     @property
     def errors(self) -> int:
@@ -714,7 +722,9 @@ def _med(values: Sequence[float | None]) -> float | None:
 def summarize(
     setups: list[Setup], results: list[RunResult], failures: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    by = {s.name: [r for r in results if r.setup == s.name] for s in setups}
+    # noisy runs (other processes busy) count only where a setup has no clean one
+    every = {s.name: [r for r in results if r.setup == s.name] for s in setups}
+    by = {name: [r for r in rs if not r.noisy] or rs for name, rs in every.items()}
     med_rps = {name: _med([r.rps for r in rs]) for name, rs in by.items()}
     rows = []
     for s in setups:
@@ -740,14 +750,15 @@ def summarize(
                 "workers": s.workers if s.spoe else None,
                 "pipelining": s.pipelining if s.spoe else None,
                 "runs": len(rs),
+                "noisy_left_out": len(every[s.name]) - len(rs),
                 "failed": failed,
                 "rps_median": round(med_rps[s.name] or 0, 1),
                 "rps_all": [round(r.rps, 1) for r in rs],
                 "p50_ms_median": _med([r.p50_ms for r in rs]),
                 "p99_ms_median": _med([r.p99_ms for r in rs]),
-                "errors": sum(r.errors for r in rs),
-                "non2xx": sum(r.non2xx for r in rs),
-                "socket_errors": sum(sum(r.socket_errors.values()) for r in rs),
+                "errors": sum(r.errors for r in every[s.name]),
+                "non2xx": sum(r.non2xx for r in every[s.name]),
+                "socket_errors": sum(sum(r.socket_errors.values()) for r in every[s.name]),
                 "worker_rss_mib_max": max(rss) if rss else None,
                 "cpu_haproxy": _med([r.cpu_haproxy for r in rs]),
                 "cpu_agent": _med([r.cpu_agent for r in rs]) if s.spoe else None,
@@ -762,7 +773,7 @@ def summarize(
                 "us_per_req_machine": _med([1e6 * r.cpu_busy / r.rps for r in rs if r.rps]),
                 "agent_bytes_per_req": _med([r.agent_bytes_per_req for r in rs]),
                 "agent_conns_max": max((r.agent_conns_max or 0) for r in rs) if s.spoe else None,
-                "samples_problems": [r.samples_problem for r in rs if r.samples_problem],
+                "samples_problems": [r.samples_problem for r in every[s.name] if r.samples_problem],
                 "ratio": round(ratio, 3) if ratio is not None else None,
                 "ratio_paired": round(paired_ratio, 3) if paired_ratio is not None else None,
                 "target": target,
@@ -778,7 +789,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'config':<24}{'runs':>5}{'req/s':>8}{'p50 ms':>7}{'p99 ms':>7}{'errors':>7}"
+        f"{'config':<24}{'runs':>8}{'req/s':>8}{'p50 ms':>7}{'p99 ms':>7}{'errors':>7}"
         f"{'ratio':>7}{'paired':>7}{'target':>8}  {'cpu h/a/w/o/busy':<25}"
         f"{'us/req h/a/all':<15}{'B/req':>6}"
         f"{'ag.conn':>8}{'RSS MiB':>8}  samples"
@@ -786,9 +797,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        runs = f"{r['runs']}" + (f"+{r['failed']}F" if r["failed"] else "")
+        runs = (
+            f"{r['runs']}"
+            + (f"+{r['noisy_left_out']}N" if r.get("noisy_left_out") else "")
+            + (f"+{r['failed']}F" if r["failed"] else "")
+        )
         if not r["runs"]:
-            print(f"{r['config']:<24}{runs:>5}  (every run failed)")
+            print(f"{r['config']:<24}{runs:>8}  (every run failed)")
             continue
         cpu = (
             f"{r['cpu_haproxy']:.2f}/{_fmt(r['cpu_agent'], '.2f')}/{r['cpu_wrk']:.2f}"
@@ -802,7 +817,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if r["target"] is not None:
             target = f">={r['target']:.2f}" + ("" if r["meets_target"] else "!")
         print(
-            f"{r['config']:<24}{runs:>5}{r['rps_median']:>8.0f}"
+            f"{r['config']:<24}{runs:>8}{r['rps_median']:>8.0f}"
             f"{_fmt(r['p50_ms_median'], '.2f'):>7}{_fmt(r['p99_ms_median'], '.2f'):>7}"
             f"{r['errors']:>7}{_fmt(r['ratio'], '.3f'):>7}{_fmt(r['ratio_paired'], '.3f'):>7}"
             f"{target:>8}  {cpu:<25}{us:<15}{_fmt(r['agent_bytes_per_req'], '.1f'):>6}"
@@ -925,6 +940,7 @@ def measure(
             return None
         r.attempts = attempt + 1
         noisy = args.max_others > 0 and r.cpu_others >= args.max_others
+        r.noisy = noisy
         if noisy and attempt < args.noisy_retries:
             print(f"{label} {describe(r)}  NOISY: again", file=log, flush=True)
             continue
@@ -1014,7 +1030,8 @@ def main(argv: list[str] | None = None) -> int:
             " the whole machine (incl. softirq); us/req h/a/all = CPU microseconds per request"
             " of HAProxy / the workers / the whole machine; B/req = bytes the agent's sockets"
             " received per request (one NOTIFY = 36); ag.conn = max HAProxy->agent connections;"
-            " RSS = max worker RSS; F = failed runs."
+            " RSS = max worker RSS; N = noisy runs left out (others >= --max-others);"
+            " F = failed runs."
         )
         for f in failures:
             print(f"failed: round {f['round']} {f['setup']}: {f['error'].splitlines()[0]}")
