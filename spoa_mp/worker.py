@@ -48,6 +48,8 @@ from spoa_mp.protocol import (
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
+# what sync handlers return; never awaitable, so the costly check is skipped
+_PLAIN_RESULTS = frozenset((tuple, list, type(None), Action))
 HEARTBEAT_INTERVAL = 1.0
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 
@@ -529,7 +531,9 @@ class Worker:
                 counted[msg.name] = counted.get(msg.name, 0) + 1
                 try:
                     result = reg.fn(msg)
-                    if reg.is_coroutine or inspect.isawaitable(result):
+                    if reg.is_coroutine or (
+                        result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result)
+                    ):
                         waiting.append((msg, result))  # type: ignore[arg-type]
                         continue
                     actions += normalize_actions(result)
