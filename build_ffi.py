@@ -51,6 +51,26 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
 int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
                      const uint64_t *ids, const uint32_t *ends, uint32_t n,
                      const uint8_t *payload, size_t payload_len);
+#define SPOP_INDEX_OTHER ...
+typedef struct spop_batch {
+    spop_frame *frames;
+    spop_item *items;
+    uint64_t *ids;
+    uint32_t *cols;
+    const uint8_t *names;
+    uint32_t names_len;
+    uint32_t n_names;
+    uint32_t max_frames;
+    uint32_t max_items;
+    uint32_t n_frames;
+    uint32_t n_plain;
+    uint32_t n_items;
+    uint32_t consumed;
+    uint32_t status;
+    uint32_t pad_;
+} spop_batch;
+int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+                      spop_batch *b);
 const char *spop_status_reason(int status);
 """
 

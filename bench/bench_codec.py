@@ -7,8 +7,8 @@ HAProxy 2.6-style stream ids from 1000 up, so two-byte varints) -> decode,
 read each message's IPv4 argument, pick a score from it, encode all ACKs.
 Three paths do the same work on the same bytes:
 
-  (a) spoa_mp.codec directly: Decoder.decode, messages(), Encoder.acks
-  (b) spoa_mp.protocol.AgentConnection: receive -> ack -> data_to_send
+  (a) spoa_mp.codec directly: Decoder.index, notify_messages(), Encoder.acks_for
+  (b) spoa_mp.protocol.AgentConnection: feed -> ack_for -> data_to_send
   (c) bench/pure_codec.py, a plain pure-Python codec (the baseline)
 
 and must produce byte-identical ACKs. Each figure is the median of --repeat
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pure_codec as pure
 
-from spoa_mp.codec import F_FID, F_SID, Decoder, Encoder, FrameType, messages
+from spoa_mp.codec import Decoder, Encoder, FrameType, notify_messages
 from spoa_mp.model import set_var
 from spoa_mp.protocol import AgentConnection, HandshakeDone
 
@@ -172,25 +172,25 @@ def make_paths(buf: bytes, hello: bytes) -> dict[str, Callable[[], bytes]]:
     actions = [set_var("sess", "ip_score", s) for s in range(N_SCORES)]
     pure_actions = [("sess", "ip_score", s) for s in range(N_SCORES)]
 
-    decode = Decoder().decode
-    acks = Encoder().acks
+    names = ("check-client-ip",)  # the handlers' names, matched in C
+    decoder = Decoder(names=names)
+    index = decoder.index
+    acks_for = Encoder().acks_for
 
     def c_codec() -> bytes:
-        frames, items, _consumed, _error = decode(buf, MAX_FRAME_SIZE)
-        replies = []
-        for f in frames:
-            ip = messages(buf, f, items)[0][0]
-            replies.append((f[F_SID], f[F_FID], [actions[int(ip) % N_SCORES]]))
-        return acks(replies, MAX_FRAME_SIZE)[0]
+        ix = index(buf, MAX_FRAME_SIZE)
+        msgs = notify_messages(buf, ix, names)
+        replies = [actions[int(msg[0]) % N_SCORES] for msg in msgs]
+        return acks_for(ix.ids, replies, MAX_FRAME_SIZE)[0]
 
-    conn = AgentConnection()
+    conn = AgentConnection(decoder=Decoder(names=names))
     assert not conn.receive(hello)
     assert isinstance(conn.take_events()[0], HandshakeDone)
     conn.data_to_send()  # the AGENT-HELLO
 
     def protocol() -> bytes:
-        notes = conn.receive(buf)
-        conn.ack([(sid, fid, [actions[int(msgs[0][0]) % N_SCORES]]) for sid, fid, msgs in notes])
+        notes = conn.feed(buf)
+        conn.ack_for(notes.ids, [actions[int(msg[0]) % N_SCORES] for msg in notes.messages])
         return conn.data_to_send()
 
     def pure_python() -> bytes:
@@ -202,22 +202,22 @@ def make_paths(buf: bytes, hello: bytes) -> dict[str, Callable[[], bytes]]:
         return b"".join(out)
 
     # parts of (a), each on its own
-    frames, items, _, _ = decode(buf, MAX_FRAME_SIZE)
-    replies = [
-        (f[F_SID], f[F_FID], [actions[score(messages(buf, f, items)[0][0])]]) for f in frames
-    ]
+    ix = index(buf, MAX_FRAME_SIZE)
+    msgs = notify_messages(buf, ix, names)
+    replies = [actions[score(msg[0])] for msg in msgs]
+    ids = ix.ids
 
     def part_decode() -> bytes:
-        decode(buf, MAX_FRAME_SIZE)
+        index(buf, MAX_FRAME_SIZE)
         return b""
 
     def part_messages() -> bytes:
-        for f in frames:
-            messages(buf, f, items)[0][0]  # reading the value is the work
+        for msg in notify_messages(buf, ix, names):
+            msg[0]  # reading the value is the work
         return b""
 
     def part_acks() -> bytes:
-        return acks(replies, MAX_FRAME_SIZE)[0]
+        return acks_for(ids, replies, MAX_FRAME_SIZE)[0]
 
     return {
         "c": c_codec,
@@ -337,9 +337,9 @@ def main() -> int:
     print()
     print("(a) split, ns/message:")
     for label, name in (
-        ("decode only (Decoder.decode)", "decode"),
-        ("messages() + msg[0] value", "messages"),
-        ("ACK encode only (Encoder.acks)", "acks"),
+        ("decode + index (Decoder.index)", "decode"),
+        ("notify_messages() + msg[0] value", "messages"),
+        ("ACK encode only (Encoder.acks_for)", "acks"),
     ):
         print(f"  {label:<36} {median[name]:>8.0f}")
     parts = median["decode"] + median["messages"] + median["acks"]

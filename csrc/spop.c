@@ -167,6 +167,23 @@ static int read_typed(cursor *c, const uint8_t *base, spop_item *it)
     }
 }
 
+/* One ACK action (set-var or unset-var) into it. */
+static int read_action(cursor *c, const uint8_t *base, spop_item *it)
+{
+    it->kind = SPOP_ITEM_ACTION;
+    if (read_byte(c, &it->action) < 0 || read_byte(c, &it->nargs) < 0 ||
+        read_byte(c, &it->scope) < 0 || it->scope > SPOP_SCOPE_RES)
+        return -SPOP_ST_INVALID;
+    if (it->action == SPOP_ACTION_SET_VAR && it->nargs == 3)
+        return read_string(c, base, &it->name_off, &it->name_len) < 0 ||
+                       read_typed(c, base, it) < 0
+                   ? -SPOP_ST_INVALID
+                   : 0;
+    if (it->action == SPOP_ACTION_UNSET_VAR && it->nargs == 2)
+        return read_string(c, base, &it->name_off, &it->name_len);
+    return -SPOP_ST_INVALID; /* unknown action: its length is unknown */
+}
+
 static spop_item *next_item(spop_item *items, uint32_t max_items, uint32_t *n)
 {
     if (*n >= max_items)
@@ -215,20 +232,8 @@ static int read_payload(uint8_t type, cursor *c, const uint8_t *base,
             break;
         }
         case SPOP_FRAME_ACK:
-            it->kind = SPOP_ITEM_ACTION;
-            if (read_byte(c, &it->action) < 0 || read_byte(c, &it->nargs) < 0 ||
-                read_byte(c, &it->scope) < 0 || it->scope > SPOP_SCOPE_RES)
+            if (read_action(c, base, it) < 0)
                 return -SPOP_ST_INVALID;
-            if (it->action == SPOP_ACTION_SET_VAR && it->nargs == 3) {
-                if (read_string(c, base, &it->name_off, &it->name_len) < 0 ||
-                    read_typed(c, base, it) < 0)
-                    return -SPOP_ST_INVALID;
-            } else if (it->action == SPOP_ACTION_UNSET_VAR && it->nargs == 2) {
-                if (read_string(c, base, &it->name_off, &it->name_len) < 0)
-                    return -SPOP_ST_INVALID;
-            } else {
-                return -SPOP_ST_INVALID; /* unknown action: its length is unknown */
-            }
             break;
         default:
             return -SPOP_ST_INVALID;
@@ -611,8 +616,17 @@ int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
     uint32_t start = 0;
     if (cap > INT32_MAX)
         cap = INT32_MAX; /* the byte count is returned as an int */
+    cursor actions = {payload, payload + payload_len};
     for (uint32_t i = 0; i < n; i++) {
-        uint32_t end = ends[i];
+        uint32_t end;
+        if (ends) {
+            end = ends[i];
+        } else { /* one action per ACK: find where this one ends */
+            spop_item it;
+            if (read_action(&actions, payload, &it) < 0)
+                return -SPOP_ST_INVALID;
+            end = (uint32_t)(actions.p - payload);
+        }
         if (end < start || end > payload_len)
             return -SPOP_ST_INVALID;
         uint8_t hdr[SPOP_FRAME_HDR_MAX] = {SPOP_FRAME_ACK, 0, 0, 0, SPOP_FLAG_FIN};
@@ -635,7 +649,73 @@ int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
         pos += 4 + body;
         start = end;
     }
+    if (!ends && start != payload_len)
+        return -SPOP_ST_INVALID; /* more actions than ACKs */
     return (int)pos;
+}
+
+/* ---------------------------------------------------------------- index */
+
+/* Position of `name` in the list of SPOP strings, n_names when absent,
+ * SPOP_INDEX_OTHER when the list is malformed. Handler names are few: a
+ * linear scan with the length compared first beats hashing here. */
+static uint32_t find_name(const uint8_t *name, uint32_t name_len,
+                          const uint8_t *names, size_t names_len, uint32_t n_names)
+{
+    cursor c = {names, names + names_len};
+    for (uint32_t i = 0; i < n_names; i++) {
+        uint32_t off, n;
+        if (read_string(&c, names, &off, &n) < 0)
+            return SPOP_INDEX_OTHER;
+        if (n == name_len && memcmp(names + off, name, n) == 0)
+            return i;
+    }
+    return n_names;
+}
+
+int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+                      spop_batch *b)
+{
+    uint32_t n = 0;
+    int rc = spop_decode_frames(buf, len, max_frame_size, b->frames, b->max_frames,
+                                b->items, b->max_items, &n);
+    b->n_frames = n;
+    b->n_plain = 0;
+    b->n_items = 0;
+    b->consumed = 0;
+    b->status = rc < 0 ? (uint32_t)-rc : 0;
+    if (n == 0)
+        return 0;
+    const spop_frame *last = &b->frames[n - 1];
+    /* records are handed out in order: the last frame ends them */
+    b->n_items = last->first_item + last->n_items;
+    b->consumed = last->offset + 4 + last->length;
+
+    uint32_t *names_col = b->cols;
+    uint32_t *first_col = b->cols + n;
+    uint32_t *nargs_col = b->cols + 2 * (size_t)n;
+    for (uint32_t k = 0; k < n; k++) {
+        const spop_frame *f = &b->frames[k];
+        b->ids[2 * (size_t)k] = f->sid;
+        b->ids[2 * (size_t)k + 1] = f->fid;
+        names_col[k] = SPOP_INDEX_OTHER;
+        first_col[k] = 0;
+        nargs_col[k] = 0;
+        if (f->type != SPOP_FRAME_NOTIFY || !f->items_parsed || f->n_items == 0)
+            continue;
+        const spop_item *m = &b->items[f->first_item];
+        if (m->kind != SPOP_ITEM_MESSAGE || (uint32_t)m->nargs + 1 != f->n_items)
+            continue; /* several messages: the caller walks the records */
+        uint32_t idx = find_name(buf + m->name_off, m->name_len, b->names, b->names_len,
+                                 b->n_names);
+        if (idx == SPOP_INDEX_OTHER)
+            return -SPOP_ST_INVALID;
+        names_col[k] = idx;
+        first_col[k] = f->first_item + 1;
+        nargs_col[k] = m->nargs;
+        b->n_plain++;
+    }
+    return (int)n;
 }
 
 /* ---------------------------------------------------------------- status */

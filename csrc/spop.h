@@ -203,14 +203,65 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
  * Encode n ACK frames, the hot path of an agent: ACK i carries stream-id
  * ids[2i], frame-id ids[2i+1] and, as its action list, the pre-encoded bytes
  * payload[ends[i-1] .. ends[i]) (ends[-1] = 0), e.g. actions kept encoded.
+ * With ends == NULL, each ACK carries exactly one action, the next one in
+ * payload (the caller concatenates them and needs no lengths).
  * Returns the bytes written (every frame whole, back to back), or
- * -SPOP_ST_INVALID when ends are not increasing within payload_len,
+ * -SPOP_ST_INVALID when ends are not increasing within payload_len (or,
+ * without ends, payload is not exactly n well-formed actions),
  * -SPOP_ST_TOO_BIG when one ACK would exceed max_frame_size (drop actions
  * first), -SPOP_ST_RES when `cap` is short: n * 25 + payload_len always fits.
  */
 int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
                      const uint64_t *ids, const uint32_t *ends, uint32_t n,
                      const uint8_t *payload, size_t payload_len);
+
+/*
+ * Decoding for a caller that pays for every call and every field it reads (an
+ * interpreter): spop_decode_batch() decodes like spop_decode_frames() into
+ * the arrays below, then indexes the frames in the same call, so that the
+ * caller reads a few flat arrays instead of records.
+ *
+ * The caller sets the first block once; every call rewrites the second.
+ * For frame k (k < n_frames):
+ *   ids[2k], ids[2k+1]   its stream-id and frame-id;
+ *   cols[k]              for a NOTIFY carrying exactly one message, the index
+ *                        in `names` of that message's name (n_names when it
+ *                        is not listed); SPOP_INDEX_OTHER for any other frame
+ *                        (fragments, several messages, HELLO, DISCONNECT...);
+ *   cols[n_frames + k]   that message's first argument record;
+ *   cols[2n_frames + k]  its argument count.
+ * `names` holds n_names names back to back, each an SPOP string (varint
+ * length, then the bytes): the messages the caller has handlers for.
+ */
+#define SPOP_INDEX_OTHER 0xFFFFFFFFu
+
+typedef struct spop_batch {
+    spop_frame *frames;     /* [max_frames] */
+    spop_item *items;       /* [max_items] */
+    uint64_t *ids;          /* [2 * max_frames] */
+    uint32_t *cols;         /* [3 * max_frames] */
+    const uint8_t *names;
+    uint32_t names_len;
+    uint32_t n_names;
+    uint32_t max_frames;
+    uint32_t max_items;
+    /* results */
+    uint32_t n_frames;      /* frames decoded */
+    uint32_t n_plain;       /* how many of them are one-message NOTIFYs */
+    uint32_t n_items;       /* item records used */
+    uint32_t consumed;      /* bytes taken by the frames decoded */
+    uint32_t status;        /* 0, or the status of the malformed frame at `consumed` */
+    uint32_t pad_;
+} spop_batch;
+
+/*
+ * Decode and index the complete frames at the start of buf[0..len), as
+ * spop_decode_frames() does (same stops, same errors: `status` is what it
+ * returned, negated). Returns the number of frames decoded, or
+ * -SPOP_ST_INVALID when `names` is malformed.
+ */
+int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+                      spop_batch *b);
 
 /* The text HAProxy uses for a status code ("frame is too big", ...). */
 const char *spop_status_reason(int status);

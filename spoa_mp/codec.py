@@ -12,10 +12,13 @@ import struct
 from array import array
 from collections.abc import Sequence
 from enum import IntEnum
+from itertools import repeat
+from operator import attrgetter
 from typing import NamedTuple, TypeAlias
 
 from spoa_mp._spop import ffi, lib
 from spoa_mp.model import (
+    ITEM_RECORD,
     Action,
     ItemRecord,
     Message,
@@ -27,7 +30,6 @@ from spoa_mp.model import (
 
 # Record layouts; they must match spop_frame / spop_item in csrc/spop.h.
 FRAME_RECORD = struct.Struct("=QQIIIIIIIBB2x")
-ITEM_RECORD = struct.Struct("=QIIIIBBBBB3x")
 
 MIN_FRAME_SIZE = 256
 DEFAULT_FRAME_SIZE = 16380
@@ -119,10 +121,41 @@ class Decoded(NamedTuple):
     error: int  # 0, or the status of the malformed frame at `consumed`
 
 
+class Indexed(NamedTuple):
+    """One decode call, indexed for the hot path (Decoder.index).
+
+    `ids` holds each frame's stream-id and frame-id (uint64 pairs, native
+    order). `names`, `firsts` and `nargs` are columns, one entry per frame:
+    for a one-message NOTIFY, the index of its message's name in
+    Decoder.names (len(names) for a name not listed), its first argument
+    record and its argument count; for every other frame OTHER, 0, 0.
+    `plain` counts the one-message NOTIFYs.
+    """
+
+    n: int  # frames decoded
+    plain: int
+    ids: bytes
+    names: list[int]
+    firsts: list[int]
+    nargs: list[int]
+    records: bytes  # the item records (Message reads them)
+    frames: bytes  # the frame records (frame_records()); see Decoder.index
+    consumed: int
+    error: int
+
+    def frame_records(self) -> list[FrameRecord]:
+        return list(FRAME_RECORD.iter_unpack(self.frames))
+
+    def item_records(self) -> list[ItemRecord]:
+        return list(ITEM_RECORD.iter_unpack(self.records))
+
+
+OTHER = lib.SPOP_INDEX_OTHER
+
 # NamedTuple's own constructor is Python code; this is the C one (per read)
-_new_decoded = tuple.__new__
-_unpack_frame = FRAME_RECORD.unpack_from
-_unpack_item = ITEM_RECORD.unpack_from
+_new_tuple = tuple.__new__
+_frame_size = FRAME_RECORD.size
+_item_size = ITEM_RECORD.size
 
 
 class CodecError(ValueError):
@@ -133,21 +166,55 @@ class CodecError(ValueError):
         super().__init__(detail or status_reason(status))
 
 
+def _pack_names(names: Sequence[str]) -> bytes:
+    out = bytearray()
+    for name in names:
+        raw = name.encode()
+        out += encode_varint(len(raw)) + raw
+    return bytes(out)
+
+
 class Decoder:
     """Decodes receive buffers into records; owns reusable C record arrays.
 
     One per worker is enough: results are copied out before it returns.
+    `names` are the message names the caller has handlers for: index()
+    matches them in C, so a message's name costs no slice or lookup.
     """
 
-    def __init__(self, max_frames: int = 64, max_frame_size: int = DEFAULT_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        max_frames: int = 64,
+        max_frame_size: int = DEFAULT_FRAME_SIZE,
+        names: Sequence[str] = (),
+    ) -> None:
         self.max_frames = max_frames
         # enough records for any single frame of this size (>= 2 bytes per item)
         self.max_items = max(max_frame_size // 2 + 1, 256)
+        self._max_size = 2 * self.max_items - 1  # the largest max_frame_size it takes
         self._frames = ffi.new("spop_frame[]", max_frames)
         self._items = ffi.new("spop_item[]", self.max_items)
         self._frames_view = memoryview(ffi.buffer(self._frames))
         self._items_view = memoryview(ffi.buffer(self._items))
         self._n = ffi.new("uint32_t *")
+        self._ids = ffi.new("uint64_t[]", 2 * max_frames)
+        self._ids_view = memoryview(ffi.buffer(self._ids))
+        self._cols = ffi.new("uint32_t[]", 3 * max_frames)
+        self._cols_view = memoryview(ffi.buffer(self._cols)).cast("I")
+        self.names = tuple(names)
+        self._names_raw = _pack_names(self.names) or b"\0"  # kept alive: C points into it
+        self._names = ffi.from_buffer("uint8_t[]", self._names_raw)
+        batch = self._batch = ffi.new("spop_batch *")
+        batch.frames, batch.items, batch.ids, batch.cols = (
+            self._frames, self._items, self._ids, self._cols,
+        )  # fmt: skip
+        batch.names, batch.names_len = self._names, len(_pack_names(self.names))
+        batch.n_names, batch.max_frames, batch.max_items = (
+            len(self.names), max_frames, self.max_items,
+        )  # fmt: skip
+        # n_frames, n_plain, n_items, consumed, status: one read per call
+        results = ffi.offsetof("spop_batch", "n_frames")
+        self._results = memoryview(ffi.buffer(batch))[results : results + 20].cast("I")
 
     def decode(self, data: bytes, max_frame_size: int) -> Decoded:
         """Decode the complete frames at the start of `data` (one C call).
@@ -157,35 +224,49 @@ class Decoder:
         if max_frame_size // 2 + 1 > self.max_items:
             raise ValueError("decoder was sized for smaller frames")
         rc = lib.spop_decode_frames(
-            data,
-            len(data),
-            max_frame_size,
-            self._frames,
-            self.max_frames,
-            self._items,
-            self.max_items,
-            self._n,
-        )
+            data, len(data), max_frame_size, self._frames, self.max_frames,
+            self._items, self.max_items, self._n,
+        )  # fmt: skip
         n = self._n[0]
         if n == 0:
-            return _new_decoded(Decoded, ([], [], 0, -rc))
-        fview, iview = self._frames_view, self._items_view
-        # A read of one NOTIFY (one message, one argument) is the common case
-        # without pipelining: direct unpacks cost half of slicing + iterating.
-        if n == 1:
-            frames = [_unpack_frame(fview, 0)]
-        else:
-            frames = list(FRAME_RECORD.iter_unpack(fview[: n * FRAME_RECORD.size]))
+            return Decoded([], [], 0, -rc)
+        frames = list(FRAME_RECORD.iter_unpack(self._frames_view[: n * _frame_size]))
         last = frames[-1]
         # records are handed out in order, so the last frame ends the items
-        n_items = last[F_FIRST] + last[F_NITEMS]
-        if n_items == 2:
-            items = [_unpack_item(iview, 0), _unpack_item(iview, ITEM_RECORD.size)]
-        elif n_items:
-            items = list(ITEM_RECORD.iter_unpack(iview[: n_items * ITEM_RECORD.size]))
-        else:
-            items = []
-        return _new_decoded(Decoded, (frames, items, last[F_OFFSET] + 4 + last[F_LENGTH], -rc))
+        records = self._items_view[: (last[F_FIRST] + last[F_NITEMS]) * _item_size].tobytes()
+        items = list(ITEM_RECORD.iter_unpack(records))
+        return Decoded(frames, items, last[F_OFFSET] + 4 + last[F_LENGTH], -rc)
+
+    def index(self, data: bytes, max_frame_size: int, all_frames: bool = False) -> Indexed:
+        """Decode and index the complete frames at the start of `data`: one
+        C call, and no Python object per frame but a few ints (Indexed).
+
+        The frame records are copied out only when some frame is not a plain
+        NOTIFY, or when `all_frames` asks for them.
+        """
+        if max_frame_size > self._max_size:
+            raise ValueError("decoder was sized for smaller frames")
+        lib.spop_decode_batch(data, len(data), max_frame_size, self._batch)
+        n, plain, n_items, consumed, error = self._results.tolist()
+        if n == 0:
+            return _new_tuple(Indexed, (0, 0, b"", [], [], [], b"", b"", 0, error))
+        cols = self._cols_view[: 3 * n].tolist()
+        return _new_tuple(
+            Indexed,
+            (
+                n,
+                plain,
+                self._ids_view[: 16 * n].tobytes(),
+                cols[:n],
+                cols[n : 2 * n],
+                cols[2 * n :],
+                self._items_view[: n_items * _item_size].tobytes(),
+                # the columns say all a plain read needs: skip this copy then
+                self._frames_view[: n * _frame_size].tobytes() if plain != n or all_frames else b"",
+                consumed,
+                error,
+            ),
+        )
 
 
 def item_value(data: bytes, item: ItemRecord) -> Value:
@@ -209,6 +290,11 @@ def kv_items(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> dict[s
 MESSAGE_NAMES: dict[bytes, str] = {}
 
 
+def pack_records(items: list[ItemRecord]) -> bytes:
+    """Item records back to the bytes Message reads (tests, rare paths)."""
+    return b"".join([ITEM_RECORD.pack(*rec) for rec in items])
+
+
 def message_name(raw: bytes) -> str:
     """A message name as text, decoded once: names come from HAProxy's
     config, so there are few of them."""
@@ -220,23 +306,54 @@ def message_name(raw: bytes) -> str:
     return name
 
 
-def messages(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> list[Message]:
-    """The messages of a decoded NOTIFY, arguments left undecoded."""
+def messages(data: bytes, frame: FrameRecord, items: list[ItemRecord] | bytes) -> list[Message]:
+    """The messages of a decoded NOTIFY, arguments left undecoded.
+
+    `items` is Decoded.items or Indexed.records of the same decode.
+    """
+    records = items if isinstance(items, bytes) else pack_records(items)
     out = []
     i = frame[F_FIRST]
     end = i + frame[F_NITEMS]
     while i < end:
-        rec = items[i]
+        rec = ITEM_RECORD.unpack_from(records, i * _item_size)
         name = message_name(data[rec[1] : rec[1] + rec[2]])
-        out.append(Message(name, data, items, i + 1, rec[7]))
+        out.append(Message(name, data, records, i + 1, rec[7]))
         i += 1 + rec[7]
     return out
+
+
+def notify_messages(data: bytes, ix: Indexed, names: Sequence[str]) -> list[Message]:
+    """The Message of each frame of an index whose frames are all
+    one-message NOTIFYs (ix.plain == ix.n), in order. `names` are the
+    decoder's names."""
+    n_names = len(names)
+    records = ix.records
+    # C-level iteration over the columns: only Message.__init__ runs per message
+    msgs = list(
+        map(Message, map((*names, "").__getitem__, ix.names), repeat(data), repeat(records),
+            ix.firsts, ix.nargs)
+    )  # fmt: skip
+    if n_names in ix.names:  # a name nobody registered: read it from its record
+        for k, idx in enumerate(ix.names):
+            if idx == n_names:
+                msgs[k] = unlisted_message(data, records, ix.firsts[k], ix.nargs[k])
+    return msgs
+
+
+def unlisted_message(data: bytes, records: bytes, first: int, nargs: int) -> Message:
+    """A message whose name the decoder was not given: read it from its record."""
+    rec = ITEM_RECORD.unpack_from(records, (first - 1) * _item_size)
+    return Message(message_name(data[rec[1] : rec[1] + rec[2]]), data, records, first, nargs)
 
 
 # ------------------------------------------------------------------ encoding
 
 # A KV item to encode: (key, value) or (key, (DataType, num, raw)).
 KV: TypeAlias = tuple[str, "Value | TypedEncoding"]
+
+
+_wire_of = attrgetter("wire")
 
 
 class Encoder:
@@ -253,8 +370,7 @@ class Encoder:
         self._items = ffi.new("spop_item[]", max_items)
         self._frames_view = memoryview(ffi.buffer(self._frames))
         self._items_view = memoryview(ffi.buffer(self._items))
-        self._out_size = out_size
-        self._out = ffi.new("uint8_t[]", out_size)
+        self._new_out(out_size)
         self._wire_encoder: Encoder | None = None
 
     def _grow(self, frames: int, items: int, out: int) -> None:
@@ -267,8 +383,7 @@ class Encoder:
             self._items = ffi.new("spop_item[]", items)
             self._items_view = memoryview(ffi.buffer(self._items))
         if out > self._out_size:
-            self._out_size = out
-            self._out = ffi.new("uint8_t[]", out)
+            self._new_out(out)
 
     def acks(
         self, replies: Sequence[tuple[int, int, Sequence[Action]]], max_frame_size: int
@@ -278,38 +393,84 @@ class Encoder:
         Returns the bytes and the indexes of replies whose actions did not all
         fit in max_frame_size; those ACKs carry the leading actions that fit.
         """
-        ids: list[int] = []
-        ends: list[int] = []
-        add_id = ids.append
-        add_end = ends.append
+        ids = array("Q")
+        for sid, fid, _ in replies:
+            ids.append(sid)
+            ids.append(fid)
+        return self.acks_for(ids, [actions for _, _, actions in replies], max_frame_size)
+
+    def acks_for(
+        self,
+        ids: bytes | array[int],
+        results: Sequence[Action | Sequence[Action] | None],
+        max_frame_size: int,
+    ) -> tuple[bytes, list[int]]:
+        """acks() column-wise: `ids` holds (stream-id, frame-id) pairs as
+        native uint64 (Indexed.ids, Notifies.ids), one pair per result; a
+        result is one Action, a sequence of Actions, or None (no action).
+
+        When every result is one Action encoded before (a handler picking a
+        prebuilt Action: the usual case), no Python code runs per ACK.
+        """
+        try:
+            # AttributeError: a result is not an Action; TypeError: not encoded yet
+            payload = b"".join(map(_wire_of, results))
+        except (AttributeError, TypeError):
+            return self._acks_general(ids, results, max_frame_size)
+        try:
+            return self._encode_acks(ids, None, payload, len(results), max_frame_size), []
+        except CodecError as e:  # an ACK too big: the general path cuts it
+            if e.status != Status.TOO_BIG:
+                raise  # pragma: no cover - the actions were encoded by us
+        return self._acks_general(ids, results, max_frame_size)
+
+    def _acks_general(
+        self,
+        ids: bytes | array[int],
+        results: Sequence[Action | Sequence[Action] | None],
+        max_frame_size: int,
+    ) -> tuple[bytes, list[int]]:
+        ends = array("I")
         payload = bytearray()
         cut = []
         safe = max_frame_size - 25  # fits whatever the header (ids of 10 bytes each)
-        for sid, fid, actions in replies:
+        pairs = ids if isinstance(ids, array) else memoryview(ids).cast("Q")
+        for k, result in enumerate(results):
+            actions = (result,) if result.__class__ is Action else result or ()
             start = len(payload)
-            for a in actions:
+            for a in actions:  # type: ignore[union-attr]
                 payload += a.wire or self.action_wire(a)
             if len(payload) - start > safe:
+                sid, fid = pairs[2 * k], pairs[2 * k + 1]
                 budget = max_frame_size - 5 - len(encode_varint(sid)) - len(encode_varint(fid))
                 if len(payload) - start > budget:
-                    del payload[self._fit(start, actions, budget) :]
-                    cut.append(len(ends))
-            add_id(sid)
-            add_id(fid)
-            add_end(len(payload))
-        need = len(payload) + 25 * len(ends)
-        if need > self._out_size:
-            self._grow_out(need)
-        # plain lists, converted once: cheaper than writing cdata item by item
+                    del payload[self._fit(start, actions, budget) :]  # type: ignore[arg-type]
+                    cut.append(k)
+            ends.append(len(payload))
+        return self._encode_acks(ids, ends, bytes(payload), len(ends), max_frame_size), cut
+
+    def _encode_acks(
+        self,
+        ids: bytes | array[int],
+        ends: array[int] | None,
+        payload: bytes | bytearray,
+        n: int,
+        max_frame_size: int,
+    ) -> bytes:
+        """n ACKs in one C call; without `ends`, one action each."""
+        if len(payload) + 25 * n > self._out_size:
+            self._grow_out(len(payload) + 25 * n)
+        c_ids = ffi.from_buffer("uint64_t[]", ids)
+        if len(c_ids) != 2 * n:  # the C side reads 2n of them
+            raise ValueError(f"ids for {n} ACKs must be {2 * n} integers")
         rc = lib.spop_encode_acks(
-            self._out, self._out_size, max_frame_size,
-            ffi.from_buffer("uint64_t[]", array("Q", ids)),
-            ffi.from_buffer("uint32_t[]", array("I", ends)),
-            len(ends), bytes(payload), len(payload),
+            self._out, self._out_size, max_frame_size, c_ids,
+            ffi.NULL if ends is None else ffi.from_buffer("uint32_t[]", ends),
+            n, payload, len(payload),
         )  # fmt: skip
         if rc < 0:
             raise CodecError(-rc, "cannot encode ACKs")
-        return ffi.buffer(self._out, rc)[:], cut
+        return self._out_view[:rc].tobytes()
 
     @staticmethod
     def _fit(start: int, actions: Sequence[Action], budget: int) -> int:
@@ -421,9 +582,12 @@ class Encoder:
     def _grow_out(self, size: int) -> None:
         if size <= self._out_size:
             raise CodecError(Status.TOO_BIG, "frame does not fit the output buffer")
-        size = max(size, 2 * self._out_size)
+        self._new_out(max(size, 2 * self._out_size))
+
+    def _new_out(self, size: int) -> None:
         self._out_size = size
         self._out = ffi.new("uint8_t[]", size)
+        self._out_view = memoryview(ffi.buffer(self._out))
 
 
 def encode_varint(value: int) -> bytes:

@@ -48,10 +48,11 @@ import selectors
 import socket
 import time
 from bisect import bisect_left
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import islice, pairwise, repeat
+from operator import sub
 from typing import Any
 
 from spoa_mp import __version__
@@ -110,6 +111,20 @@ class LatencyHistogram:
         if 0.0 <= seconds < math.inf:
             self.counts[bisect_left(self.bounds, seconds)] += 1
             self.sum += seconds
+
+    def observe_stamps(self, stamps: Sequence[float]) -> None:
+        """observe() each interval between consecutive clock readings (a
+        batch of handlers timed back to back), with C-level loops."""
+        if len(stamps) < 2:
+            return
+        total = stamps[-1] - stamps[0]
+        if not 0.0 <= total < math.inf:
+            return  # a clock that went backwards: drop the batch
+        counts = self.counts
+        durations = map(sub, islice(stamps, 1, None), stamps)
+        for bucket, n in Counter(map(bisect_left, repeat(self.bounds), durations)).items():
+            counts[bucket] += n
+        self.sum += total  # the intervals add up to the whole
 
     @property
     def count(self) -> int:

@@ -1,14 +1,17 @@
 """SPOP values, actions and messages: the objects a handler sees and returns.
 
 Pure Python, no codec or server imports, so handler code can be unit-tested
-on its own. The codec builds `Message` objects from decoded records and
-encodes `Action` objects; both stay lazy where a handler may not look.
+on its own. The codec builds `Message` objects over its decoded item records
+(their layout, ITEM_RECORD, is here; spoa_mp.codec checks it against the C
+struct) and encodes `Action` objects; both stay lazy where a handler may not
+look.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from collections.abc import Iterator
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
@@ -292,27 +295,31 @@ def typed_value(type_: int, num: int, raw: bytes) -> Value:
     return None
 
 
-# One decoded record, as codec.Decoder returns it:
+# One decoded item record (spop_item in csrc/spop.h), as struct unpacks it:
 # (num, name_off, name_len, val_off, val_len, kind, type, nargs, action, scope)
 ItemRecord: TypeAlias = tuple[int, int, int, int, int, int, int, int, int, int]
+ITEM_RECORD = struct.Struct("=QIIIIBBBBB3x")
+_ITEM_SIZE = ITEM_RECORD.size
+_unpack_item = ITEM_RECORD.unpack_from
+_unpack_num_type = struct.Struct("=Q17xB").unpack_from  # (num, type) of a record
 
 
 class Message:
     """One SPOE message of a NOTIFY: a name and typed arguments.
 
     Arguments are read by position (`msg[0]`, what `args src` produces) or by
-    name (`msg["ip"]`, from `args ip=src`). Values are decoded only when read.
-    A NULL argument (sample not available in HAProxy) reads as None.
+    name (`msg["ip"]`, from `args ip=src`). Values are decoded only when read,
+    from the codec's item records (`records`: the bytes of the spop_item
+    array, shared by the messages of one read). A NULL argument (sample not
+    available in HAProxy) reads as None.
     """
 
-    __slots__ = ("_first", "_items", "data", "name", "nargs")
+    __slots__ = ("_first", "_records", "data", "name", "nargs")
 
-    def __init__(
-        self, name: str, data: bytes, items: list[ItemRecord], first: int, nargs: int
-    ) -> None:
+    def __init__(self, name: str, data: bytes, records: bytes, first: int, nargs: int) -> None:
         self.name = name
         self.data = data  # the buffer the records point into
-        self._items = items
+        self._records = records
         self._first = first  # index of the first argument record
         self.nargs = nargs
 
@@ -323,32 +330,37 @@ class Message:
         args = ", ".join(f"{n or i}={v!r}" for i, (n, v) in enumerate(self.items()))
         return f"Message({self.name!r}, {args})"
 
+    def _args(self) -> Iterator[ItemRecord]:
+        start = self._first * _ITEM_SIZE
+        return ITEM_RECORD.iter_unpack(self._records[start : start + self.nargs * _ITEM_SIZE])
+
     def _find(self, key: int | str) -> ItemRecord:
         if isinstance(key, int):
             if not -self.nargs <= key < self.nargs:
                 raise IndexError(key)
-            return self._items[self._first + key % self.nargs]
+            return _unpack_item(self._records, (self._first + key % self.nargs) * _ITEM_SIZE)
         wanted = key.encode()
         data = self.data
-        for rec in self._items[self._first : self._first + self.nargs]:
+        for rec in self._args():
             if data[rec[1] : rec[1] + rec[2]] == wanted:
                 return rec
         raise KeyError(key)
 
     def _value(self, rec: ItemRecord) -> Value:
-        if rec[6] == DataType.IPV4:  # the common case, kept first
-            return ipv4_from_int(rec[0])
         return typed_value(rec[6], rec[0], self.data[rec[3] : rec[3] + rec[4]])
 
     def __getitem__(self, key: int | str) -> Value:
         """Argument value by position or by name (IndexError / KeyError)."""
         if key.__class__ is int and 0 <= key < self.nargs:  # type: ignore[operator]
-            rec = self._items[self._first + key]  # type: ignore[operator]
-        else:
-            rec = self._find(key)
-        if rec[6] == 6:  # IPV4, the common case
-            return ipv4_from_int(rec[0])
-        return self._value(rec)
+            # the common case: one small unpack, and IPv4 needs nothing else
+            num, type_ = _unpack_num_type(self._records, (self._first + key) * _ITEM_SIZE)  # type: ignore[operator]
+            if type_ == 6:  # IPV4: ipv4_from_int, inlined
+                addr = _new_ipv4(IPv4Address)
+                addr._ip = num
+                return addr
+            if type_ in (3, 5):  # UINT32, UINT64
+                return num
+        return self._value(self._find(key))
 
     def get(self, key: int | str, default: Value = None) -> Value:
         try:
@@ -363,10 +375,8 @@ class Message:
     def names(self) -> list[str]:
         """Argument names in order ("" for unnamed arguments)."""
         data = self.data
-        args = self._items[self._first : self._first + self.nargs]
-        return [data[r[1] : r[1] + r[2]].decode("utf-8", "replace") for r in args]
+        return [data[r[1] : r[1] + r[2]].decode("utf-8", "replace") for r in self._args()]
 
     def items(self) -> Iterator[tuple[str, Value]]:
         """(name, value) pairs in order."""
-        args = self._items[self._first : self._first + self.nargs]
-        return zip(self.names(), (self._value(r) for r in args), strict=True)
+        return zip(self.names(), map(self._value, self._args()), strict=True)

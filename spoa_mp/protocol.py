@@ -4,16 +4,19 @@ Bytes in (`receive`), notifications and events out, bytes to send
 (`data_to_send`). No sockets, no processes, no handler code: the worker,
 the tests and the load generator drive it.
 
-Hot path: `receive` returns NOTIFY frames as plain `(sid, fid, messages)`
-tuples. Everything rarer (handshake done, HAProxy said goodbye, protocol
-error, health check) is an event object in `take_events()`. After an error,
-a DISCONNECT or a health check, `closing` is True: send what
-`data_to_send()` returns, then close the connection.
+Hot path: `feed` returns the NOTIFY frames of a read column-wise (Notifies:
+ids, messages), answered with `ack_for`; `receive` gives the same as
+`(sid, fid, messages)` tuples, answered with `ack`. Everything rarer
+(handshake done, HAProxy said goodbye, protocol error, health check) is
+an event object in `take_events()`. After an error, a DISCONNECT or a
+health check, `closing` is True: send what `data_to_send()` returns, then
+close the connection.
 """
 
 from __future__ import annotations
 
 import re
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -21,10 +24,8 @@ from typing import TypeAlias
 from spoa_mp.codec import (
     DEFAULT_FRAME_SIZE,
     F_FID,
-    F_FIRST,
     F_FLAGS,
     F_LENGTH,
-    F_NITEMS,
     F_OFFSET,
     F_PARSED,
     F_PLEN,
@@ -33,26 +34,70 @@ from spoa_mp.codec import (
     F_TYPE,
     FLAG_ABORT,
     FLAG_FIN,
-    MESSAGE_NAMES,
     MIN_FRAME_SIZE,
+    OTHER,
     CodecError,
     Decoder,
     Encoder,
     FrameRecord,
     FrameType,
+    Indexed,
     Status,
     encode_varint,
     item_value,
     kv_items,
-    message_name,
     messages,
+    notify_messages,
     status_reason,
+    unlisted_message,
 )
 from spoa_mp.model import Action, DataType, ItemRecord, Message, String
 
 SPOP_VERSION = "2.0"
 Notification: TypeAlias = tuple[int, int, list[Message]]
 """(stream-id, frame-id, messages) of one NOTIFY; answer with ack()."""
+
+
+class Notifies:
+    """The NOTIFY frames of one feed(), in arrival order, column-wise.
+
+    `ids` holds (stream-id, frame-id) pairs; `messages` every message in
+    order; `counts` the number of messages of each NOTIFY, or None while
+    each carries exactly one (HAProxy sends one message per event unless a
+    group says otherwise). Columns cost no object per NOTIFY, and ack_for()
+    hands `ids` to the encoder as they are.
+    """
+
+    __slots__ = ("counts", "ids", "messages")
+
+    def __init__(self) -> None:
+        self.ids = array("Q")
+        self.messages: list[Message] = []
+        self.counts: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids) >> 1
+
+    def add(self, sid: int, fid: int, msgs: list[Message]) -> None:
+        if self.counts is None and len(msgs) != 1:
+            self.counts = [1] * len(self)
+        if self.counts is not None:
+            self.counts.append(len(msgs))
+        self.ids.append(sid)
+        self.ids.append(fid)
+        self.messages += msgs
+
+    def notifications(self) -> list[Notification]:
+        """One (sid, fid, messages) tuple per NOTIFY."""
+        ids = self.ids
+        if self.counts is None:
+            return [(ids[2 * k], ids[2 * k + 1], [m]) for k, m in enumerate(self.messages)]
+        notes = []
+        at = 0
+        for k, count in enumerate(self.counts):
+            notes.append((ids[2 * k], ids[2 * k + 1], self.messages[at : at + count]))
+            at += count
+        return notes
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,52 +337,74 @@ class AgentConnection:
 
     def receive(self, data: bytes) -> list[Notification]:
         """Feed bytes read from HAProxy; returns the NOTIFY frames completed."""
+        return self.feed(data).notifications()
+
+    def feed(self, data: bytes) -> Notifies:
+        """receive(), column-wise: the hot path of a worker (see Notifies)."""
+        out = Notifies()
         if self._phase == _CLOSING:
-            return []
+            return out
         if self._pending:
             data = self._pending + data
-        notes: list[Notification] = []
-        decode = self._decoder.decode
-        names = MESSAGE_NAMES  # text of names already seen
+        index = self._decoder.index
         while data:
-            frames, items, consumed, error = decode(data, self.max_frame_size)
-            ready = self._phase == _READY
-            try:
-                for f in frames:
-                    if f[F_TYPE] == 3 and f[F_PARSED] and ready:
-                        first = f[F_FIRST]
-                        rec = items[first] if f[F_NITEMS] else None
-                        if rec is None or rec[7] + 1 != f[F_NITEMS]:  # not one message
-                            notes.append((f[F_SID], f[F_FID], messages(data, f, items)))
-                            continue
-                        # one message: the usual NOTIFY, inlined
-                        raw = data[rec[1] : rec[1] + rec[2]]
-                        name = names.get(raw) or message_name(raw)
-                        msg = Message(name, data, items, first + 1, rec[7])
-                        notes.append((f[F_SID], f[F_FID], [msg]))
-                        continue
-                    self._other_frame(data, f, items, notes)
-                    if self._phase == _CLOSING:
-                        return notes
-                    if not ready and self._phase == _READY:
-                        # the handshake set max-frame-size: what follows in
-                        # this read must be decoded again under that limit
-                        consumed = f[F_OFFSET] + 4 + f[F_LENGTH]
-                        error = 0
-                        break
-                if error:
-                    raise _FailError(error, "malformed frame")
-            except _FailError as e:
-                self._fail(e.status, e.detail)
-                return notes
-            if not frames or consumed == len(data):
+            ix = index(data, self.max_frame_size, self._phase != _READY)
+            consumed, error = ix.consumed, ix.error
+            if ix.plain == ix.n and self._phase == _READY:
+                # every frame is a one-message NOTIFY: the usual read
+                out.ids.frombytes(ix.ids)
+                out.messages += notify_messages(data, ix, self._decoder.names)
+            else:
+                try:
+                    ended = self._mixed(data, ix, out)
+                except _FailError as e:
+                    self._fail(e.status, e.detail)
+                    return out
+                if self._phase == _CLOSING:
+                    return out
+                if ended:  # the handshake set max-frame-size: decode the rest again
+                    consumed, error = ended, 0
+            if error:
+                self._fail(error, "malformed frame")
+                return out
+            if not ix.n or consumed == len(data):
                 break
             data = data[consumed:]  # records full, or a new limit: go again
-        self._pending = data[consumed:] if frames else data
-        return notes
+        self._pending = data[consumed:] if ix.n else data
+        return out
+
+    def _mixed(self, data: bytes, ix: Indexed, out: Notifies) -> int:
+        """Frame by frame, in order: NOTIFYs and everything else. Returns the
+        bytes to consume when the handshake ended and the rest of `data`
+        must be decoded under the negotiated limit, else 0."""
+        frames = ix.frame_records()
+        items: list[ItemRecord] | None = None
+        for k, f in enumerate(frames):
+            ready = self._phase == _READY
+            if f[F_TYPE] == FrameType.NOTIFY and f[F_PARSED] and ready:
+                if ix.names[k] == OTHER:  # several messages (or none)
+                    out.add(f[F_SID], f[F_FID], messages(data, f, ix.records))
+                else:
+                    out.add(f[F_SID], f[F_FID], self._messages_of(data, ix, k))
+                continue
+            if items is None:
+                items = ix.item_records()
+            self._other_frame(data, f, items, out)
+            if self._phase == _CLOSING:
+                return 0
+            if not ready and self._phase == _READY:
+                return f[F_OFFSET] + 4 + f[F_LENGTH]
+        return 0
+
+    def _messages_of(self, data: bytes, ix: Indexed, k: int) -> list[Message]:
+        idx, first, nargs = ix.names[k], ix.firsts[k], ix.nargs[k]
+        names = self._decoder.names
+        if idx < len(names):
+            return [Message(names[idx], data, ix.records, first, nargs)]
+        return [unlisted_message(data, ix.records, first, nargs)]
 
     def _other_frame(
-        self, data: bytes, f: FrameRecord, items: list[ItemRecord], notes: list[Notification]
+        self, data: bytes, f: FrameRecord, items: list[ItemRecord], out: Notifies
     ) -> None:
         type_, flags = f[F_TYPE], f[F_FLAGS]
         FrameCounts.add(self.counts.frames_in, FRAME_NAMES.get(type_, "unknown"))
@@ -352,7 +419,7 @@ class AgentConnection:
         elif type_ in (FrameType.NOTIFY, FrameType.UNSET):
             note = self._fragmented_notify(data, f)
             if note is not None:
-                notes.append(note)
+                out.add(*note)
         elif type_ in (FrameType.HAPROXY_HELLO, FrameType.HAPROXY_DISCONNECT):
             if not flags & FLAG_FIN:
                 raise _FailError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragmented frame")
@@ -471,10 +538,10 @@ class AgentConnection:
         body = header + payload
         frame = len(body).to_bytes(4, "big") + body
         decoder = Decoder(max_frames=1, max_frame_size=len(body))
-        frames, items, _, error = decoder.decode(frame, len(body))
-        if error or not frames:
-            raise _FailError(error or Status.INVALID, "malformed reassembled NOTIFY")
-        return (sid, fid, messages(frame, frames[0], items))
+        decoded = decoder.decode(frame, len(body))
+        if decoded.error or not decoded.frames:
+            raise _FailError(decoded.error or Status.INVALID, "malformed reassembled NOTIFY")
+        return (sid, fid, messages(frame, decoded.frames[0], decoded.items))
 
     # -------------------------------------------------------------- endings
 
@@ -531,6 +598,15 @@ class AgentConnection:
         if self._phase != _READY or not replies:
             return []
         data, cut = self._encoder.acks(replies, self.max_frame_size)
+        self._out.append(data)
+        return cut
+
+    def ack_for(self, ids: bytes | array[int], results: Sequence[Sequence[Action]]) -> list[int]:
+        """ack() column-wise: `ids` as in Notifies.ids, one actions sequence
+        per NOTIFY in `results`. Returns the indexes of cut ACKs."""
+        if self._phase != _READY or not results:
+            return []
+        data, cut = self._encoder.acks_for(ids, results, self.max_frame_size)
         self._out.append(data)
         return cut
 

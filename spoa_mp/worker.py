@@ -23,9 +23,11 @@ import os
 import signal
 import socket
 import time
-from collections import deque
+from array import array
+from collections import Counter, deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from spoa_mp import health
@@ -41,6 +43,7 @@ from spoa_mp.protocol import (
     HandshakeDone,
     HealthCheck,
     Notification,
+    Notifies,
     PeerDisconnected,
     ProtocolError,
 )
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 256 * 1024
 # what sync handlers return; never awaitable, so the costly check is skipped
 _PLAIN_RESULTS = frozenset((tuple, list, type(None), Action))
+_name_of = attrgetter("name")
 HEARTBEAT_INTERVAL = 1.0
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 
@@ -131,9 +135,11 @@ class Worker:
         self.recycle_after = recycle_after  # messages (0: never); asked once, from _beat
         self.counters = Counters()
         self.connections: dict[int, Connection] = {}
-        self._decoder = Decoder(max_frame_size=settings.max_frame_size)
-        self._encoder = Encoder()
         self._handlers = dict(agent.handlers)
+        # the decoder matches handler names in C: a message costs no name lookup
+        self._decoder = Decoder(max_frame_size=settings.max_frame_size, names=self._handlers)
+        self._encoder = Encoder()
+        self._sync_only = not any(reg.is_coroutine for reg in self._handlers.values())
         self._recv_buf = bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
         self._noisy = RateLimitedLog(log, interval=10.0)
@@ -312,10 +318,13 @@ class Worker:
         if not n:
             self._close(conn)
             return
-        notes = conn.proto.receive(data)
+        notifies = conn.proto.feed(data)
         self._events(conn)
-        if notes:
-            self._dispatch(conn, notes)
+        if notifies.ids:
+            if notifies.counts is None and self._sync_only and not self.debug:
+                self._dispatch_plain(conn, notifies)
+            else:
+                self._dispatch(conn, notifies.notifications())
         self._flush(conn)
         if self._stopping:
             self._close_if_idle(conn)
@@ -442,7 +451,7 @@ class Worker:
             size = int(state["max_frame_size"])
             decoder = self._decoder
             if size > self.settings.max_frame_size:  # negotiated before a smaller limit
-                decoder = Decoder(max_frame_size=size)
+                decoder = Decoder(max_frame_size=size, names=self._handlers)
             proto = AgentConnection.adopt(
                 state, self.settings, decoder, self._encoder, self.counters.frames
             )
@@ -556,6 +565,78 @@ class Worker:
             cut = conn.proto.ack(replies)
             if cut:
                 self._acks_cut(conn, len(cut))
+
+    def _dispatch_plain(self, conn: Connection, notifies: Notifies) -> None:
+        """The usual read: one message per NOTIFY, no coroutine handlers.
+
+        Handler results go to the encoder as they are (an Action, the usual
+        result, needs no normalising), messages are counted by name in bulk,
+        and latencies are timestamps turned into a histogram after the loop.
+        """
+        handlers = self._handlers
+        msgs = notifies.messages
+        results: list[Action | tuple[Action, ...] | None] = []
+        add = results.append
+        clock = time.perf_counter
+        stamps = [clock()]
+        stamp = stamps.append
+        late: list[tuple[int, Message, Awaitable[object]]] = []
+        for msg in msgs:
+            reg = handlers.get(msg.name)
+            result = None
+            if reg is not None:
+                try:
+                    result = reg.fn(msg)
+                    if result.__class__ is not Action:
+                        if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
+                            late.append((len(results), msg, result))  # type: ignore[arg-type]
+                        else:
+                            result = normalize_actions(result)
+                except Exception:
+                    self._handler_failed(msg)
+                    result = None
+            add(result)  # type: ignore[arg-type]
+            stamp(clock())
+        counters = self.counters
+        counters.notifies += len(msgs)
+        counted = counters.messages
+        if len(msgs) == 1:  # unpipelined: one message per read, skip the bulk tools
+            name = msgs[0].name
+            if name in handlers:
+                counted[name] = counted.get(name, 0) + 1
+            counters.latency.observe(stamps[1] - stamps[0])
+        else:
+            for name, n in Counter(map(_name_of, msgs)).items():
+                if name in handlers:
+                    counted[name] = counted.get(name, 0) + n
+            counters.latency.observe_stamps(stamps)
+        ids: array[int] = notifies.ids
+        if late:  # a plain function returned an awaitable: those ACKs wait for it
+            results, ids = self._start_late(conn, ids, results, late)
+        if results:
+            counters.acks += len(results)
+            cut = conn.proto.ack_for(ids, results)
+            if cut:
+                self._acks_cut(conn, len(cut))
+
+    def _start_late(
+        self,
+        conn: Connection,
+        ids: array[int],
+        results: list[Any],
+        late: list[tuple[int, Message, Awaitable[object]]],
+    ) -> tuple[list[Any], array[int]]:
+        """Start the awaitables of a plain read as tasks; returns the results
+        and ids of the NOTIFYs that can be ACKed now."""
+        waiting = {k for k, _, _ in late}
+        for k, msg, awaitable in late:
+            self._start_async(conn, ids[2 * k], ids[2 * k + 1], (), [(msg, awaitable)])
+        keep = [k for k in range(len(results)) if k not in waiting]
+        now = array("Q")
+        for k in keep:
+            now.append(ids[2 * k])
+            now.append(ids[2 * k + 1])
+        return [results[k] for k in keep], now
 
     def _needs_task(self, msgs: list[Message]) -> bool:
         for msg in msgs:

@@ -75,9 +75,8 @@ def make_agent(
         raise ValueError(f"default_score must be an int in 0..{MAX_SCORE}: {default_score!r}")
     # Every possible answer, built once: a handler result is a list lookup,
     # and the codec encodes each of these at most once per process (it caches
-    # the bytes on the Action). 1-tuples so normalize_actions returns them as is.
-    actions: list[Action] = [set_var(scope, var_name, s) for s in range(MAX_SCORE + 1)]
-    results: list[tuple[Action]] = [(a,) for a in actions]
+    # the bytes on the Action, and a batch of Actions is encoded in one pass).
+    results: list[Action] = [set_var(scope, var_name, s) for s in range(MAX_SCORE + 1)]
 
     agent = Agent("iprep")
 
@@ -86,7 +85,7 @@ def make_agent(
         rand = rng.random
 
         @agent.on_message(MESSAGE)
-        def check_client_ip_random(msg: Message) -> tuple[Action] | None:
+        def check_client_ip_random(msg: Message) -> Action | None:
             addr = msg[0] if msg.nargs == 1 else _address(msg)
             cls = addr.__class__
             if cls is not IPv4Address and cls is not IPv6Address:
@@ -111,7 +110,7 @@ def make_agent(
     default = results[default_score]
 
     @agent.on_message(MESSAGE)
-    def check_client_ip(msg: Message) -> tuple[Action] | None:
+    def check_client_ip(msg: Message) -> Action | None:
         addr = msg[0] if msg.nargs == 1 else _address(msg)
         cls = addr.__class__
         # Exact classes (what Message returns) and `_ip`, the int that int()
