@@ -656,9 +656,9 @@ int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
 
 /* ---------------------------------------------------------------- index */
 
-/* Position of `name` in the list of SPOP strings, n_names when absent,
- * SPOP_INDEX_OTHER when the list is malformed. Handler names are few: a
- * linear scan with the length compared first beats hashing here. */
+/* Position of `name` in the list of SPOP strings (checked by the caller),
+ * n_names when absent. Handler names are few: a linear scan with the length
+ * compared first beats hashing here. */
 static uint32_t find_name(const uint8_t *name, uint32_t name_len,
                           const uint8_t *names, size_t names_len, uint32_t n_names)
 {
@@ -666,7 +666,7 @@ static uint32_t find_name(const uint8_t *name, uint32_t name_len,
     for (uint32_t i = 0; i < n_names; i++) {
         uint32_t off, n;
         if (read_string(&c, names, &off, &n) < 0)
-            return SPOP_INDEX_OTHER;
+            break;
         if (n == name_len && memcmp(names + off, name, n) == 0)
             return i;
     }
@@ -676,6 +676,16 @@ static uint32_t find_name(const uint8_t *name, uint32_t name_len,
 int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
                       spop_batch *b)
 {
+    /* the names list is the caller's: check it whole, before writing anything */
+    cursor names = {b->names, b->names + b->names_len};
+    for (uint32_t i = 0; i < b->n_names; i++) {
+        uint32_t off, nlen;
+        if (read_string(&names, b->names, &off, &nlen) < 0)
+            return -SPOP_ST_INVALID;
+    }
+    if (names.p != names.end)
+        return -SPOP_ST_INVALID;
+
     uint32_t n = 0;
     int rc = spop_decode_frames(buf, len, max_frame_size, b->frames, b->max_frames,
                                 b->items, b->max_items, &n);
@@ -706,11 +716,8 @@ int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
         const spop_item *m = &b->items[f->first_item];
         if (m->kind != SPOP_ITEM_MESSAGE || (uint32_t)m->nargs + 1 != f->n_items)
             continue; /* several messages: the caller walks the records */
-        uint32_t idx = find_name(buf + m->name_off, m->name_len, b->names, b->names_len,
+        names_col[k] = find_name(buf + m->name_off, m->name_len, b->names, b->names_len,
                                  b->n_names);
-        if (idx == SPOP_INDEX_OTHER)
-            return -SPOP_ST_INVALID;
-        names_col[k] = idx;
         first_col[k] = f->first_item + 1;
         nargs_col[k] = m->nargs;
         b->n_plain++;

@@ -209,7 +209,8 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
  * -SPOP_ST_INVALID when ends are not increasing within payload_len (or,
  * without ends, payload is not exactly n well-formed actions),
  * -SPOP_ST_TOO_BIG when one ACK would exceed max_frame_size (drop actions
- * first), -SPOP_ST_RES when `cap` is short: n * 25 + payload_len always fits.
+ * first), -SPOP_ST_RES when `cap` is short: n * 29 + payload_len always
+ * fits (length prefix and the longest header, per ACK).
  */
 int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
                      const uint64_t *ids, const uint32_t *ends, uint32_t n,
@@ -258,7 +259,8 @@ typedef struct spop_batch {
  * Decode and index the complete frames at the start of buf[0..len), as
  * spop_decode_frames() does (same stops, same errors: `status` is what it
  * returned, negated). Returns the number of frames decoded, or
- * -SPOP_ST_INVALID when `names` is malformed.
+ * -SPOP_ST_INVALID when `names` is not exactly n_names strings in names_len
+ * bytes (checked first: nothing is written then).
  */
 int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
                       spop_batch *b);

@@ -11,7 +11,12 @@
  * the contract in spop.h is checked; any violation abort()s so libFuzzer
  * keeps a crash file. Successful decodes are re-encoded and decoded again.
  * The input is also read as varints (decode -> encode must give back the
- * consumed bytes: the encoding is canonical).
+ * consumed bytes: the encoding is canonical), decoded and indexed by
+ * spop_decode_batch (same records as spop_decode_frames, columns in range
+ * and naming the right handler), and used as the concatenated actions of
+ * spop_encode_acks with ends == NULL (accepted exactly when it is n
+ * well-formed actions; the ACKs decode back to them, one each, and match
+ * the ends-array form).
  */
 #include "spop.h"
 
@@ -340,6 +345,227 @@ static void fuzz_varints(const uint8_t *buf, size_t len)
     }
 }
 
+/* ---------------------------------------------------------------- decode + index */
+
+/* The handler names of spop_decode_batch, as a caller packs them: SPOP
+ * strings back to back ("check-client-ip", "ip", "a" and the empty name).
+ * The literal is split so that no hex escape swallows a letter. */
+static const uint8_t FUZZ_NAMES[] = "\x0f" "check-client-ip" "\x02" "ip" "\x01" "a" "\x00";
+#define FUZZ_NAMES_LEN ((uint32_t)sizeof(FUZZ_NAMES) - 1) /* the terminating NUL is not a name */
+#define FUZZ_N_NAMES 4u
+
+static spop_frame g_bframes[MAX_FRAMES];
+static spop_item g_bitems[MAX_ITEMS];
+static uint64_t g_bids[2 * MAX_FRAMES];
+static uint32_t g_bcols[3 * MAX_FRAMES];
+
+/* Where `name` is in FUZZ_NAMES (n_names when absent): a separate, plain walk. */
+static uint32_t ref_name_index(const uint8_t *name, uint32_t len, uint32_t n_names)
+{
+    size_t at = 0;
+    for (uint32_t i = 0; i < n_names; i++) {
+        uint32_t n = FUZZ_NAMES[at];
+        if (n == len && !memcmp(FUZZ_NAMES + at + 1, name, n))
+            return i;
+        at += 1 + n;
+    }
+    return n_names;
+}
+
+/* spop_decode_batch against spop_decode_frames and its own contract. */
+static void fuzz_batch(const uint8_t *buf, size_t len)
+{
+    static const struct {
+        uint32_t mfs, max_frames, max_items, n_names;
+    } cfg[] = {
+        {SPOP_DEFAULT_FRAME_SIZE, MAX_FRAMES, MAX_ITEMS, FUZZ_N_NAMES},
+        {SPOP_MIN_FRAME_SIZE, 2, 4, FUZZ_N_NAMES}, /* tiny arrays: early stops */
+        {SPOP_DEFAULT_FRAME_SIZE, MAX_FRAMES, MAX_ITEMS, 0}, /* no names: every plain frame is 0 */
+        {UINT32_MAX, 3, MAX_ITEMS, FUZZ_N_NAMES},
+    };
+    for (size_t c = 0; c < sizeof(cfg) / sizeof(cfg[0]); c++) {
+        spop_batch b;
+        memset(&b, 0xA5, sizeof(b)); /* results must all be written */
+        b.frames = g_bframes;
+        b.items = g_bitems;
+        b.ids = g_bids;
+        b.cols = g_bcols;
+        b.names = cfg[c].n_names ? FUZZ_NAMES : NULL;
+        b.names_len = cfg[c].n_names ? FUZZ_NAMES_LEN : 0;
+        b.n_names = cfg[c].n_names;
+        b.max_frames = cfg[c].max_frames;
+        b.max_items = cfg[c].max_items;
+        int rc = spop_decode_batch(buf, len, cfg[c].mfs, &b);
+
+        uint32_t n = 0xFFFFFFFF;
+        int ret = spop_decode_frames(buf, len, cfg[c].mfs, g_frames, cfg[c].max_frames, g_items,
+                                     cfg[c].max_items, &n);
+        REQUIRE(rc >= 0, c); /* the names are well formed */
+        REQUIRE((uint32_t)rc == b.n_frames && b.n_frames == n, c);
+        REQUIRE(b.status == (uint32_t)-ret, c);
+        REQUIRE(b.n_plain <= b.n_frames, c);
+        REQUIRE(b.consumed <= len, c);
+        const spop_frame *last = n ? &g_frames[n - 1] : NULL;
+        REQUIRE(b.consumed == (last ? last->offset + 4 + last->length : 0), c);
+        REQUIRE(b.n_items == (last ? last->first_item + last->n_items : 0), c);
+        /* the same records as spop_decode_frames (pad bytes included: both zero them) */
+        REQUIRE(!memcmp(g_frames, g_bframes, n * sizeof(spop_frame)), c);
+        REQUIRE(!memcmp(g_items, g_bitems, b.n_items * sizeof(spop_item)), c);
+
+        uint32_t plain = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            const spop_frame *f = &g_bframes[k];
+            uint32_t idx = g_bcols[k], first = g_bcols[n + k], nargs = g_bcols[2 * n + k];
+            REQUIRE(g_bids[2 * k] == f->sid && g_bids[2 * k + 1] == f->fid, k);
+            const spop_item *m = &g_bitems[f->first_item];
+            int one_message = f->type == SPOP_FRAME_NOTIFY && f->items_parsed && f->n_items > 0 &&
+                              (uint32_t)m->nargs + 1 == f->n_items;
+            if (!one_message) {
+                REQUIRE(idx == SPOP_INDEX_OTHER && first == 0 && nargs == 0, k);
+                continue;
+            }
+            plain++;
+            REQUIRE(m->kind == SPOP_ITEM_MESSAGE, k);
+            REQUIRE(idx == ref_name_index(buf + m->name_off, m->name_len, cfg[c].n_names), k);
+            REQUIRE(first == f->first_item + 1 && nargs == m->nargs, k);
+            REQUIRE((uint64_t)first + nargs <= b.n_items, k);
+            for (uint32_t a = first; a < first + nargs; a++)
+                REQUIRE(g_bitems[a].kind == SPOP_ITEM_ARG, a);
+        }
+        REQUIRE(plain == b.n_plain, plain);
+    }
+}
+
+/* ---------------------------------------------------------------- ACKs of one action */
+
+static uint64_t g_ack_ids[2 * (MAX_ITEMS + 2)];
+static uint32_t g_ack_ends[MAX_ITEMS + 2];
+
+/* How many well-formed actions buf is, read as an ACK payload by the
+ * decoder; -1 when it is not a list of actions, -2 when it cannot tell. */
+static long count_actions(const uint8_t *buf, size_t len)
+{
+    size_t flen = 7 + len;
+    uint8_t *frame = malloc(4 + flen);
+    if (!frame)
+        abort();
+    static const uint8_t hdr[11] = {0, 0, 0, 0, SPOP_FRAME_ACK, 0, 0, 0, SPOP_FLAG_FIN, 1, 1};
+    memcpy(frame, hdr, sizeof(hdr));
+    frame[0] = (uint8_t)(flen >> 24);
+    frame[1] = (uint8_t)(flen >> 16);
+    frame[2] = (uint8_t)(flen >> 8);
+    frame[3] = (uint8_t)flen;
+    if (len)
+        memcpy(frame + sizeof(hdr), buf, len);
+    uint32_t nf = 0;
+    int rc = spop_decode_frames(frame, 4 + flen, UINT32_MAX, g_frames2, 1, g_items2, MAX_ITEMS, &nf);
+    free(frame);
+    if (rc == -SPOP_ST_RES)
+        return -2;
+    if (rc < 0)
+        return -1;
+    REQUIRE(nf == 1 && g_frames2[0].items_parsed, 0);
+    return (long)g_frames2[0].n_items;
+}
+
+/* Decode n ACKs of one action each from out[0..olen): their ids, and their
+ * payloads back to back equal to the input. Fills g_ack_ends. */
+static void check_one_action_acks(const uint8_t *out, size_t olen, uint32_t n, const uint8_t *buf, size_t len)
+{
+    size_t pos = 0, poff = 0;
+    uint32_t i = 0;
+    while (pos < olen) {
+        uint32_t nf = 0;
+        int rc = spop_decode_frames(out + pos, olen - pos, UINT32_MAX, g_frames2, MAX_FRAMES, g_items2,
+                                    MAX_ITEMS, &nf);
+        REQUIRE(rc == 0 && nf > 0, pos);
+        for (uint32_t k = 0; k < nf; k++, i++) {
+            const spop_frame *f = &g_frames2[k];
+            REQUIRE(i < n, i);
+            REQUIRE(f->type == SPOP_FRAME_ACK && f->flags == SPOP_FLAG_FIN && f->n_items == 1, i);
+            REQUIRE(f->sid == g_ack_ids[2 * i] && f->fid == g_ack_ids[2 * i + 1], i);
+            REQUIRE(poff + f->payload_len <= len && !memcmp(out + pos + f->payload_off, buf + poff, f->payload_len), i);
+            poff += f->payload_len;
+            g_ack_ends[i] = (uint32_t)poff;
+        }
+        const spop_frame *last = &g_frames2[nf - 1];
+        pos += last->offset + 4 + last->length;
+    }
+    REQUIRE(pos == olen && i == n && poff == len, i);
+}
+
+/* spop_encode_acks with ends == NULL, the input as the concatenated actions. */
+static void fuzz_acks(const uint8_t *buf, size_t len)
+{
+    long m = count_actions(buf, len);
+    if (m > (long)MAX_ITEMS)
+        m = -2;
+    uint32_t tries[4] = {0};
+    size_t n_tries = 0;
+    if (m >= 0) {
+        tries[n_tries++] = (uint32_t)m;
+        tries[n_tries++] = (uint32_t)m + 1;
+        if (m > 0)
+            tries[n_tries++] = (uint32_t)m - 1;
+    }
+    if (len) /* any count: whatever comes back is an error or fits `cap` */
+        tries[n_tries++] = buf[0];
+    for (uint32_t i = 0; i < MAX_ITEMS + 2; i++) {
+        uint64_t x = ((uint64_t)i + len) * 0x9E3779B97F4A7C15ull;
+        g_ack_ids[2 * i] = x >> (i % 64);
+        g_ack_ids[2 * i + 1] = i % 3 ? x : UINT64_MAX;
+    }
+
+    for (size_t t = 0; t < n_tries; t++) {
+        uint32_t n = tries[t];
+        /* room for n frames of the longest header: spop.h says n * 25 + len,
+         * which forgets the 4-byte length prefixes (RES with 10-byte ids) */
+        size_t cap = (size_t)n * (4 + SPOP_FRAME_HDR_MAX) + len;
+        uint8_t *out = malloc(cap ? cap : 1);
+        if (!out)
+            abort();
+        int r = spop_encode_acks(out, cap, UINT32_MAX, g_ack_ids, NULL, n, buf, len);
+        REQUIRE(r == -SPOP_ST_INVALID || (r >= 0 && (size_t)r <= cap), r);
+        if (m >= 0)
+            REQUIRE((n == (uint32_t)m) == (r >= 0), n); /* exactly m well-formed actions */
+        if (m == -1)
+            REQUIRE(r == -SPOP_ST_INVALID, n);
+        if (r >= 0) {
+            check_one_action_acks(out, (size_t)r, n, buf, len);
+            /* the ends-array form gives the same bytes */
+            uint8_t *out2 = malloc(cap ? cap : 1);
+            if (!out2)
+                abort();
+            int r2 = spop_encode_acks(out2, cap, UINT32_MAX, g_ack_ids, g_ack_ends, n, buf, len);
+            REQUIRE(r2 == r && !memcmp(out, out2, (size_t)r), n);
+            /* a small max_frame_size: the same bytes, or refused as too big */
+            uint32_t biggest = 0;
+            for (size_t pos = 0; pos < (size_t)r;) {
+                uint32_t body = be32(out + pos);
+                biggest = body > biggest ? body : biggest;
+                pos += 4 + (size_t)body;
+            }
+            r2 = spop_encode_acks(out2, cap, SPOP_MIN_FRAME_SIZE, g_ack_ids, NULL, n, buf, len);
+            if (biggest <= SPOP_MIN_FRAME_SIZE)
+                REQUIRE(r2 == r && !memcmp(out, out2, (size_t)r), n);
+            else
+                REQUIRE(r2 == -SPOP_ST_TOO_BIG, n);
+            /* one byte short of the room: refused, nothing past the buffer */
+            if (r > 0) {
+                free(out2);
+                out2 = malloc((size_t)r - 1 ? (size_t)r - 1 : 1);
+                if (!out2)
+                    abort();
+                REQUIRE(spop_encode_acks(out2, (size_t)r - 1, UINT32_MAX, g_ack_ids, NULL, n, buf, len) ==
+                            -SPOP_ST_RES,
+                        n);
+            }
+            free(out2);
+        }
+        free(out);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     /* exact-size heap copy: ASan flags a read one byte past the input */
@@ -350,6 +576,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         memcpy(buf, data, size);
     fuzz_varints(buf, size);
     fuzz_frames(buf, size);
+    fuzz_batch(buf, size);
+    fuzz_acks(buf, size);
     free(buf);
     return 0;
 }

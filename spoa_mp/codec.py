@@ -412,6 +412,8 @@ class Encoder:
         When every result is one Action encoded before (a handler picking a
         prebuilt Action: the usual case), no Python code runs per ACK.
         """
+        if len(ids) != (2 if ids.__class__ is array else 16) * len(results):
+            raise ValueError(f"ids for {len(results)} ACKs must be {2 * len(results)} uint64")
         try:
             # AttributeError: a result is not an Action; TypeError: not encoded yet
             payload = b"".join(map(_wire_of, results))
@@ -458,13 +460,11 @@ class Encoder:
         max_frame_size: int,
     ) -> bytes:
         """n ACKs in one C call; without `ends`, one action each."""
-        if len(payload) + 25 * n > self._out_size:
-            self._grow_out(len(payload) + 25 * n)
-        c_ids = ffi.from_buffer("uint64_t[]", ids)
-        if len(c_ids) != 2 * n:  # the C side reads 2n of them
-            raise ValueError(f"ids for {n} ACKs must be {2 * n} integers")
+        # per ACK: the length prefix and the longest header
+        if len(payload) + 29 * n > self._out_size:
+            self._grow_out(len(payload) + 29 * n)
         rc = lib.spop_encode_acks(
-            self._out, self._out_size, max_frame_size, c_ids,
+            self._out, self._out_size, max_frame_size, ffi.from_buffer("uint64_t[]", ids),
             ffi.NULL if ends is None else ffi.from_buffer("uint32_t[]", ends),
             n, payload, len(payload),
         )  # fmt: skip

@@ -115,13 +115,15 @@ class LatencyHistogram:
     def observe_stamps(self, stamps: Sequence[float]) -> None:
         """observe() each interval between consecutive clock readings (a
         batch of handlers timed back to back), with C-level loops."""
-        if len(stamps) < 2:
+        durations = list(map(sub, islice(stamps, 1, None), stamps))
+        if not durations:
             return
         total = stamps[-1] - stamps[0]
-        if not 0.0 <= total < math.inf:
-            return  # a clock that went backwards: drop the batch
+        if not (min(durations) >= 0.0 and total < math.inf):
+            for d in durations:  # a clock step back (or NaN): observe() drops those
+                self.observe(d)
+            return
         counts = self.counts
-        durations = map(sub, islice(stamps, 1, None), stamps)
         for bucket, n in Counter(map(bisect_left, repeat(self.bounds), durations)).items():
             counts[bucket] += n
         self.sum += total  # the intervals add up to the whole

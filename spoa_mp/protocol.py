@@ -354,6 +354,8 @@ class AgentConnection:
                 # every frame is a one-message NOTIFY: the usual read
                 out.ids.frombytes(ix.ids)
                 out.messages += notify_messages(data, ix, self._decoder.names)
+                if out.counts is not None:  # an earlier round had another shape
+                    out.counts += [1] * ix.n
             else:
                 try:
                     ended = self._mixed(data, ix, out)

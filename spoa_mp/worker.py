@@ -583,19 +583,23 @@ class Worker:
         late: list[tuple[int, Message, Awaitable[object]]] = []
         for msg in msgs:
             reg = handlers.get(msg.name)
-            result = None
-            if reg is not None:
-                try:
-                    result = reg.fn(msg)
-                    if result.__class__ is not Action:
-                        if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
-                            late.append((len(results), msg, result))  # type: ignore[arg-type]
-                        else:
-                            result = normalize_actions(result)
-                except Exception:
-                    self._handler_failed(msg)
-                    result = None
+            if reg is None:  # nobody handles it: an empty ACK, and no latency
+                add(None)
+                continue
+            try:
+                result = reg.fn(msg)
+                if result.__class__ is not Action:
+                    if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
+                        # timed by its task; this ACK waits for it
+                        late.append((len(results), msg, result))  # type: ignore[arg-type]
+                        add(None)
+                        continue
+                    result = normalize_actions(result)
+            except Exception:
+                self._handler_failed(msg)
+                result = None
             add(result)  # type: ignore[arg-type]
+            # the time since the previous stamp is this handler's
             stamp(clock())
         counters = self.counters
         counters.notifies += len(msgs)
@@ -604,11 +608,13 @@ class Worker:
             name = msgs[0].name
             if name in handlers:
                 counted[name] = counted.get(name, 0) + 1
-            counters.latency.observe(stamps[1] - stamps[0])
         else:
             for name, n in Counter(map(_name_of, msgs)).items():
                 if name in handlers:
                     counted[name] = counted.get(name, 0) + n
+        if len(stamps) == 2:
+            counters.latency.observe(stamps[1] - stamps[0])
+        elif len(stamps) > 2:
             counters.latency.observe_stamps(stamps)
         ids: array[int] = notifies.ids
         if late:  # a plain function returned an awaitable: those ACKs wait for it

@@ -1349,6 +1349,555 @@ static void test_encode_acks(void)
     free(out);
 }
 
+/* ------------------------------------------------------------ decode + index (spop_decode_batch) */
+
+/* One frame of a batch and what spop_decode_batch must say about it. */
+typedef struct {
+    const char *what;
+    const char *hex;
+    uint64_t sid, fid;
+    uint32_t n_items; /* records the frame takes */
+    uint32_t idx;     /* cols[k] with BATCH_NAMES; SPOP_INDEX_OTHER for non-plain frames */
+    uint32_t nargs;   /* plain frames: argument count */
+    const char *msg;  /* plain frames: the message name */
+} batch_frame;
+
+/* The handler names of most batch checks, as the caller packs them. */
+#define BATCH_NAMES_HEX "0f 636865636b2d636c69656e742d6970 02 6970 01 61" /* check-client-ip, ip, a */
+#define BATCH_N_NAMES 3u
+#define OTHER SPOP_INDEX_OTHER
+
+/* one-message NOTIFYs, the plain frames */
+static const batch_frame BF_CCI = {"notify check-client-ip sid 20",
+                                   "0000001e 03 00000001 14 01 0f 636865636b2d636c69656e742d6970 01 00 06 7f000001",
+                                   20, 1, 2, 0, 1, "check-client-ip"};
+static const batch_frame BF_IP = {"notify ip, 2 args", "00000014 03 00000001 05 02 02 6970 02 00 03 2a 01 78 08 02 6869",
+                                  5, 2, 3, 1, 2, "ip"};
+static const batch_frame BF_ZZ = {"notify zz (unlisted), 0 args", "0000000b 03 00000001 07 03 02 7a7a 00", 7, 3, 1,
+                                  BATCH_N_NAMES, 0, "zz"};
+static const batch_frame BF_BIG = {"notify a, sid = fid = 2^64-1",
+                                   "0000001c 03 00000001 fff0fefefefefefefe0e fff0fefefefefefefe0e 01 61 00",
+                                   UINT64_MAX, UINT64_MAX, 1, 2, 0, "a"};
+static const batch_frame BF_V6 = {"notify check-client-ip ipv6 named arg, sid 300",
+                                  "0000002d0300000001fc03010f636865636b2d636c69656e742d6970010269700720010db8000000000000000000000001",
+                                  300, 1, 2, 0, 1, "check-client-ip"};
+/* everything else: OTHER, ids still filled */
+static const batch_frame BF_HELLO = {"haproxy-hello",
+                                     "000000810100000001000012737570706f727465642d76657273696f6e730803322e300e6d61782d6672616d652d73697a6503fcf0060c6361706162696c69746965730810706970656c696e696e672c6173796e6309656e67696e652d6964082462393138633366632d373566312d346665322d613566662d333438393063663930626238",
+                                     0, 0, 4, OTHER, 0, NULL};
+static const batch_frame BF_TWO = {"notify two messages",
+                                   "000000960300000001070209616c6c2d74797065730c016e000174110166010369333202fbf0fefefefefefefe0e0375333203fff0fefe7e0369363404f0f1fefefefefefefe060375363405fff0fefefefefefefe0e027634060a01020302763607000000000000000000000000000000010173080368c3a9016508000162090200ff0f636865636b2d636c69656e742d69700100067f000001",
+                                   7, 2, 15, OTHER, 0, NULL};
+static const batch_frame BF_TWO_EMPTY = {"notify two 0-arg messages (a, b)", "0000000d 03 00000001 0f 01 01 61 00 01 62 00",
+                                         15, 1, 2, OTHER, 0, NULL};
+static const batch_frame BF_EMPTY = {"notify without message", "00000007 03 00000001 09 01", 9, 1, 0, OTHER, 0, NULL};
+static const batch_frame BF_FRAG = {"notify fragment (no FIN)", "0000000a 03 00000000 0b 01 0a0b0c", 11, 1, 0, OTHER, 0,
+                                    NULL};
+static const batch_frame BF_ABORT = {"notify FIN|ABORT",
+                                     "0000001e 03 00000003 14 01 0f 636865636b2d636c69656e742d6970 01 00 06 7f000001",
+                                     20, 1, 0, OTHER, 0, NULL};
+static const batch_frame BF_UNKNOWN = {"unknown type 50", "0000000b 32 00000001 0d 02 0f ffffff", 13, 2, 0, OTHER, 0,
+                                       NULL};
+static const batch_frame BF_DISC = {"haproxy-disconnect",
+                                    "00000025020000000100000b7374617475732d636f64650300076d65737361676508066e6f726d616c",
+                                    0, 0, 2, OTHER, 0, NULL};
+static const batch_frame BF_ACK = {"ack set-var", "00000015670000000114010103010869705f73636f7265032a", 20, 1, 1, OTHER, 0,
+                                   NULL};
+static const batch_frame BF_UNSET = {"unset fin+abort", "0000000700000000031401", 20, 1, 0, OTHER, 0, NULL};
+
+static const batch_frame *const BATCH_PLAIN[] = {&BF_CCI, &BF_IP, &BF_ZZ, &BF_BIG, &BF_V6};
+static const batch_frame *const BATCH_MIXED[] = {&BF_HELLO, &BF_CCI,   &BF_TWO,  &BF_EMPTY, &BF_FRAG,
+                                                 &BF_UNKNOWN, &BF_IP,  &BF_DISC, &BF_ABORT, &BF_ACK,
+                                                 &BF_UNSET, &BF_TWO_EMPTY, &BF_ZZ, &BF_BIG};
+#define N_PLAIN (sizeof(BATCH_PLAIN) / sizeof(BATCH_PLAIN[0]))
+#define N_MIXED (sizeof(BATCH_MIXED) / sizeof(BATCH_MIXED[0]))
+
+static spop_frame g_bf[MAX_FRAMES];
+static spop_item g_bi[MAX_ITEMS];
+static uint64_t g_bids[2 * MAX_FRAMES];
+static uint32_t g_bcols[3 * MAX_FRAMES];
+static uint8_t g_names[64];
+static size_t g_names_len;
+
+/* The frames back to back into out; ends[k] is where frame k ends. */
+static size_t build_batch(const batch_frame *const *fr, size_t n, uint8_t *out, size_t cap, size_t *ends)
+{
+    size_t len = 0;
+    for (size_t k = 0; k < n; k++) {
+        len += unhex(fr[k]->hex, out + len, cap - len);
+        ends[k] = len;
+    }
+    return len;
+}
+
+/* spop_decode_batch on poisoned arrays; the names are read at a page end
+ * (a names list over-read faults) unless names is NULL. */
+static int batch_decode(const uint8_t *buf, size_t len, uint32_t mfs, const uint8_t *names, uint32_t names_len,
+                        uint32_t n_names, uint32_t max_frames, uint32_t max_items, spop_batch *b)
+{
+    memset(g_bf, 0xA5, sizeof(g_bf));
+    memset(g_bi, 0xA5, sizeof(g_bi));
+    memset(g_bids, 0xA5, sizeof(g_bids));
+    memset(g_bcols, 0xA5, sizeof(g_bcols));
+    memset(b, 0xA5, sizeof(*b));
+    b->frames = g_bf;
+    b->items = g_bi;
+    b->ids = g_bids;
+    b->cols = g_bcols;
+    b->names = names ? guard_place(names, names_len) : NULL;
+    b->names_len = names_len;
+    b->n_names = n_names;
+    b->max_frames = max_frames;
+    b->max_items = max_items;
+    return spop_decode_batch(buf, len, mfs, b);
+}
+
+/* With the standard names unless `empty_names` (then every plain frame is 0). */
+static uint32_t expected_idx(const batch_frame *e, int empty_names)
+{
+    return e->idx != OTHER && empty_names ? 0 : e->idx;
+}
+
+/* 4 checks: frame k of b against e, its records starting at first_item. */
+static void check_batch_frame(const char *ctx, const spop_batch *b, uint32_t k, const batch_frame *e,
+                              uint32_t first_item, int empty_names, const uint8_t *buf)
+{
+    uint32_t n = b->n_frames;
+    if (n > MAX_FRAMES || k >= n) { /* already reported: keep the count fixed */
+        for (int c = 0; c < 4; c++)
+            CHECK(0, "%s [%s]: frame %u not decoded (n_frames %u)", ctx, e->what, k, n);
+        return;
+    }
+    CHECK(b->ids[2 * k] == e->sid && b->ids[2 * k + 1] == e->fid, "%s [%s]: ids (got %llu/%llu)", ctx, e->what,
+          (unsigned long long)b->ids[2 * k], (unsigned long long)b->ids[2 * k + 1]);
+    EQU(b->cols[k], expected_idx(e, empty_names), "%s [%s]: name index", ctx, e->what);
+    const spop_frame *f = &b->frames[k];
+    if (e->idx == OTHER) {
+        CHECK(b->cols[n + k] == 0 && b->cols[2 * n + k] == 0, "%s [%s]: other frame: first 0, nargs 0 (got %u, %u)",
+              ctx, e->what, b->cols[n + k], b->cols[2 * n + k]);
+        CHECK(f->first_item == first_item && f->n_items == e->n_items, "%s [%s]: frame record (%u items from %u)",
+              ctx, e->what, e->n_items, first_item);
+        return;
+    }
+    CHECK(b->cols[n + k] == first_item + 1 && b->cols[2 * n + k] == e->nargs,
+          "%s [%s]: first argument %u, %u args (got %u, %u)", ctx, e->what, first_item + 1, e->nargs,
+          b->cols[n + k], b->cols[2 * n + k]);
+    const spop_item *m = &b->items[first_item];
+    size_t mlen = strlen(e->msg);
+    int args_ok = 1;
+    for (uint32_t a = 1; a <= e->nargs; a++)
+        args_ok &= b->items[first_item + a].kind == SPOP_ITEM_ARG;
+    CHECK(f->n_items == e->n_items && m->kind == SPOP_ITEM_MESSAGE && m->nargs == e->nargs &&
+              m->name_len == mlen && memcmp(buf + m->name_off, e->msg, mlen) == 0 && args_ok,
+          "%s [%s]: the columns point at the message's records", ctx, e->what);
+}
+
+typedef struct {
+    int rc;
+    uint32_t n_frames, n_plain, n_items, consumed, status;
+} batch_expect;
+
+/* 6 + 4 * n_exp checks: the results of b and its first n_exp frames. */
+static void check_batch(const char *ctx, const spop_batch *b, int rc, const batch_expect *x,
+                        const batch_frame *const *fr, uint32_t n_exp, int empty_names, const uint8_t *buf)
+{
+    EQ(rc, x->rc, "%s: return value", ctx);
+    EQU(b->n_frames, x->n_frames, "%s: n_frames", ctx);
+    EQU(b->n_plain, x->n_plain, "%s: n_plain", ctx);
+    EQU(b->n_items, x->n_items, "%s: n_items", ctx);
+    EQU(b->consumed, x->consumed, "%s: consumed", ctx);
+    EQU(b->status, x->status, "%s: status", ctx);
+    uint32_t first = 0;
+    for (uint32_t k = 0; k < n_exp; k++) {
+        check_batch_frame(ctx, b, k, fr[k], first, empty_names, buf);
+        first += fr[k]->n_items;
+    }
+}
+
+/* What a batch of the first n frames of fr must give (no error, no stop). */
+static batch_expect whole(const batch_frame *const *fr, uint32_t n, const size_t *ends)
+{
+    batch_expect x = {(int)n, n, 0, 0, n ? (uint32_t)ends[n - 1] : 0, 0};
+    for (uint32_t k = 0; k < n; k++) {
+        x.n_plain += fr[k]->idx != OTHER;
+        x.n_items += fr[k]->n_items;
+    }
+    return x;
+}
+
+static void test_decode_batch(void)
+{
+    static uint8_t tmp[4096];
+    size_t ends[N_MIXED];
+    spop_batch b;
+    int rc;
+    g_names_len = unhex(BATCH_NAMES_HEX, g_names, sizeof(g_names));
+
+    /* several plain NOTIFYs, listed and unlisted names */
+    size_t plen = build_batch(BATCH_PLAIN, N_PLAIN, tmp, sizeof(tmp), ends);
+    uint8_t *plain = dup_exact(tmp, plen);
+    batch_expect xp = whole(BATCH_PLAIN, N_PLAIN, ends);
+    CHECK(xp.n_plain == N_PLAIN && xp.n_items == 9, "batch plain: the expectation counts every frame as plain");
+    rc = batch_decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                      MAX_FRAMES, MAX_ITEMS, &b);
+    check_batch("batch plain", &b, rc, &xp, BATCH_PLAIN, N_PLAIN, 0, plain);
+
+    /* the frame and item records are those of spop_decode_frames */
+    decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, MAX_FRAMES, MAX_ITEMS, &g_d);
+    CHECK(g_d.ret == 0 && g_d.n == b.n_frames && memcmp(g_d.f, g_bf, N_PLAIN * sizeof(spop_frame)) == 0 &&
+              memcmp(g_d.it, g_bi, xp.n_items * sizeof(spop_item)) == 0,
+          "batch plain: frame and item records equal spop_decode_frames'");
+
+    /* no names: every plain NOTIFY gets index 0 == n_names */
+    rc = batch_decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, NULL, 0, 0, MAX_FRAMES, MAX_ITEMS, &b);
+    check_batch("batch plain, no names", &b, rc, &xp, BATCH_PLAIN, N_PLAIN, 1, plain);
+
+    /* another list: indexes follow it; a prefix of a message name is not that name */
+    {
+        uint8_t names[32];
+        size_t nl = unhex("02 7a7a 0e 636865636b2d636c69656e742d69 02 6970", names, sizeof(names));
+        rc = batch_decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, names, (uint32_t)nl, 3, MAX_FRAMES, MAX_ITEMS, &b);
+        CHECK(rc == (int)N_PLAIN && b.n_plain == N_PLAIN && b.cols[0] == 3 && b.cols[1] == 2 && b.cols[2] == 0 &&
+                  b.cols[3] == 3 && b.cols[4] == 3,
+              "batch plain, names (zz, check-client-i, ip): indexes 3 2 0 3 3 (got %u %u %u %u %u)", b.cols[0],
+              b.cols[1], b.cols[2], b.cols[3], b.cols[4]);
+        /* a name listed twice: the first one */
+        nl = unhex("02 6970 02 6970", names, sizeof(names));
+        rc = batch_decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, names, (uint32_t)nl, 2, MAX_FRAMES, MAX_ITEMS, &b);
+        CHECK(rc == (int)N_PLAIN && b.cols[1] == 0 && b.cols[0] == 2,
+              "batch plain, names (ip, ip): ip is 0, others 2 (got %u, %u)", b.cols[1], b.cols[0]);
+    }
+
+    /* a malformed names list is refused before anything is decoded, even
+     * when no frame would look a name up */
+    {
+        static const struct {
+            const char *what, *hex;
+            uint32_t n_names;
+        } bad[] = {
+            {"a name longer than the list", "05 6162", 1},
+            {"fewer names than n_names", "02 6970", 2},
+            {"a truncated length varint", "f0", 1},
+            {"an empty list with n_names 1", "", 1},
+            {"bytes after the last name", "02 6970 00", 1},
+        };
+        for (size_t c = 0; c < sizeof(bad) / sizeof(bad[0]); c++) {
+            uint8_t names[16];
+            size_t nl = unhex(bad[c].hex, names, sizeof(names));
+            rc = batch_decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, names, (uint32_t)nl, bad[c].n_names,
+                              MAX_FRAMES, MAX_ITEMS, &b);
+            EQ(rc, -SPOP_ST_INVALID, "batch plain, names list with %s", bad[c].what);
+            rc = batch_decode(plain, 0, SPOP_DEFAULT_FRAME_SIZE, names, (uint32_t)nl, bad[c].n_names,
+                              MAX_FRAMES, MAX_ITEMS, &b);
+            EQ(rc, -SPOP_ST_INVALID, "batch of no frame, names list with %s", bad[c].what);
+        }
+    }
+
+    /* plain NOTIFYs mixed with everything else */
+    size_t mlen = build_batch(BATCH_MIXED, N_MIXED, tmp, sizeof(tmp), ends);
+    uint8_t *mixed = dup_exact(tmp, mlen);
+    batch_expect xm = whole(BATCH_MIXED, N_MIXED, ends);
+    CHECK(xm.n_plain == 4, "batch mixed: 4 plain frames expected");
+    rc = batch_decode(mixed, mlen, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                      MAX_FRAMES, MAX_ITEMS, &b);
+    check_batch("batch mixed", &b, rc, &xm, BATCH_MIXED, N_MIXED, 0, mixed);
+    {
+        /* the same batch at a page end (names on the heap): the same results */
+        uint32_t cols[3 * N_MIXED];
+        memcpy(cols, g_bcols, sizeof(cols));
+        uint8_t *names_heap = dup_exact(g_names, g_names_len);
+        spop_batch b2 = {.frames = g_bf, .items = g_bi, .ids = g_bids, .cols = g_bcols, .names = names_heap,
+                         .names_len = (uint32_t)g_names_len, .n_names = BATCH_N_NAMES,
+                         .max_frames = MAX_FRAMES, .max_items = MAX_ITEMS};
+        memset(g_bcols, 0xA5, sizeof(g_bcols));
+        rc = spop_decode_batch(guard_place(mixed, mlen), mlen, SPOP_DEFAULT_FRAME_SIZE, &b2);
+        CHECK(rc == (int)N_MIXED && b2.n_plain == xm.n_plain && b2.n_items == xm.n_items && b2.consumed == mlen &&
+                  memcmp(cols, g_bcols, sizeof(cols)) == 0,
+              "batch mixed at a page end: same results");
+        free(names_heap);
+    }
+    rc = batch_decode(mixed, mlen, SPOP_DEFAULT_FRAME_SIZE, NULL, 0, 0, MAX_FRAMES, MAX_ITEMS, &b);
+    check_batch("batch mixed, no names", &b, rc, &xm, BATCH_MIXED, N_MIXED, 1, mixed);
+
+    /* an incomplete trailing frame: consumed stops before it */
+    {
+        static uint8_t buf[4096 + 16];
+        uint8_t hello[256];
+        unhex(BF_HELLO.hex, hello, sizeof(hello));
+        memcpy(buf, plain, plen);
+        memcpy(buf + plen, hello, 10); /* a HELLO's first 10 bytes */
+        uint8_t *in = dup_exact(buf, plen + 10);
+        rc = batch_decode(in, plen + 10, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                          MAX_FRAMES, MAX_ITEMS, &b);
+        check_batch("batch plain + 10 bytes of a frame", &b, rc, &xp, BATCH_PLAIN, N_PLAIN, 0, in);
+        free(in);
+
+        /* a malformed frame after valid ones: status set, the valid ones kept */
+        static const struct {
+            const char *what, *hex;
+            uint32_t status;
+        } tails[] = {
+            {"a LENGTH below 7", "00000003 010203", SPOP_ST_INVALID},
+            {"a LENGTH over max_frame_size", "00004000", SPOP_ST_TOO_BIG},
+            {"a NOTIFY with NB-ARGS 2 and one arg",
+             "0000001e 03 00000001 14 01 0f 636865636b2d636c69656e742d6970 02 00 06 7f000001", SPOP_ST_INVALID},
+        };
+        for (size_t t = 0; t < sizeof(tails) / sizeof(tails[0]); t++) {
+            size_t n = plen + unhex(tails[t].hex, buf + plen, sizeof(buf) - plen);
+            /* a valid frame after the bad one is not reached */
+            n += unhex(BF_CCI.hex, buf + n, sizeof(buf) - n);
+            in = dup_exact(buf, n);
+            rc = batch_decode(in, n, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                              MAX_FRAMES, MAX_ITEMS, &b);
+            batch_expect x = xp;
+            x.status = tails[t].status;
+            char ctx[96];
+            snprintf(ctx, sizeof(ctx), "batch plain + %s", tails[t].what);
+            check_batch(ctx, &b, rc, &x, BATCH_PLAIN, N_PLAIN, 0, in);
+            free(in);
+        }
+
+        /* malformed first frame: nothing decoded, status set */
+        size_t n = unhex("00000003 010203", buf, sizeof(buf));
+        in = dup_exact(buf, n);
+        rc = batch_decode(in, n, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                          MAX_FRAMES, MAX_ITEMS, &b);
+        CHECK(rc == 0 && b.n_frames == 0 && b.n_plain == 0 && b.n_items == 0 && b.consumed == 0 &&
+                  b.status == SPOP_ST_INVALID,
+              "batch of one malformed frame: 0 frames, status 4 (got rc %d, n %u, status %u)", rc, b.n_frames,
+              b.status);
+        free(in);
+    }
+
+    /* max_frames reached: a clean stop */
+    {
+        batch_expect x = whole(BATCH_MIXED, 3, ends);
+        rc = batch_decode(mixed, mlen, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES, 3,
+                          MAX_ITEMS, &b);
+        check_batch("batch mixed, max_frames 3", &b, rc, &x, BATCH_MIXED, 3, 0, mixed);
+        rc = batch_decode(mixed, mlen, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES, 0,
+                          MAX_ITEMS, &b);
+        CHECK(rc == 0 && b.n_frames == 0 && b.consumed == 0 && b.status == 0, "batch mixed, max_frames 0: nothing");
+    }
+
+    /* item records run out: stop before the frame that does not fit; none fits: status 13 */
+    {
+        size_t pends[N_PLAIN];
+        build_batch(BATCH_PLAIN, N_PLAIN, tmp, sizeof(tmp), pends);
+        batch_expect x = whole(BATCH_PLAIN, 1, pends);
+        rc = batch_decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                          MAX_FRAMES, 4, &b);
+        check_batch("batch plain, 4 item records", &b, rc, &x, BATCH_PLAIN, 1, 0, plain);
+        rc = batch_decode(plain, plen, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                          MAX_FRAMES, 1, &b);
+        CHECK(rc == 0 && b.n_frames == 0 && b.consumed == 0 && b.status == SPOP_ST_RES,
+              "batch plain, 1 item record: status 13 (got rc %d, n %u, status %u)", rc, b.n_frames, b.status);
+    }
+
+    /* every strict prefix: the whole frames it holds, never an error */
+    {
+        build_batch(BATCH_MIXED, N_MIXED, tmp, sizeof(tmp), ends);
+        int heap_ok = 1, page_ok = 1;
+        size_t bad_heap = 0, bad_page = 0;
+        for (size_t p = 0; p < mlen; p++) {
+            uint32_t k = 0;
+            while (k < N_MIXED && ends[k] <= p)
+                k++;
+            batch_expect x = whole(BATCH_MIXED, k, ends);
+            uint8_t *in = dup_exact(tmp, p);
+            rc = batch_decode(in, p, SPOP_DEFAULT_FRAME_SIZE, g_names, (uint32_t)g_names_len, BATCH_N_NAMES,
+                              MAX_FRAMES, MAX_ITEMS, &b);
+            free(in);
+            int ok = rc == x.rc && b.n_frames == x.n_frames && b.n_plain == x.n_plain && b.n_items == x.n_items &&
+                     b.consumed == x.consumed && b.status == 0;
+            for (uint32_t j = 0; ok && j < k; j++)
+                ok = b.cols[j] == BATCH_MIXED[j]->idx && b.ids[2 * j] == BATCH_MIXED[j]->sid &&
+                     b.ids[2 * j + 1] == BATCH_MIXED[j]->fid;
+            if (heap_ok && !ok) {
+                heap_ok = 0;
+                bad_heap = p;
+            }
+            /* the input at a page end, the names in static memory */
+            spop_batch b2 = {.frames = g_bf, .items = g_bi, .ids = g_bids, .cols = g_bcols, .names = g_names,
+                             .names_len = (uint32_t)g_names_len, .n_names = BATCH_N_NAMES,
+                             .max_frames = MAX_FRAMES, .max_items = MAX_ITEMS};
+            rc = spop_decode_batch(guard_place(tmp, p), p, SPOP_DEFAULT_FRAME_SIZE, &b2);
+            ok = rc == x.rc && b2.n_frames == x.n_frames && b2.n_plain == x.n_plain && b2.n_items == x.n_items &&
+                 b2.consumed == x.consumed && b2.status == 0;
+            if (page_ok && !ok) {
+                page_ok = 0;
+                bad_page = p;
+            }
+        }
+        CHECK(heap_ok, "batch mixed: every strict prefix gives its whole frames (first bad length %zu)", bad_heap);
+        CHECK(page_ok, "batch mixed: every strict prefix at a page end (first bad length %zu)", bad_page);
+    }
+    free(plain);
+    free(mixed);
+}
+
+/* ------------------------------------------------------------ spop_encode_acks, one action per ACK */
+
+/* Encoded actions (each a valid ACK payload on its own). */
+static const char *const ONE_ACTIONS[] = {
+    "010301 08 69705f73636f7265 03 2a",          /* set-var sess ip_score uint32 42 */
+    "020202 03 666f6f",                          /* unset-var txn foo */
+    "010302 01 6e 04 fff0fefefefefefefe0e",      /* set-var txn n int64 -1 */
+    "010303 01 73 08 03 616263",                 /* set-var req s "abc" */
+    "010300 02 7636 07 20010db8000000000000000000000001", /* set-var proc v6 2001:db8::1 */
+    "010304 01 62 11",                           /* set-var res b true */
+    "020201 00",                                 /* unset-var sess "" */
+};
+#define N_ONE (sizeof(ONE_ACTIONS) / sizeof(ONE_ACTIONS[0]))
+static const uint64_t ONE_IDS[2 * (N_ONE + 1)] = {20, 1, 1, 1, UINT64_MAX, UINT64_MAX, 0, 1,
+                                                  300, 1ull << 32, 7, 2, 240, 2287, 9, 9};
+
+/* spop_encode_acks into an exact-size heap buffer of `cap` bytes; the
+ * result is copied to `copy` (when > 0) before the buffer is freed. */
+static int acks_into(size_t cap, uint32_t mfs, const uint64_t *ids, const uint32_t *ends, uint32_t n,
+                     const uint8_t *payload, size_t payload_len, uint8_t *copy)
+{
+    uint8_t *out = cap ? xmalloc(cap) : guard_place(NULL, 0);
+    int rc = spop_encode_acks(out, cap, mfs, ids, ends, n, payload, payload_len);
+    if (rc > 0 && copy)
+        memcpy(copy, out, (size_t)rc);
+    if (cap)
+        free(out);
+    return rc;
+}
+
+/* The payload from hex, at a page end: an over-read past it faults. */
+static const uint8_t *guard_hex(const char *hex, size_t *len)
+{
+    static uint8_t tmp[256];
+    *len = unhex(hex, tmp, sizeof(tmp));
+    return guard_place(tmp, *len);
+}
+
+static void test_encode_acks_one_action(void)
+{
+    static uint8_t payload[512], with_ends[1024], without[1024];
+    uint32_t ends[N_ONE];
+    size_t plen = 0, starts[N_ONE + 1];
+    for (size_t k = 0; k < N_ONE; k++) {
+        starts[k] = plen;
+        plen += unhex(ONE_ACTIONS[k], payload + plen, sizeof(payload) - plen);
+        ends[k] = (uint32_t)plen;
+    }
+    starts[N_ONE] = plen;
+    size_t cap = N_ONE * 25 + plen; /* always enough, says spop.h */
+
+    /* the same bytes as the ends-array form */
+    int a = acks_into(cap, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, ends, N_ONE, payload, plen, with_ends);
+    int b = acks_into(cap, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, N_ONE, payload, plen, without);
+    CHECK(a > 0 && a == b, "encode_acks one action each: as long as with ends (got %d, %d)", b, a);
+    CHECK(a > 0 && a == b && memcmp(with_ends, without, (size_t)a) == 0,
+          "encode_acks one action each: the same bytes as with ends");
+
+    /* which decode to one ACK per action, with its ids */
+    {
+        spop_frame f[N_ONE + 1];
+        spop_item it[N_ONE + 1];
+        uint32_t nf = 0;
+        int rc = b > 0 ? spop_decode_frames(without, (size_t)b, SPOP_DEFAULT_FRAME_SIZE, f, N_ONE + 1, it,
+                                            N_ONE + 1, &nf)
+                       : -1;
+        int ok = rc == 0 && nf == N_ONE && f[N_ONE - 1].offset + 4 + f[N_ONE - 1].length == (uint32_t)b;
+        for (uint32_t k = 0; ok && k < N_ONE; k++)
+            ok = f[k].type == SPOP_FRAME_ACK && f[k].flags == SPOP_FLAG_FIN && f[k].sid == ONE_IDS[2 * k] &&
+                 f[k].fid == ONE_IDS[2 * k + 1] && f[k].n_items == 1 &&
+                 f[k].payload_len == ends[k] - starts[k] &&
+                 memcmp(without + f[k].payload_off, payload + starts[k], f[k].payload_len) == 0;
+        CHECK(ok, "encode_acks one action each: decodes to %zu ACKs of one action, ids in order", N_ONE);
+    }
+
+    /* one ACK: the vector "ack set-var sess ip_score uint32 42" */
+    {
+        uint8_t out[64];
+        int rc = acks_into(g_vec_len[10], SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, 1, payload, ends[0], out);
+        CHECK(rc == (int)g_vec_len[10] && memcmp(out, g_vec[10], g_vec_len[10]) == 0,
+              "encode_acks one action: the ACK vector byte for byte (got %d)", rc);
+    }
+
+    /* the room: exactly enough, one byte short, none */
+    EQ(acks_into((size_t)b, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, N_ONE, payload, plen, NULL), b,
+       "encode_acks one action each: cap exactly the output");
+    EQ(acks_into((size_t)b - 1, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, N_ONE, payload, plen, NULL), -SPOP_ST_RES,
+       "encode_acks one action each: cap one byte short");
+    EQ(acks_into(0, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, 1, payload, ends[0], NULL), -SPOP_ST_RES,
+       "encode_acks one action: cap 0");
+
+    /* max_frame_size: the body is 7 + 14 bytes with 1-byte ids, 25 + 14 with 10-byte ids */
+    static const uint64_t big_ids[2] = {UINT64_MAX, UINT64_MAX};
+    EQ(acks_into(64, 21, ONE_IDS, NULL, 1, payload, ends[0], NULL), 25, "encode_acks one action: body 21, max 21");
+    EQ(acks_into(64, 20, ONE_IDS, NULL, 1, payload, ends[0], NULL), -SPOP_ST_TOO_BIG,
+       "encode_acks one action: body 21, max 20");
+    EQ(acks_into(64, 39, big_ids, NULL, 1, payload, ends[0], NULL), 43,
+       "encode_acks one action, 10-byte ids: body 39, max 39");
+    EQ(acks_into(64, 38, big_ids, NULL, 1, payload, ends[0], NULL), -SPOP_ST_TOO_BIG,
+       "encode_acks one action, 10-byte ids: body 39, max 38");
+    /* bodies 21, 14, then 25 + 16: the first two fit in 34, the third does not */
+    EQ(acks_into(cap, 34, ONE_IDS, NULL, N_ONE, payload, plen, NULL), -SPOP_ST_TOO_BIG,
+       "encode_acks one action each: the 3rd ACK (body 41) over max_frame_size 34 is refused");
+
+    /* payloads that are not exactly n well-formed actions (read at a page end) */
+    static const struct {
+        const char *what, *hex;
+        uint32_t n;
+    } bad[] = {
+        {"a trailing byte", "010301 08 69705f73636f7265 03 2a 00", 1},
+        {"a trailing action", "010301 08 69705f73636f7265 03 2a 020202 03 666f6f", 1},
+        {"a truncated action", "010301 08 69705f73636f7265 03", 1},
+        {"a truncated value varint", "010302 01 6e 04 fff0fefe", 1},
+        {"a truncated 2nd action", "010301 08 69705f73636f7265 03 2a 020202", 2},
+        {"fewer actions than n", "010301 08 69705f73636f7265 03 2a", 2},
+        {"unknown action 3", "030301 01 6e 03 2a", 1},
+        {"unknown action 0", "000201 01 6e", 1},
+        {"set-var with NB-ARGS 2", "010201 01 6e 03 2a", 1},
+        {"unset-var with NB-ARGS 3", "020301 01 6e 03 2a", 1},
+        {"scope 5", "020205 01 6e", 1},
+        {"reserved data type 10", "010301 01 6e 0a 00", 1},
+        {"a name past the payload", "020201 05 6162", 1},
+        {"an empty payload for one ACK", "", 1},
+        {"an action and n 0", "020202 03 666f6f", 0},
+    };
+    for (size_t c = 0; c < sizeof(bad) / sizeof(bad[0]); c++) {
+        size_t len;
+        const uint8_t *p = guard_hex(bad[c].hex, &len);
+        EQ(acks_into(1024, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, bad[c].n, p, len, NULL), -SPOP_ST_INVALID,
+           "encode_acks one action each: %s", bad[c].what);
+    }
+    EQ(acks_into(16, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, 0, NULL, 0, NULL), 0,
+       "encode_acks one action each: nothing to do");
+
+    /* every strict prefix of the payload: only whole actions, as many as n, encode */
+    {
+        int ok = 1;
+        size_t bad_at = 0;
+        for (size_t p = 0; p < plen && ok; p++) {
+            uint32_t k = 0;
+            while (k < N_ONE && ends[k] <= p)
+                k++;
+            const uint8_t *in = guard_place(payload, p);
+            int at_boundary = starts[k] == p;
+            int r_k = acks_into(cap, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, k, in, p, without);
+            int r_k1 = acks_into(cap, SPOP_DEFAULT_FRAME_SIZE, ONE_IDS, NULL, k + 1, in, p, NULL);
+            if (at_boundary) {
+                size_t want = 0;
+                for (uint32_t j = 0; j < k; j++)
+                    want += 4 + 5 + ref_varint_len(ONE_IDS[2 * j]) + ref_varint_len(ONE_IDS[2 * j + 1]) +
+                            (ends[j] - starts[j]);
+                ok = r_k == (int)want && memcmp(without, with_ends, want) == 0 && r_k1 == -SPOP_ST_INVALID;
+            } else {
+                ok = r_k == -SPOP_ST_INVALID && r_k1 == -SPOP_ST_INVALID;
+            }
+            bad_at = p;
+        }
+        CHECK(ok, "encode_acks one action each: every prefix of the payload (first bad length %zu)", bad_at);
+    }
+}
+#undef OTHER
+
 int main(int argc, char **argv)
 {
     g_verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
@@ -1369,6 +1918,8 @@ int main(int argc, char **argv)
     test_encode_truncate();
     test_encode_bad();
     test_encode_acks();
+    test_decode_batch();
+    test_encode_acks_one_action();
     test_status_reason();
 
     printf("1..%u\n%u passed, %u failed\n", g_pass + g_fail, g_pass, g_fail);
