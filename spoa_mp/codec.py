@@ -196,7 +196,6 @@ class Decoder:
         self._items = ffi.new("spop_item[]", self.max_items)
         self._frames_view = memoryview(ffi.buffer(self._frames))
         self._items_view = memoryview(ffi.buffer(self._items))
-        self._n = ffi.new("uint32_t *")
         self._ids = ffi.new("uint64_t[]", 2 * max_frames)
         self._ids_view = memoryview(ffi.buffer(self._ids))
         self._cols = ffi.new("uint32_t[]", 3 * max_frames)
@@ -217,25 +216,13 @@ class Decoder:
         self._results = memoryview(ffi.buffer(batch))[results : results + 20].cast("I")
 
     def decode(self, data: bytes, max_frame_size: int) -> Decoded:
-        """Decode the complete frames at the start of `data` (one C call).
+        """Decode the complete frames at the start of `data` into records
+        (one C call): the general form of index(), for rare frames and tests.
 
         Stops early when the record arrays are full; call again on the rest.
         """
-        if max_frame_size // 2 + 1 > self.max_items:
-            raise ValueError("decoder was sized for smaller frames")
-        rc = lib.spop_decode_frames(
-            data, len(data), max_frame_size, self._frames, self.max_frames,
-            self._items, self.max_items, self._n,
-        )  # fmt: skip
-        n = self._n[0]
-        if n == 0:
-            return Decoded([], [], 0, -rc)
-        frames = list(FRAME_RECORD.iter_unpack(self._frames_view[: n * _frame_size]))
-        last = frames[-1]
-        # records are handed out in order, so the last frame ends the items
-        records = self._items_view[: (last[F_FIRST] + last[F_NITEMS]) * _item_size].tobytes()
-        items = list(ITEM_RECORD.iter_unpack(records))
-        return Decoded(frames, items, last[F_OFFSET] + 4 + last[F_LENGTH], -rc)
+        ix = self.index(data, max_frame_size, all_frames=True)
+        return Decoded(ix.frame_records(), ix.item_records(), ix.consumed, ix.error)
 
     def index(self, data: bytes, max_frame_size: int, all_frames: bool = False) -> Indexed:
         """Decode and index the complete frames at the start of `data`: one
@@ -337,8 +324,16 @@ def notify_messages(data: bytes, ix: Indexed, names: Sequence[str]) -> list[Mess
     if n_names in ix.names:  # a name nobody registered: read it from its record
         for k, idx in enumerate(ix.names):
             if idx == n_names:
-                msgs[k] = unlisted_message(data, records, ix.firsts[k], ix.nargs[k])
+                msgs[k] = index_message(data, ix, k, names)
     return msgs
+
+
+def index_message(data: bytes, ix: Indexed, k: int, names: Sequence[str]) -> Message:
+    """The Message of frame k of an index, a one-message NOTIFY."""
+    idx, first, nargs = ix.names[k], ix.firsts[k], ix.nargs[k]
+    if idx < len(names):
+        return Message(names[idx], data, ix.records, first, nargs)
+    return unlisted_message(data, ix.records, first, nargs)
 
 
 def unlisted_message(data: bytes, records: bytes, first: int, nargs: int) -> Message:

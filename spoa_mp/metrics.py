@@ -115,9 +115,11 @@ class LatencyHistogram:
     def observe_stamps(self, stamps: Sequence[float]) -> None:
         """observe() each interval between consecutive clock readings (a
         batch of handlers timed back to back), with C-level loops."""
-        durations = list(map(sub, islice(stamps, 1, None), stamps))
-        if not durations:
+        if len(stamps) <= 2:  # one handler (an unpipelined read), or none
+            if len(stamps) == 2:
+                self.observe(stamps[1] - stamps[0])
             return
+        durations = list(map(sub, islice(stamps, 1, None), stamps))
         total = stamps[-1] - stamps[0]
         if not (min(durations) >= 0.0 and total < math.inf):
             for d in durations:  # a clock step back (or NaN): observe() drops those

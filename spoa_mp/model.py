@@ -265,7 +265,8 @@ def ipv6_from_bytes(raw: bytes) -> IPv6Address:
 
 # Both shortcuts set the private attribute ipaddress keeps; fall back to the
 # constructors on a Python where that differs.
-if ipv4_from_int(0x7F000001) != IPv4Address("127.0.0.1"):  # pragma: no cover
+_IPV4_SHORTCUT = ipv4_from_int(0x7F000001) == IPv4Address("127.0.0.1")
+if not _IPV4_SHORTCUT:  # pragma: no cover
     ipv4_from_int = IPv4Address
 try:
     _probe = bytes(range(16))
@@ -354,7 +355,7 @@ class Message:
         if key.__class__ is int and 0 <= key < self.nargs:  # type: ignore[operator]
             # the common case: one small unpack, and IPv4 needs nothing else
             num, type_ = _unpack_num_type(self._records, (self._first + key) * _ITEM_SIZE)  # type: ignore[operator]
-            if type_ == 6:  # IPV4: ipv4_from_int, inlined
+            if type_ == 6 and _IPV4_SHORTCUT:  # IPV4: ipv4_from_int, inlined
                 addr = _new_ipv4(IPv4Address)
                 addr._ip = num
                 return addr

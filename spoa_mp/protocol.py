@@ -44,12 +44,12 @@ from spoa_mp.codec import (
     Indexed,
     Status,
     encode_varint,
+    index_message,
     item_value,
     kv_items,
     messages,
     notify_messages,
     status_reason,
-    unlisted_message,
 )
 from spoa_mp.model import Action, DataType, ItemRecord, Message, String
 
@@ -387,7 +387,7 @@ class AgentConnection:
                 if ix.names[k] == OTHER:  # several messages (or none)
                     out.add(f[F_SID], f[F_FID], messages(data, f, ix.records))
                 else:
-                    out.add(f[F_SID], f[F_FID], self._messages_of(data, ix, k))
+                    out.add(f[F_SID], f[F_FID], [index_message(data, ix, k, self._decoder.names)])
                 continue
             if items is None:
                 items = ix.item_records()
@@ -397,13 +397,6 @@ class AgentConnection:
             if not ready and self._phase == _READY:
                 return f[F_OFFSET] + 4 + f[F_LENGTH]
         return 0
-
-    def _messages_of(self, data: bytes, ix: Indexed, k: int) -> list[Message]:
-        idx, first, nargs = ix.names[k], ix.firsts[k], ix.nargs[k]
-        names = self._decoder.names
-        if idx < len(names):
-            return [Message(names[idx], data, ix.records, first, nargs)]
-        return [unlisted_message(data, ix.records, first, nargs)]
 
     def _other_frame(
         self, data: bytes, f: FrameRecord, items: list[ItemRecord], out: Notifies

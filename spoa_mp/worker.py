@@ -612,10 +612,7 @@ class Worker:
             for name, n in Counter(map(_name_of, msgs)).items():
                 if name in handlers:
                     counted[name] = counted.get(name, 0) + n
-        if len(stamps) == 2:
-            counters.latency.observe(stamps[1] - stamps[0])
-        elif len(stamps) > 2:
-            counters.latency.observe_stamps(stamps)
+        counters.latency.observe_stamps(stamps)
         ids: array[int] = notifies.ids
         if late:  # a plain function returned an awaitable: those ACKs wait for it
             results, ids = self._start_late(conn, ids, results, late)
