@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from server_helpers import free_port
 
 from spoa_mp import systemd
 from spoa_mp.config import ServerConfig
@@ -669,12 +670,6 @@ CHILD_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _connect_until(port: int, deadline: float) -> socket.socket:
     while True:
         try:
@@ -698,7 +693,7 @@ def _read_all(conn: socket.socket, deadline: float) -> bytes:
 @pytest.mark.e2e
 def test_systemd_socket_activate_passes_a_listening_socket(sockdir: Path) -> None:
     tool = _tool("systemd-socket-activate")
-    port = _free_port()
+    port = free_port()
     unix_path = sockdir / "admin.sock"
     cmd = [
         tool,

@@ -31,14 +31,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
+from server_helpers import HOST, accepting, free_port, wait_for
 
-HOST = "127.0.0.1"
 HAPROXY = "haproxy"
 # Run something else than `python -m spoa_mp` (same CLI), e.g. an installed
 # `spoa-mp` script: SPOA_MP_E2E_COMMAND="/usr/local/bin/spoa-mp".
@@ -48,41 +47,6 @@ START_TIMEOUT = 15.0  # process start until its port accepts
 STOP_TIMEOUT = 10.0  # SIGTERM until exit
 CHECK_TIMEOUT = 15.0  # HAProxy health check to reach a state
 IO_TIMEOUT = 5.0  # one HTTP exchange
-
-T = TypeVar("T")
-
-
-# ------------------------------------------------------------------ primitives
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port the OS considers free right now (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `predicate` until it returns something truthy; TimeoutError after
-    `timeout` seconds. Returns the truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def accepting(port: int, host: str = HOST) -> bool:
-    """Whether a TCP connect to host:port succeeds now."""
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
 
 # ------------------------------------------------------------------ processes
 
