@@ -1,4 +1,4 @@
-"""spoa-mp behind a real HAProxy (2.6 on Debian 12), both SPOE config forms.
+"""spoa-mp behind a real HAProxy (every binary found: 2.6, 3.2...), both SPOE forms.
 
 HAProxy gets two frontends: `score` returns `score=<sess.iprep.ip_score>
 err=<txn.iprep.error>` and `guard` denies scores below 20 (spop.md §9.5).
