@@ -100,12 +100,13 @@ def spoa_factory(processes: list[ManagedProcess], tmp_path: Path) -> SpoaFactory
         default_score: int | None = None,
         debug: bool = False,
         port: int | None = None,
+        extra: tuple[str, ...] = (),
     ) -> SpoaProcess:
         fixed = port is not None
         for attempt in range(3):
             port = port if fixed else free_port()
             assert port is not None
-            argv = spoa_command(port, workers, reputation_file, default_score, debug)
+            argv = [*spoa_command(port, workers, reputation_file, default_score, debug), *extra]
             proc = SpoaProcess(f"spoa-mp-{next(counter)}", port, workers, argv, tmp_path)
             processes.append(proc)
             try:
@@ -151,10 +152,15 @@ def haproxy_factory(
     them (`haproxy -c`), start HAProxy in the foreground and wait for its
     stats socket and listeners."""
 
-    def start(agent_port: int, form: SpoeForm, **settings: int) -> HAProxy:
+    def start(
+        agent_port: int,
+        form: SpoeForm,
+        config_class: type[HAProxyConfig] = HAProxyConfig,
+        **settings: int,
+    ) -> HAProxy:
         workdir = tmp_path / f"haproxy-{form.name.lower()}"
         workdir.mkdir(exist_ok=True)
-        config = HAProxyConfig(
+        config = config_class(
             agent_port, form, workdir, socket_dir, **settings, haproxy=haproxy_bin
         )
         config.write()
