@@ -592,3 +592,43 @@ def test_many_acks_with_the_largest_ids_fit(path: str) -> None:
         data, cut = enc.acks([(U64, U64, [action])] * n, MAX)
     assert cut == []
     assert len(data) == n * (4 + 25 + 5)
+
+
+# ------------------------------------------------------------ start offsets, id widths
+
+
+@pytest.mark.parametrize("junk", [0, 1, 7, 300])
+def test_index_from_an_offset_gives_what_a_slice_gives(junk: int) -> None:
+    """index(start=k) decodes data[k:] with offsets that count from data[0]."""
+    dec = decoder_for(NAMES)
+    data = b"\xee" * junk + CONCAT
+    at = dec.index(data, MAX, all_frames=True, start=junk)
+    sliced = decoder_for(NAMES).index(CONCAT, MAX, all_frames=True)
+    assert (at.n, at.plain, at.ids, at.names, at.nargs) == (
+        sliced.n, sliced.plain, sliced.ids, sliced.names, sliced.nargs,
+    )  # fmt: skip
+    assert at.consumed == junk + sliced.consumed
+    for f, g in zip(at.frame_records(), sliced.frame_records(), strict=True):
+        assert f[F_OFFSET] == junk + g[F_OFFSET]
+    for a, b in zip(at.item_records(), sliced.item_records(), strict=True):
+        assert item_name(data, a) == item_name(CONCAT, b)
+
+
+def test_index_from_the_end_gives_nothing_and_past_it_raises() -> None:
+    dec = decoder_for(NAMES)
+    ix = dec.index(CONCAT, MAX, start=len(CONCAT))
+    assert (ix.n, ix.consumed, ix.error) == (0, len(CONCAT), 0)
+    with pytest.raises(ValueError, match="cannot decode from"):
+        dec.index(CONCAT, MAX, start=len(CONCAT) + 1)
+
+
+@pytest.mark.parametrize("typecode", ["I", "L", "q", "d", "B"])
+def test_acks_for_refuses_ids_that_are_not_uint64(typecode: str) -> None:
+    """C reads 16 bytes per (sid, fid): an array('I') of the right length
+    would be read past its end."""
+    score = set_var("sess", "s", 1)
+    WIRES.action_wire(score)
+    for n in (1, 2):
+        ids = array(typecode, [1] * (2 * n))
+        with pytest.raises(TypeError, match="array\\('Q'\\)"):
+            Encoder().acks_for(ids, [score] * n, MAX)
