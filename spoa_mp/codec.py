@@ -196,10 +196,12 @@ class Decoder:
         max_frames: int = 64,
         max_frame_size: int = DEFAULT_FRAME_SIZE,
         names: Sequence[str] = (),
+        max_items: int = 0,
     ) -> None:
         self.max_frames = max_frames
-        # enough records for any single frame of this size (>= 2 bytes per item)
-        self.max_items = max(max_frame_size // 2 + 1, 256)
+        # enough records for any single frame of this size (>= 2 bytes per
+        # item), unless the caller sizes them (and retries when they run out)
+        self.max_items = max_items or max(max_frame_size // 2 + 1, 256)
         self.max_frame_size = 2 * self.max_items - 1  # the largest max_frame_size it takes
         self._frames = ffi.new("spop_frame[]", max_frames)
         self._items = ffi.new("spop_item[]", self.max_items)
@@ -227,8 +229,8 @@ class Decoder:
         The caller keeps max_frame_size <= self.max_frame_size.
         """
         n = _decode_batch(data, len(data), start, max_frame_size, self.batch)
-        if n < 0:  # start past the end (the names were checked at __init__)
-            raise CodecError(-n, f"cannot decode from {start} in {len(data)} bytes")
+        if n < 0:  # nothing written: the previous call's results must not be read
+            raise CodecError(-n, f"cannot decode from {start} in {len(data)} bytes (or bad names)")
         out = self.out_view[: OUT_HEAD + 5 * n].tolist()
         return out, self.items_view[: out[OUT_ITEMS] * _item_size].tobytes()
 
@@ -282,6 +284,26 @@ class Decoder:
                 error,
             ),
         )
+
+
+def whole_notify_messages(frame: bytes) -> list[Message]:
+    """The messages of one whole NOTIFY frame of any size, e.g. a reassembled
+    fragmented one, decoded once: records start small and grow only when a
+    payload has more items (memory follows the items, not the worst case).
+
+    Raises CodecError for a malformed frame.
+    """
+    size = len(frame) - 4
+    items = 256
+    while True:
+        dec = Decoder(max_frames=1, max_items=items)
+        out, records = dec.read(frame, 0, size)
+        status = out[OUT_STATUS]
+        if out[OUT_FRAMES] == 1 and out[OUT_END] == len(frame):
+            return messages(frame, FRAME_RECORD.unpack(dec.frames_bytes(1)), records)
+        if status != Status.RESOURCE or items > size // 2:
+            raise CodecError(status or Status.INVALID, "malformed reassembled NOTIFY")
+        items = min(4 * items, size // 2 + 1)
 
 
 def item_value(data: bytes, item: ItemRecord) -> Value:

@@ -53,6 +53,7 @@ from spoa_mp.codec import (
     notify_messages,
     status_reason,
     unlisted_message,
+    whole_notify_messages,
 )
 from spoa_mp.model import ITEM_RECORD, Action, DataType, ItemRecord, Message, String
 
@@ -256,8 +257,9 @@ class AgentConnection:
         if self.max_frame_size > self._decoder.max_frame_size:
             raise ValueError("the decoder was sized for smaller frames")
         self.handshake: Handshake | None = None
-        # a fragmented NOTIFY being reassembled: (sid, fid, payload so far)
-        self._fragment: tuple[int, int, bytearray] | None = None
+        # a fragmented NOTIFY being reassembled: (sid, fid, the frame so far,
+        # where its payload starts)
+        self._fragment: tuple[int, int, bytearray, int] | None = None
 
     # -------------------------------------------------------------- state
 
@@ -575,7 +577,6 @@ class AgentConnection:
         """NOTIFY without FIN starts a payload, UNSET frames continue it (HAProxy
         <= 3.0, and only if we announced fragmentation)."""
         sid, fid, flags, type_ = f[F_SID], f[F_FID], f[F_FLAGS], f[F_TYPE]
-        payload = data[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
         if flags & FLAG_ABORT:
             # HAProxy gave up on this NOTIFY: forget it, nothing to answer
             if self._fragment is not None and self._fragment[:2] == (sid, fid):
@@ -586,30 +587,29 @@ class AgentConnection:
         if type_ == FrameType.NOTIFY:
             if self._fragment is not None:
                 raise _FailError(Status.INTERLACED_FRAMES, "new NOTIFY inside a fragmented one")
-            self._fragment = (sid, fid, bytearray(payload))
+            # the whole frame is built in place: a length prefix (set at the
+            # end), the header of a NOTIFY with FIN, then the payloads
+            head = bytes((0, 0, 0, 0, FrameType.NOTIFY, 0, 0, 0, FLAG_FIN))
+            buf = bytearray(head + encode_varint(sid) + encode_varint(fid))
+            self._fragment = (sid, fid, buf, len(buf))
+            buf += data[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
             return None
         if self._fragment is None or self._fragment[:2] != (sid, fid):
             raise _FailError(Status.INTERLACED_FRAMES, "continuation of an unknown NOTIFY")
-        buf = self._fragment[2]
-        buf += payload
-        if len(buf) > self.settings.max_reassembled_size:
+        _, _, buf, head_len = self._fragment
+        buf += memoryview(data)[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
+        if len(buf) - head_len > self.settings.max_reassembled_size:
             raise _FailError(Status.TOO_BIG, "reassembled NOTIFY above the limit")
         if not flags & FLAG_FIN:
             return None
         self._fragment = None
-        return self._decode_whole(sid, fid, bytes(buf))
-
-    def _decode_whole(self, sid: int, fid: int, payload: bytes) -> Notification:
-        header = (
-            bytes((FrameType.NOTIFY, 0, 0, 0, FLAG_FIN)) + encode_varint(sid) + encode_varint(fid)
-        )
-        body = header + payload
-        frame = len(body).to_bytes(4, "big") + body
-        decoder = Decoder(max_frames=1, max_frame_size=len(body))
-        decoded = decoder.decode(frame, len(body))
-        if decoded.error or not decoded.frames:
-            raise _FailError(decoded.error or Status.INVALID, "malformed reassembled NOTIFY")
-        return (sid, fid, messages(frame, decoded.frames[0], decoded.items))
+        buf[:4] = (len(buf) - 4).to_bytes(4, "big")
+        frame = bytes(buf)
+        del buf[:]  # the only copy left is `frame`, which the messages keep
+        try:
+            return (sid, fid, whole_notify_messages(frame))
+        except CodecError as e:
+            raise _FailError(e.status, "malformed reassembled NOTIFY") from None
 
     # -------------------------------------------------------------- endings
 
