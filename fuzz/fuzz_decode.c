@@ -31,6 +31,17 @@
 static spop_frame g_frames[MAX_FRAMES], g_frames2[MAX_FRAMES], g_frames_big[MAX_FRAMES];
 static spop_item g_items[MAX_ITEMS], g_items2[MAX_ITEMS], g_items_big[MAX_ITEMS];
 
+/* A heap array of exactly n records (n may be 0), poisoned: a write past the
+ * capacity a call is given is an ASan report, not a write into spare room. */
+static void *exact(size_t n, size_t size)
+{
+    void *p = malloc(n * size ? n * size : 1);
+    if (!p)
+        abort();
+    memset(p, 0xA5, n * size);
+    return p;
+}
+
 static void fail(const char *why, size_t at)
 {
     fprintf(stderr, "fuzz_decode: invariant broken: %s (at %zu)\n", why, at);
@@ -277,25 +288,34 @@ static void fuzz_frames(const uint8_t *buf, size_t len)
         {SPOP_MIN_FRAME_SIZE, 2, 4},                           /* tiny record arrays */
         {SPOP_MIN_FRAME_SIZE, MAX_FRAMES, SPOP_MIN_FRAME_SIZE / 2 + 1},
         {SPOP_DEFAULT_FRAME_SIZE, 1, 3},
+        {SPOP_DEFAULT_FRAME_SIZE, 1, 1},                       /* down to one record */
         {SPOP_DEFAULT_FRAME_SIZE, MAX_FRAMES, MAX_ITEMS},      /* as sized in spop.h */
         {UINT32_MAX, MAX_FRAMES, MAX_ITEMS},                   /* no size limit */
     };
     for (size_t c = 0; c < sizeof(cfg) / sizeof(cfg[0]); c++) {
+        /* the capacities the call is given, exactly: an overflow is an ASan report */
+        spop_frame *fr = exact(cfg[c].max_frames, sizeof(spop_frame));
+        spop_item *it = exact(cfg[c].max_items, sizeof(spop_item));
         uint32_t n = 0xFFFFFFFF;
-        int ret = spop_decode_frames(buf, len, cfg[c].mfs, g_frames, cfg[c].max_frames, g_items,
-                                     cfg[c].max_items, &n);
+        int ret = spop_decode_frames(buf, len, cfg[c].mfs, fr, cfg[c].max_frames, it, cfg[c].max_items, &n);
         size_t consumed = check_decode(buf, len, cfg[c].mfs, cfg[c].max_frames, cfg[c].max_items, ret,
-                                       n, g_frames, g_items);
+                                       n, fr, it);
+        uint32_t used = n ? fr[n - 1].first_item + fr[n - 1].n_items : 0;
+        memcpy(g_frames, fr, n * sizeof(spop_frame)); /* check_reencode reads them there */
+        memcpy(g_items, it, used * sizeof(spop_item));
         if (cfg[c].max_frames == MAX_FRAMES && cfg[c].max_items == MAX_ITEMS && n > 0)
             check_reencode(buf, consumed, cfg[c].mfs, n);
 
         /* capacity never changes what is decoded: a 1-frame run gives frame 0 */
         if (n > 0 && ret == 0) {
-            spop_frame first = g_frames[0];
+            spop_frame *one = exact(1, sizeof(spop_frame));
             uint32_t n1 = 0;
-            int r1 = spop_decode_frames(buf, len, cfg[c].mfs, g_frames, 1, g_items, cfg[c].max_items, &n1);
-            REQUIRE(r1 == 0 && n1 == 1 && !memcmp(&first, &g_frames[0], offsetof(spop_frame, pad_)), c);
+            int r1 = spop_decode_frames(buf, len, cfg[c].mfs, one, 1, it, cfg[c].max_items, &n1);
+            REQUIRE(r1 == 0 && n1 == 1 && !memcmp(&fr[0], one, offsetof(spop_frame, pad_)), c);
+            free(one);
         }
+        free(it);
+        free(fr);
     }
 
     /* a shorter read never decodes more, and never errs where the full read did not */
@@ -353,17 +373,6 @@ static void fuzz_varints(const uint8_t *buf, size_t len)
 static const uint8_t FUZZ_NAMES[] = "\x0f" "check-client-ip" "\x02" "ip" "\x01" "a" "\x00";
 #define FUZZ_NAMES_LEN ((uint32_t)sizeof(FUZZ_NAMES) - 1) /* the terminating NUL is not a name */
 #define FUZZ_N_NAMES 4u
-
-/* A heap array of exactly n records (n may be 0), poisoned: a write past the
- * capacity a call is given is an ASan report, not a write into spare room. */
-static void *exact(size_t n, size_t size)
-{
-    void *p = malloc(n * size ? n * size : 1);
-    if (!p)
-        abort();
-    memset(p, 0xA5, n * size);
-    return p;
-}
 
 /* Where `name` is in FUZZ_NAMES (n_names when absent): a separate, plain walk. */
 static uint32_t ref_name_index(const uint8_t *name, uint32_t len, uint32_t n_names)

@@ -18,6 +18,13 @@ from typing import NamedTuple, TypeAlias
 
 from spoa_mp._spop import ffi, lib
 from spoa_mp.model import (
+    I_NAME_LEN,
+    I_NAME_OFF,
+    I_NARGS,
+    I_NUM,
+    I_TYPE,
+    I_VAL_LEN,
+    I_VAL_OFF,
     ITEM_RECORD,
     Action,
     ItemRecord,
@@ -308,11 +315,12 @@ def whole_notify_messages(frame: bytes) -> list[Message]:
 
 def item_value(data: bytes, item: ItemRecord) -> Value:
     """The Python value of a decoded KV / ARG / set-var record."""
-    return typed_value(item[6], item[0], data[item[3] : item[3] + item[4]])
+    raw = data[item[I_VAL_OFF] : item[I_VAL_OFF] + item[I_VAL_LEN]]
+    return typed_value(item[I_TYPE], item[I_NUM], raw)
 
 
 def item_name(data: bytes, item: ItemRecord) -> bytes:
-    return data[item[1] : item[1] + item[2]]
+    return data[item[I_NAME_OFF] : item[I_NAME_OFF] + item[I_NAME_LEN]]
 
 
 def kv_items(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> dict[str, ItemRecord]:
@@ -354,9 +362,9 @@ def messages(data: bytes, frame: FrameRecord, items: list[ItemRecord] | bytes) -
     end = i + frame[F_NITEMS]
     while i < end:
         rec = ITEM_RECORD.unpack_from(records, i * _item_size)
-        name = message_name(data[rec[1] : rec[1] + rec[2]])
-        out.append(Message(name, data, records, i + 1, rec[7]))
-        i += 1 + rec[7]
+        name = message_name(data[rec[I_NAME_OFF] : rec[I_NAME_OFF] + rec[I_NAME_LEN]])
+        out.append(Message(name, data, records, i + 1, rec[I_NARGS]))
+        i += 1 + rec[I_NARGS]
     return out
 
 
@@ -389,7 +397,8 @@ def index_message(data: bytes, ix: Indexed, k: int, names: Sequence[str]) -> Mes
 def unlisted_message(data: bytes, records: bytes, first: int, nargs: int) -> Message:
     """A message whose name the decoder was not given: read it from its record."""
     rec = ITEM_RECORD.unpack_from(records, (first - 1) * _item_size)
-    return Message(message_name(data[rec[1] : rec[1] + rec[2]]), data, records, first, nargs)
+    name = message_name(data[rec[I_NAME_OFF] : rec[I_NAME_OFF] + rec[I_NAME_LEN]])
+    return Message(name, data, records, first, nargs)
 
 
 # ------------------------------------------------------------------ encoding
@@ -624,7 +633,7 @@ class Encoder:
         payload_off, payload_len = ref(raw)
         self._grow(1, len(records), max_frame_size + 4)
         for j, rec in enumerate(records):
-            ITEM_RECORD.pack_into(self._items_view, j * 32, *rec)
+            ITEM_RECORD.pack_into(self._items_view, j * _item_size, *rec)
         FRAME_RECORD.pack_into(
             self._frames_view, 0, sid, fid, flags, 0, 0, payload_off, payload_len, 0,
             len(records), type_, 0,

@@ -35,6 +35,7 @@ from spoa_mp.codec import (
     F_TYPE,
     FLAG_ABORT,
     FLAG_FIN,
+    MAX_FRAME_SIZE,
     MIN_FRAME_SIZE,
     OTHER,
     OUT_HEAD,
@@ -55,7 +56,16 @@ from spoa_mp.codec import (
     unlisted_message,
     whole_notify_messages,
 )
-from spoa_mp.model import ITEM_RECORD, Action, DataType, ItemRecord, Message, String
+from spoa_mp.model import (
+    I_NUM,
+    I_TYPE,
+    ITEM_RECORD,
+    Action,
+    DataType,
+    ItemRecord,
+    Message,
+    String,
+)
 
 SPOP_VERSION = "2.0"
 _new_tuple = tuple.__new__
@@ -128,8 +138,8 @@ class AgentSettings:
     max_reassembled_size: int = 1 << 20  # bound on a reassembled NOTIFY payload
 
     def __post_init__(self) -> None:
-        if not MIN_FRAME_SIZE <= self.max_frame_size <= (1 << 24):
-            raise ValueError(f"max-frame-size must be in [256, {1 << 24}]")
+        if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"max-frame-size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_SIZE}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,7 +518,7 @@ class AgentConnection:
         versions = kv.get("supported-versions")
         if versions is None:
             raise _FailError(Status.NO_VERSION, "no supported-versions")
-        if versions[6] != DataType.STRING:
+        if versions[I_TYPE] != DataType.STRING:
             raise _FailError(Status.INVALID, "supported-versions is not a string")
         if not supports_version(bytes(item_value(data, versions))):  # type: ignore[arg-type]
             raise _FailError(Status.BAD_VERSION, "HAProxy does not offer SPOP 2.x")
@@ -516,25 +526,27 @@ class AgentConnection:
         size = kv.get("max-frame-size")
         if size is None:
             raise _FailError(Status.NO_FRAME_SIZE, "no max-frame-size")
-        if size[6] not in _INTEGER_TYPES:
+        if size[I_TYPE] not in _INTEGER_TYPES:
             raise _FailError(Status.INVALID, "max-frame-size is not an integer")
         theirs = item_value(data, size)
         assert isinstance(theirs, int)
         if theirs < MIN_FRAME_SIZE:
-            raise _FailError(Status.BAD_FRAME_SIZE, f"max-frame-size {theirs} is below 256")
+            raise _FailError(
+                Status.BAD_FRAME_SIZE, f"max-frame-size {theirs} is below {MIN_FRAME_SIZE}"
+            )
 
         caps: tuple[str, ...] = ()
         cap_item = kv.get("capabilities")
         if cap_item is not None:
-            if cap_item[6] != DataType.STRING:
+            if cap_item[I_TYPE] != DataType.STRING:
                 raise _FailError(Status.INVALID, "capabilities is not a string")
             caps = parse_capabilities(bytes(item_value(data, cap_item)))  # type: ignore[arg-type]
 
         check = kv.get("healthcheck")
-        healthcheck = check is not None and check[6] == DataType.BOOL and bool(check[0])
+        healthcheck = check is not None and check[I_TYPE] == DataType.BOOL and bool(check[I_NUM])
         engine = kv.get("engine-id")
         engine_id = ""
-        if engine is not None and engine[6] == DataType.STRING:
+        if engine is not None and engine[I_TYPE] == DataType.STRING:
             engine_id = bytes(item_value(data, engine)).decode("utf-8", "replace")  # type: ignore[arg-type]
 
         hs = Handshake(
@@ -616,10 +628,12 @@ class AgentConnection:
     def _peer_disconnect(self, data: bytes, f: FrameRecord, items: list[ItemRecord]) -> None:
         kv = kv_items(data, f, items)
         code = kv.get("status-code")
-        status = item_value(data, code) if code is not None and code[6] in _INTEGER_TYPES else 0
+        status = (
+            item_value(data, code) if code is not None and code[I_TYPE] in _INTEGER_TYPES else 0
+        )
         msg = kv.get("message")
         text = ""
-        if msg is not None and msg[6] == DataType.STRING:
+        if msg is not None and msg[I_TYPE] == DataType.STRING:
             text = bytes(item_value(data, msg)).decode("utf-8", "replace")  # type: ignore[arg-type]
         assert isinstance(status, int)
         if not 0 <= status <= 0xFFFFFFFF:

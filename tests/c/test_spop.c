@@ -190,11 +190,25 @@ static dres g_d; /* large: keep it off the stack */
 static int decode(const uint8_t *buf, size_t len, uint32_t mfs, uint32_t max_frames,
                   uint32_t max_items, dres *r)
 {
-    /* poison the records so fields the decoder forgets to set show up */
+    /* the decoder writes into heap arrays of exactly the capacities it is
+     * given (a write past them is an ASan report), poisoned so that fields it
+     * forgets to set show up; the checks read the copy in r */
+    if (max_frames > MAX_FRAMES || max_items > MAX_ITEMS)
+        abort(); /* a harness bug: r cannot hold the copy */
+    spop_frame *f = malloc(max_frames ? max_frames * sizeof(spop_frame) : 1);
+    spop_item *it = malloc(max_items ? max_items * sizeof(spop_item) : 1);
+    if (!f || !it)
+        abort();
+    memset(f, 0xA5, max_frames * sizeof(spop_frame));
+    memset(it, 0xA5, max_items * sizeof(spop_item));
     memset(r->f, 0xA5, sizeof(r->f));
     memset(r->it, 0xA5, sizeof(r->it));
     r->n = 0xDEADBEEF;
-    r->ret = spop_decode_frames(buf, len, mfs, r->f, max_frames, r->it, max_items, &r->n);
+    r->ret = spop_decode_frames(buf, len, mfs, f, max_frames, it, max_items, &r->n);
+    memcpy(r->f, f, max_frames * sizeof(spop_frame));
+    memcpy(r->it, it, max_items * sizeof(spop_item));
+    free(it);
+    free(f);
     return r->ret;
 }
 
