@@ -4,11 +4,18 @@
  * One header, no allocation, no global state. Every function works on
  * caller-owned buffers and checks bounds before every read or write.
  *
- * Return contract (same for every decoder, after picohttpparser):
- *   > 0   bytes consumed / written
- *   0     incomplete: more input is needed (decoders only)
- *   < 0   malformed or impossible: the value is -(SPOP status code), i.e. the
- *         status an agent puts in its AGENT-DISCONNECT (see enum spop_status).
+ * Return contract, the same for every function that returns an int:
+ *   < 0   failure: the value is -(SPOP status code), the status an agent
+ *         puts in its AGENT-DISCONNECT (enum spop_status);
+ *   >= 0  success: a count, which each function names:
+ *           spop_varint_decode   bytes consumed; 0 = incomplete, more input needed
+ *           spop_varint_encode   bytes written (never 0)
+ *           spop_decode_frames   0 (the frame count is in *n_frames)
+ *           spop_encode_frames   frames written (fewer than asked: `cap` ran out)
+ *           spop_encode_acks     bytes written
+ *           spop_decode_batch    frames decoded
+ * A decoder that fails after whole frames still reports them (n_frames,
+ * out[SPOP_OUT_FRAMES]): the failure is the frame after them.
  *
  * Decoded records never copy: names and values are (offset, length) pairs
  * into the buffer that was decoded. Record layouts are fixed-width with
@@ -147,7 +154,13 @@ typedef struct spop_frame {
     uint8_t pad_[2];
 } spop_frame;
 
-/* Varints: HAProxy's encoding (not LEB128), at most SPOP_VARINT_MAX bytes. */
+/*
+ * Varints: HAProxy's encoding (not LEB128), at most SPOP_VARINT_MAX bytes.
+ * spop_varint_decode returns the bytes used (*value set), 0 when buf ends
+ * inside the varint (len 0 included), -SPOP_ST_INVALID past 10 bytes or
+ * 2^64-1. spop_varint_encode returns the bytes written, -SPOP_ST_TOO_BIG
+ * when `cap` is short (SPOP_VARINT_MAX always fits).
+ */
 int spop_varint_decode(const uint8_t *buf, size_t len, uint64_t *value);
 int spop_varint_encode(uint64_t value, uint8_t *out, size_t cap);
 
