@@ -472,17 +472,6 @@ class Encoder:
         prebuilt Action: the usual case), no Python code runs per ACK.
         """
         n = len(results)
-        if n == 1 and ids.__class__ is array and len(ids) == 2 and ids.typecode == "Q":
-            # one NOTIFY per read, answered with one prebuilt action: one C call
-            wire = results[0].wire if results[0].__class__ is Action else None  # type: ignore[union-attr]
-            if wire is not None and len(wire) + _ACK_ROOM <= self._out_size:
-                self._ids_view[:2] = ids
-                rc = _encode_acks(
-                    self._out, self._out_size, max_frame_size, self._ids, ffi.NULL, 1,
-                    wire, len(wire),
-                )  # fmt: skip
-                if rc > 0:
-                    return self._out_view[:rc].tobytes(), []
         if ids.__class__ is array:
             if ids.typecode != "Q":  # type: ignore[union-attr]
                 # C reads 16 bytes per pair: anything narrower would be read past
@@ -507,6 +496,18 @@ class Encoder:
             if e.status != Status.TOO_BIG:
                 raise  # pragma: no cover - the actions were encoded by us
         return self._acks_general(ids, results, max_frame_size)
+
+    def one_ack(self, ids: array[int], wire: bytes, max_frame_size: int) -> bytes | None:
+        """One ACK carrying `wire` (one encoded Action) for ids = array('Q',
+        (sid, fid)): the reply to a one-NOTIFY read, in one C call. None when
+        it needs the general path (not one uint64 pair, too big, no room)."""
+        if len(ids) != 2 or ids.typecode != "Q" or len(wire) + _ACK_ROOM > self._out_size:
+            return None
+        self._ids_view[:2] = ids
+        rc = _encode_acks(
+            self._out, self._out_size, max_frame_size, self._ids, ffi.NULL, 1, wire, len(wire)
+        )
+        return self._out_view[:rc].tobytes() if rc > 0 else None
 
     def _acks_general(
         self,

@@ -259,6 +259,7 @@ class AgentConnection:
         self._decoder = decoder or Decoder(max_frame_size=self.settings.max_frame_size)
         self._encoder = encoder or Encoder()
         self._acks_for = self._encoder.acks_for
+        self._one_ack = self._encoder.one_ack
         self._phase = _HELLO
         self._pending = bytearray()  # bytes of a frame not complete yet
         self._out: list[bytes] = []
@@ -688,6 +689,13 @@ class AgentConnection:
         per NOTIFY in `results`. Returns the indexes of cut ACKs."""
         if self._phase != _READY or not results:
             return []
+        if len(results) == 1 and ids.__class__ is array:  # one NOTIFY per read
+            action = results[0]
+            if action.__class__ is Action and action.wire is not None:  # type: ignore[attr-defined]
+                one = self._one_ack(ids, action.wire, self.max_frame_size)  # type: ignore[attr-defined]
+                if one is not None:
+                    self._out.append(one)
+                    return []
         data, cut = self._acks_for(ids, results, self.max_frame_size)
         self._out.append(data)
         return cut

@@ -585,3 +585,16 @@ def test_a_decoder_smaller_than_the_settings_is_refused() -> None:
     state["max_frame_size"] = 1 << 20
     with pytest.raises(ValueError, match="decoder"):
         AgentConnection.adopt(state)
+
+
+def test_ack_for_one_notify_takes_one_call_and_still_refuses_narrow_ids() -> None:
+    conn = AgentConnection()
+    conn.feed(HELLO)
+    conn.data_to_send()
+    wires = Encoder()
+    wires.action_wire(SCORE)
+    assert conn.ack_for(array("Q", [1000, 1]), [SCORE]) == []
+    assert conn.data_to_send() == ENC.frame(FrameType.ACK, 1000, 1, actions=[SCORE])
+    with pytest.raises(TypeError, match="array\\('Q'\\)"):
+        conn.ack_for(array("I", [1000, 1]), [SCORE])
+    assert conn.data_to_send() == b""
