@@ -398,8 +398,8 @@ def test_feed_gives_the_notifies_of_any_stream(
 def test_feed_gives_the_one_message_notifies_of_any_stream_in_several_rounds(
     parts: list[tuple[Any, ...]], size: int, max_frames: int, names: tuple[str, ...]
 ) -> None:
-    """Reads decoded a few frames at a time. Only one-message NOTIFYs: with
-    others, a later round loses NOTIFYs (see FEED_DROPS_LATER_PLAIN_ROUNDS)."""
+    """Reads decoded a few frames at a time, one-message NOTIFYs only (every
+    round plain); any frames: test_feed_gives_the_notifies_of_any_stream_in_several_rounds."""
     stream = build(parts)
     assert_feed_and_receive_agree(stream, pieces(bytes(stream.data), size), max_frames, names)
 
