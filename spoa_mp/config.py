@@ -44,6 +44,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
+# the frame-size limits have one definition, csrc/spop.h (through the codec)
+from spoa_mp.codec import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+
 __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_WORKERS",
@@ -57,8 +60,6 @@ __all__ = [
 ]
 
 MAX_WORKERS = 1024
-MIN_FRAME_SIZE = 256  # SPOP: HAProxy refuses less (and so do we, status 9)
-MAX_FRAME_SIZE = 16_777_216
 # sockaddr_un.sun_path is 108 bytes on Linux, NUL included.
 _UNIX_PATH_MAX = 107
 
