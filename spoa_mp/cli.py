@@ -1,5 +1,5 @@
 """The ``spoa-mp`` command: ``spoa-mp [serve] [options]``, ``spoa-mp bench ...``,
-``spoa-mp check-config ...`` or ``spoa-mp haproxy-config ...``.
+``spoa-mp check-config ...``, ``spoa-mp haproxy-config ...`` or ``spoa-mp send ...``.
 
 The short flags are those of HAProxy's example agent (``spoa -h -d -p PORT -n N``),
 so it can be swapped in. Every flag is optional; a flag given on the command
@@ -55,6 +55,7 @@ other commands:
   {PROG} bench --help           load generator and benchmark
   {PROG} check-config --help    validate a config file (and its app, reputation file)
   {PROG} haproxy-config --help  print the HAProxy configuration for these options
+  {PROG} send --help            send one message to an agent and print its ACK
 """
 
 
@@ -260,7 +261,11 @@ def _bench(argv: list[str]) -> int:
     return result
 
 
-_SUBCOMMANDS = {"check-config": "spoa_mp.check_config", "haproxy-config": "spoa_mp.haproxy_config"}
+_SUBCOMMANDS = {
+    "check-config": "spoa_mp.check_config",
+    "haproxy-config": "spoa_mp.haproxy_config",
+    "send": "spoa_mp.send",
+}
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
