@@ -27,7 +27,7 @@ from spoa_mp.config import (
     ServerConfig,
     load_config,
 )
-from spoa_mp.logs import set_role, setup_logging
+from spoa_mp.logs import LOG_FORMATS, set_role, setup_logging
 
 __all__ = ["build_parser", "main", "parse_serve_args"]
 
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-V", "--version", action="version", version=f"{PROG} {__version__}")
     add("-d", "--debug", action="store_true", help="log every frame (very verbose)")
     add("--config", metavar="FILE", dest="config_file", help="read settings from this TOML file")
+    add("--log-format", choices=LOG_FORMATS, help="text (default) or json: one object a line")
 
     listen = p.add_argument_group("listening")
     add = listen.add_argument
@@ -290,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return _error(str(e))
 
-    setup_logging(config.debug)
+    setup_logging(config.debug, log_format=config.log_format)
     set_role("supervisor")
     try:
         from spoa_mp.supervisor import serve  # noqa: PLC0415 - --help must work without it

@@ -110,6 +110,7 @@ class ServerConfig:
     max_rss: int = 0  # recycle a worker whose resident memory exceeds this many MiB (0 = never)
     metrics: str | None = None  # HOST:PORT serving Prometheus /metrics from the supervisor
     debug: bool = False
+    log_format: str = "text"  # text | json (spoa_mp.logs)
     config_file: str | None = None  # absolute path of the TOML file read, if any
     # The explicitly given command-line values (already normalised), kept so that a
     # reload re-applies them over the re-read file. Not part of equality.
@@ -151,6 +152,7 @@ _KINDS: dict[str, type] = {
     "max_rss": int,
     "metrics": str,
     "debug": bool,
+    "log_format": str,
 }
 # may be None (not from TOML)
 _OPTIONAL = frozenset({"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics"})
@@ -329,6 +331,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_requests_jitter": _between(0, 1 << 62),
     "max_rss": _between(0, 1 << 40),
     "metrics": _check_metrics_address,
+    "log_format": _one_of(("text", "json")),
 }
 
 
