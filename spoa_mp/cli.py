@@ -49,6 +49,7 @@ config file (--config FILE, TOML; flags given on the command line win):
     workers = 8
     max-frame-size = {_D.max_frame_size}
     reputation-file = "reputation.txt"   # relative to the file's directory
+    blocklist = ["firehol_level1.netset", "drop.txt:10"]
     pipelining = false
 
 other commands:
@@ -198,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="'CIDR score' lines for the built-in agent (longest prefix wins); "
         "without one, every address gets a random score 0..100 like HAProxy's "
         "example agent",
+    )
+    add(
+        "--blocklist",
+        action="append",
+        metavar="FILE[:SCORE]",
+        help="one address or CIDR a line (FireHOL, Spamhaus DROP; '#' and ';' comments), "
+        "scored SCORE (default 0); repeatable; a changed file is picked up by itself",
     )
     add(
         "--default-score",

@@ -40,6 +40,7 @@ import psutil
 
 from spoa_mp import health, logs, systemd
 from spoa_mp.agent import Agent, AppLoadError, load_app
+from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
 from spoa_mp.metrics import Aggregator, MetricsServer
 from spoa_mp.protocol import AgentSettings
@@ -111,7 +112,15 @@ def build_agent(config: ServerConfig, reload: bool = False) -> Agent:
         return load_app(config.app)
     from spoa_mp.apps.iprep import make_agent  # noqa: PLC0415 - only when it is the job
 
-    return make_agent(config.reputation_file, default_score=config.default_score)
+    return make_agent(
+        config.reputation_file, default_score=config.default_score, blocklists=config.blocklist
+    )
+
+
+def watched_files(config: ServerConfig) -> tuple[str, ...]:
+    """The blocklists of the built-in agent: a change reloads (spoa_mp.blocklist).
+    (The --reputation-file is read again on SIGHUP only, as before.)"""
+    return () if config.app else tuple(path for path, _ in config.blocklist)
 
 
 def open_listener(config: ServerConfig) -> socket.socket:
@@ -194,6 +203,7 @@ class Supervisor:
         self._next_target = 0  # round robin over the workers adopting connections
         self.target_workers = config.workers  # SIGTTIN/SIGTTOU change it until a reload
         self._next_rss_check = time.monotonic() + RSS_CHECK_INTERVAL
+        self._watcher = FileWatcher(watched_files(config))
 
     # ---------------------------------------------------------------- main loop
 
@@ -221,6 +231,7 @@ class Supervisor:
                 self._check_timeouts()
                 if not self._stopping:
                     self._check_reload()
+                    self._check_files()
                     self._check_recycling()
                     self._respawn_due()
                 self._tell_systemd()
@@ -286,6 +297,7 @@ class Supervisor:
             timeout = max(0.0, min(timeout, self._stop_deadline - now))
         if self.notifier.watchdog_interval:  # never ping later than systemd wants
             timeout = max(0.0, min(timeout, self._next_watchdog - now))
+        timeout = max(0.0, min(timeout, self._watcher.next_check - now))
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals()
@@ -400,6 +412,18 @@ class Supervisor:
         first = slots[:1] if config.reload_mode == "rolling" else slots
         for index in first:
             self._spawn(index)
+
+    def _check_files(self) -> None:
+        """A changed blocklist reloads as SIGHUP does (zero-loss handover)."""
+        if self._reload is not None:
+            return  # looked at once the reload is over
+        paths = watched_files(self.config)
+        if paths != self._watcher.paths:  # a reload changed the list of files
+            self._watcher = FileWatcher(paths)
+        changed = self._watcher.changed()
+        if changed:
+            log.info("%s changed: reloading", ", ".join(changed))
+            self._start_reload()
 
     def _check_reload(self) -> None:
         r = self._reload
