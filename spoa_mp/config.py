@@ -314,7 +314,7 @@ RELOAD_MODES = ("handover", "rolling", "drain")
 
 
 def _check_metrics_address(value: object) -> str | None:
-    from spoa_mp.metrics import parse_address  # noqa: PLC0415 - only when asked for
+    from spoa_mp.metrics_http import parse_address  # noqa: PLC0415 - only when asked for
 
     try:
         parse_address(str(value))

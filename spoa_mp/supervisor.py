@@ -42,7 +42,8 @@ from spoa_mp import health, logs, systemd
 from spoa_mp.agent import Agent, AppLoadError, load_app
 from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
-from spoa_mp.metrics import Aggregator, MetricsServer
+from spoa_mp.metrics import Aggregator
+from spoa_mp.metrics_http import MetricsServer, exposition, registry_for
 from spoa_mp.protocol import AgentSettings
 from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
 
@@ -184,6 +185,7 @@ class Supervisor:
         self._rate_mark = (time.monotonic(), 0)  # (when, messages_total) at the last STATUS
         # counters of every worker, alive or gone, summed (never going down)
         self.aggregator = Aggregator()
+        self.registry = registry_for(self.aggregator)
         self.metrics_server = metrics_server
         self._restarts = 0
         self._reloads = 0
@@ -267,7 +269,8 @@ class Supervisor:
         """Messages handled since start, by workers alive or gone (monotonic)."""
         return self.aggregator.total("messages")
 
-    def render_metrics(self) -> str:
+    def render_metrics(self, accept: str = "") -> tuple[bytes, str]:
+        """The /metrics body and its content type (OpenMetrics if `accept` asks)."""
         self.aggregator.set_supervisor(
             workers_alive=sum(1 for p in self.workers.values() if p.ready and not p.retiring),
             worker_restarts=self._restarts,
@@ -275,7 +278,7 @@ class Supervisor:
             reloads_failed=self._reloads_failed,
             generation=self.generation,
         )
-        return self.aggregator.render()
+        return exposition(self.registry, accept)
 
     def _status(self) -> str:
         now = time.monotonic()
@@ -628,7 +631,7 @@ class Supervisor:
                 os.close(fd)
             if kind == health.BEAT:
                 gauges = msg.get("gauges")
-                self.aggregator.update(str(proc.pid), msg.get("counters"), gauges)
+                self.aggregator.update(str(proc.pid), msg.get("counters"), gauges, slot=proc.index)
                 if isinstance(gauges, dict):
                     proc.connections = _int(gauges.get("connections"))
             elif kind == health.READY:
@@ -872,9 +875,9 @@ def serve(config: ServerConfig) -> int:
     metrics_server = None
     supervisor: Supervisor | None = None
 
-    def supervisor_metrics() -> str:
+    def supervisor_metrics(accept: str) -> tuple[bytes, str]:
         assert supervisor is not None
-        return supervisor.render_metrics()
+        return supervisor.render_metrics(accept)
 
     try:
         if config.metrics:  # bound before dropping privileges (a port below 1024)
