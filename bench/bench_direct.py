@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _procs as P  # noqa: E402  (bench/ is not a package)
+import _procs as P  # noqa: N812  (bench/ is not a package)
 
 DEFAULT_LOADS = "1x1,4x1,64x1,8x16"
 
@@ -250,7 +250,8 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                 f"{row['load'] if i == 0 else '':>6}  {agent:<8}{P.fmt(a['msg_per_s'], ',.0f'):>10}"
                 f"{P.fmt(a['p50_us'], '.0f'):>8}{P.fmt(a['p99_us'], '.0f'):>8}{errors:>7}"
                 f"{P.fmt(a['agent_cpu'], '.2f'):>7}{P.fmt(a['agent_us_per_msg'], '.2f'):>8}"
-                f"{ratio:>7}{paired:>7}  {a['runs']}" + (f" ({a['noisy']} noisy)" if a["noisy"] else "")
+                f"{ratio:>7}{paired:>7}  {a['runs']}"
+                + (f" ({a['noisy']} noisy)" if a["noisy"] else "")
             )  # fmt: skip
 
 
@@ -285,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rnd in range(1, args.repeat + 1):
             for conns, in_flight in args.loads:
-                for agent in args.agents:
-                    runs.append(measure(args, agent, conns, in_flight, rnd, tmp, log))
+                runs.extend(
+                    measure(args, agent, conns, in_flight, rnd, tmp, log) for agent in args.agents
+                )
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
