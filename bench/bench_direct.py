@@ -109,10 +109,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def generator_argv(args: argparse.Namespace, port: int, conns: int, in_flight: int) -> list[str]:
     return [
-        args.python, "-m", "spoa_mp", "bench", "-p", str(port), "-c", str(conns),
-        "-P", str(in_flight), "-d", f"{args.duration:g}", "--warmup", f"{args.warmup:g}",
-        "--json", "-q",
-    ]  # fmt: skip
+        args.python,
+        "-m",
+        "spoa_mp",
+        "bench",
+        "-p",
+        str(port),
+        "-c",
+        str(conns),
+        "-P",
+        str(in_flight),
+        "-d",
+        f"{args.duration:g}",
+        "--warmup",
+        f"{args.warmup:g}",
+        "--json",
+        "-q",
+    ]
 
 
 def run_from_json(
@@ -186,8 +199,9 @@ def one_run(
             f.unlink()
 
 
-def measure(args: argparse.Namespace, agent: str, conns: int, in_flight: int, rnd: int,
-            tmp: Path, log: Any) -> Run:  # fmt: skip
+def measure(
+    args: argparse.Namespace, agent: str, conns: int, in_flight: int, rnd: int, tmp: Path, log: Any
+) -> Run:
     for attempt in range(args.noisy_retries + 1):
         if args.max_others > 0:
             P.wait_quiet(args.max_others, args.quiet_timeout)
@@ -252,7 +266,7 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                 f"{P.fmt(a['agent_cpu'], '.2f'):>7}{P.fmt(a['agent_us_per_msg'], '.2f'):>8}"
                 f"{ratio:>7}{paired:>7}  {a['runs']}"
                 + (f" ({a['noisy']} noisy)" if a["noisy"] else "")
-            )  # fmt: skip
+            )
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
@@ -296,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = summarize(args, runs)
     if args.json:
-        json.dump({"info": info, "summary": rows, "runs": [asdict(r) for r in runs]},
-                  sys.stdout, indent=2)  # fmt: skip
+        json.dump(
+            {"info": info, "summary": rows, "runs": [asdict(r) for r in runs]}, sys.stdout, indent=2
+        )
         print()
     else:
         print()
