@@ -99,6 +99,9 @@ class ServerConfig:
     pipelining: bool = True
     fragmentation: bool = True
     max_in_flight: int = 256  # messages in flight per connection before reads pause
+    max_pending: int = 4096  # NOTIFYs awaiting a handler, per worker, before reads pause
+    handler_timeout: float | None = None  # seconds; for handlers registered without timeout=
+    blocking_threads: int = 16  # threads per worker for blocking=True handlers
     worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
     graceful_timeout: float = 30.0  # seconds workers get to finish when stopping
     reload_mode: str = "handover"  # SIGHUP: handover | rolling | drain (see supervisor.py)
@@ -140,6 +143,9 @@ _KINDS: dict[str, type] = {
     "pipelining": bool,
     "fragmentation": bool,
     "max_in_flight": int,
+    "max_pending": int,
+    "handler_timeout": float,
+    "blocking_threads": int,
     "worker_timeout": float,
     "graceful_timeout": float,
     "reload_mode": str,
@@ -153,7 +159,9 @@ _KINDS: dict[str, type] = {
     "debug": bool,
 }
 # may be None (not from TOML)
-_OPTIONAL = frozenset({"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics"})
+_OPTIONAL = frozenset(
+    {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout"}
+)
 _PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile"})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
@@ -320,6 +328,9 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "default_score": _between(0, 100),
     "max_frame_size": _between(MIN_FRAME_SIZE, MAX_FRAME_SIZE),
     "max_in_flight": _at_least_one,
+    "max_pending": _at_least_one,
+    "handler_timeout": _seconds(zero_ok=False),
+    "blocking_threads": _between(1, 1024),
     "worker_timeout": _seconds(zero_ok=False),
     "graceful_timeout": _seconds(zero_ok=True),
     "reload_mode": _one_of(RELOAD_MODES),

@@ -41,6 +41,7 @@ import psutil
 from spoa_mp import health, logs, systemd
 from spoa_mp.agent import Agent, AppLoadError, load_app
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
+from spoa_mp.dispatch import DispatchSettings
 from spoa_mp.metrics import Aggregator, MetricsServer
 from spoa_mp.protocol import AgentSettings
 from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
@@ -579,10 +580,15 @@ class Supervisor:
             recycle_after = self.config.max_requests + random.randint(
                 0, self.config.max_requests_jitter
             )
+        dispatch = DispatchSettings(
+            handler_timeout=self.config.handler_timeout,
+            max_pending=self.config.max_pending,
+            blocking_threads=self.config.blocking_threads,
+        )
         return worker_main(
             index, self.listeners, self.agent, self.settings, control,
             self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
-            recycle_after,
+            recycle_after, dispatch,
         )  # fmt: skip
 
     def _read_control(self, proc: WorkerProcess) -> None:
