@@ -485,7 +485,7 @@ def test_processing_timeout_at_or_below_the_deadline_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
 ) -> None:
     app = make_app(tmp_path, monkeypatch, DEADLINES)
-    with pytest.raises(ConfigError, match="not above the handlers' deadline of 0.2 s"):
+    with pytest.raises(ConfigError, match=r"not above the handlers' deadline of 0\.2 s"):
         render(ServerConfig(app=app, handler_timeout=0.1), Options(processing_timeout=given))
 
 
