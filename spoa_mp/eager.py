@@ -68,21 +68,19 @@ class EagerTask:
 def _resume(coro: Any, yielded: object) -> Generator[Any, Any, Any]:
     """The rest of a coroutine whose first step ran eagerly: pass what it
     waits on to the task, and what the task sends or throws back to it."""
-    sent: object = None
-    thrown: BaseException | None = None
     while True:
         try:
-            if thrown is None:
-                sent = yield yielded
-            else:
-                exc, thrown = thrown, None
-                yielded = coro.throw(exc)
-                continue
+            sent = yield yielded
         except GeneratorExit:
             coro.close()
             raise
         except BaseException as exc:  # cancellation: the coroutine decides what it means
-            thrown = exc
+            # what the coroutine raises here ends the task (caught and thrown
+            # back in, a finished coroutine raises it again: a busy loop)
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
             continue
         try:
             yielded = coro.send(sent)
