@@ -465,8 +465,8 @@ class Dispatcher:
         self._tasks.discard(task)
         if call.settled:
             return  # past its deadline, already ACKed: the late result is dropped
-        if task.cancelled():
-            self._settle(call, [self._failed(call.reg, call.name, call.n)] * call.n)
+        if task.cancelled():  # not by a deadline: the handler cancelled itself
+            self._settle(call, self._error_of(call, asyncio.CancelledError("handler cancelled")))
             return
         exc = task.exception()
         if exc is not None:
