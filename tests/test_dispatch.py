@@ -269,7 +269,8 @@ def test_eager_coroutine_acks_inside_dispatch_without_a_task() -> None:
         assert (c.in_flight, h.dispatcher.pending) == (0, 0)
 
     run(main)
-    assert len(seen) == 50 and all(t is not None for t in seen)
+    assert len(seen) == 50
+    assert all(t is not None for t in seen)
 
 
 def test_suspended_coroutine_becomes_one_task_each() -> None:
@@ -322,7 +323,8 @@ def test_current_task_and_timeout_work_before_and_after_suspension() -> None:
         assert h.counters.handler_errors == {}
 
     run(main)
-    assert tasks["eager"] is not None and tasks["timed out"]
+    assert tasks["eager"] is not None
+    assert tasks["timed out"]
     assert isinstance(tasks["after"], asyncio.Task)
     assert tasks["cancelling"] == 0  # the timeout's cancel was taken back
 
@@ -527,9 +529,7 @@ def test_batch_with_wrong_results_gets_on_error_for_every_message(kind: str, res
 
 def test_batch_garbage_items_fail_alone() -> None:
     agent = Agent()
-    agent.add_handler(
-        "b", lambda msgs: [X1, "junk", None, [X2]], batch=True, on_error=FALLBACK
-    )
+    agent.add_handler("b", lambda msgs: [X1, "junk", None, [X2]], batch=True, on_error=FALLBACK)
 
     async def main() -> None:
         h = Harness(agent)
@@ -716,14 +716,16 @@ def test_debug_logs_each_notify_and_ack(caplog: Any) -> None:
         fd = run(main)
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split(" ", 3)[:3] for line in lines if "NOTIFY" in line or "ACK" in line] == [
-        [f"conn", f"{fd}:", "NOTIFY"],
+        ["conn", f"{fd}:", "NOTIFY"],
         ["conn", f"{fd}:", "NOTIFY"],
         ["conn", f"{fd}:", "ACK"],
         ["conn", f"{fd}:", "ACK"],
     ]
     text = "\n".join(lines)
-    assert "NOTIFY sid=5 fid=6" in text and "NOTIFY sid=7 fid=8" in text
-    assert "ACK sid=5 fid=6" in text and "ACK sid=7 fid=8" in text
+    assert "NOTIFY sid=5 fid=6" in text
+    assert "NOTIFY sid=7 fid=8" in text
+    assert "ACK sid=5 fid=6" in text
+    assert "ACK sid=7 fid=8" in text
 
 
 # ------------------------------------------------------------ registration
