@@ -329,12 +329,6 @@ def test_current_task_and_timeout_work_before_and_after_suspension() -> None:
     assert tasks["cancelling"] == 0  # the timeout's cancel was taken back
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eager.py: a timeout entered in the eager step with no time left cancels the "
-    "adopted task before its first step; the CancelledError ends resume_task before it "
-    "reaches the coroutine, which never sees it (stream gets on_error, not its result)",
-)
 def test_timeout_with_no_time_left_entered_in_the_eager_step() -> None:
     agent = Agent()
 
