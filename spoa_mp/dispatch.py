@@ -250,7 +250,8 @@ class Dispatcher:
                     stamp(clock())
         if batches is not None:
             for name, ks in batches.items():
-                self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results)
+                if self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results):
+                    stamp(clock())  # one observation per batch call, as for late ones
         self.counters.latency.observe_stamps(stamps)
         late = self._late
         if late or any_deferred:
@@ -367,7 +368,8 @@ class Dispatcher:
         msgs: list[Message],
         ks: tuple[int, ...],
         results: list[Any],
-    ) -> None:
+    ) -> bool:
+        """Run a batch call: True if its results are in `results` now."""
         n = len(msgs)
         if reg.blocking or reg.is_coroutine:
             got = self._call(reg, name, msgs, ks, n)
@@ -382,9 +384,10 @@ class Dispatcher:
                 else:
                     got = self._batch_results(reg, name, got, n)
         if got is PENDING:
-            return
+            return False
         for k, result in zip(ks, got, strict=True):
             results[k] = result
+        return True
 
     def _batch_results(self, reg: Registered, name: str, got: object, n: int) -> list[Result]:
         """A batch handler's results, checked: one per message."""

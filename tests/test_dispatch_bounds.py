@@ -37,6 +37,32 @@ def test_counters_of_a_mixed_workload() -> None:
     run(main)
 
 
+@pytest.mark.parametrize("kind", ["sync", "eager", "suspended"])
+def test_a_batch_call_is_one_latency_observation(kind: str) -> None:
+    agent = Agent()
+
+    async def suspended(msgs: list[Any]) -> list[None]:
+        await asyncio.sleep(0)
+        return [None] * len(msgs)
+
+    async def eager(msgs: list[Any]) -> list[None]:
+        return [None] * len(msgs)
+
+    def sync(msgs: list[Any]) -> list[None]:
+        return [None] * len(msgs)
+
+    agent.add_handler("b", {"sync": sync, "eager": eager, "suspended": suspended}[kind], batch=True)
+
+    async def main() -> None:
+        h = Harness(agent)
+        c = h.conn()
+        await h.send(c, (1, 1, [msg("b")]), (2, 1, [msg("b")]), (3, 1, [msg("b")]))
+        await h.wait_acks(c, 3)
+        assert h.counters.latency.count == 1
+
+    run(main)
+
+
 # ------------------------------------------------------------ bounds
 
 
