@@ -466,8 +466,10 @@ class Dispatcher:
 
     def _task_done(self, call: _Call, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
-        if call.settled:
-            return  # past its deadline, already ACKed: the late result is dropped
+        if call.settled:  # past its deadline, already ACKed: the late result is dropped
+            if not task.cancelled():
+                task.exception()  # retrieved, or asyncio logs it (every one: no rate limit)
+            return
         if task.cancelled():  # not by a deadline: the handler cancelled itself
             self._settle(call, self._error_of(call, asyncio.CancelledError("handler cancelled")))
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -127,6 +128,33 @@ def test_swallowed_cancellation_is_acked_once() -> None:
         assert (h.counters.acks, h.counters.handler_errors) == (2, {})
 
     run(main)
+
+
+def test_late_failure_is_dropped_silently(caplog: Any) -> None:
+    agent = Agent()
+    failed: list[int] = []
+
+    @agent.on_message("m", timeout=TIMEOUT, on_timeout=FALLBACK)
+    async def stubborn(m: Any) -> Action:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        failed.append(m[0])
+        raise RuntimeError("after the deadline")
+
+    async def main() -> None:
+        h = Harness(agent)
+        c = h.conn()
+        await h.send(c, (1, 1, [msg("m", 1)]))
+        await h.wait_acks(c, 1)
+        await until(lambda: failed and not h.dispatcher._tasks, what="the late failure")
+        gc.collect()  # an unretrieved task exception is logged when the task goes
+        await iterations()
+        assert names(h.acks(c)) == [(1, [("fallback", 1)])]
+        assert h.counters.handler_errors == {}
+
+    with caplog.at_level(logging.ERROR):
+        run(main)
+    assert "never retrieved" not in caplog.text
 
 
 def test_timed_out_handler_in_a_notify_with_others() -> None:
