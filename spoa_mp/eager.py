@@ -77,6 +77,10 @@ class _Resumed(Coroutine[Any, Any, Any]):
         self._coro = coro
         self._first: tuple[object] | None = (yielded,)
 
+    @property
+    def __name__(self) -> str:  # in the task's repr: the handler's coroutine
+        return str(self._coro.__name__)
+
     def send(self, value: Any) -> Any:
         first = self._first
         if first is not None:
