@@ -85,12 +85,19 @@ def start(app_dir: Path) -> Iterator[Callable[..., Server]]:
         print(f"----- {srv.name} stderr -----\n{srv.log()}")
 
 
+def warm_up(c: SpopClient) -> None:
+    """One fast NOTIFY first: the timed ones measure the worker, not its start."""
+    c.notify(1000, 1, [("fast", [("", 1)])])
+    assert c.read_frame(timeout=2.0).sid == 1000
+
+
 def timed_acks(port: int, name: str) -> list[float]:
     """N NOTIFYs of `name`, one at a time: each ACK's delay, checked to carry
     the fallback action."""
     delays = []
     with SpopClient(port) as c:
         assert c.hello().type == FrameType.AGENT_HELLO
+        warm_up(c)
         for sid in range(1, N + 1):
             sent = time.monotonic()
             c.notify(sid, 1, [(name, [("", sid)])])
@@ -121,11 +128,12 @@ def test_slow_handler_is_acked_with_its_fallback_within_60_ms(
 def test_handler_timeout_flag_covers_handlers_without_their_own(
     start: Callable[..., Server],
 ) -> None:
-    if not has_handler_timeout_flag():
+    if not has_handler_timeout_flag():  # being added on the dispatch branch
         pytest.skip("`python -m spoa_mp --help` shows no --handler-timeout SECONDS flag yet")
     server = start("--handler-timeout", "0.05")
     with SpopClient(server.port) as c:
         assert c.hello().type == FrameType.AGENT_HELLO
+        warm_up(c)
         for sid in range(1, N + 1):
             sent = time.monotonic()
             c.notify(sid, 1, [("slow-default", [("", sid)])])
