@@ -295,7 +295,8 @@ class Dispatcher:
                 add(self._call(reg, name, msg, (len(results),)))
         if batches is not None:
             for name, ks in batches.items():
-                self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results)
+                if self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results):
+                    stamp(clock())  # one observation per batch call, as for late ones
         self.counters.latency.observe_stamps(stamps)
         if late or any_deferred:
             self._late = []
@@ -446,7 +447,8 @@ class Dispatcher:
         msgs: list[Message],
         ks: tuple[int, ...],
         results: list[Any],
-    ) -> None:
+    ) -> bool:
+        """Run a batch call: True if its results are in `results` now."""
         n = len(msgs)
         if reg.blocking or reg.is_coroutine:
             got = self._call(reg, name, msgs, ks, n)
@@ -461,9 +463,10 @@ class Dispatcher:
                 else:
                     got = self._batch_results(reg, name, got, n)
         if got is PENDING:
-            return
+            return False
         for k, result in zip(ks, got, strict=True):
             results[k] = result
+        return True
 
     def _batch_results(self, reg: Registered, name: str, got: object, n: int) -> list[Result]:
         """A batch handler's results, checked: one per message."""
@@ -542,10 +545,12 @@ class Dispatcher:
 
     def _task_done(self, call: _Call, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
-        if call.settled:
-            return  # past its deadline, already ACKed: the late result is dropped
-        if task.cancelled():
-            self._settle(call, [self._failed(call.reg, call.name, call.n)] * call.n)
+        if call.settled:  # past its deadline, already ACKed: the late result is dropped
+            if not task.cancelled():
+                task.exception()  # retrieved, or asyncio logs it (every one: no rate limit)
+            return
+        if task.cancelled():  # not by a deadline: the handler cancelled itself
+            self._settle(call, self._error_of(call, asyncio.CancelledError("handler cancelled")))
             return
         exc = task.exception()
         if exc is not None:
