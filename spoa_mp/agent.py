@@ -28,7 +28,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeAlias, TypeVar
 
@@ -37,10 +38,12 @@ from spoa_mp.model import Action, Message
 __all__ = [
     "Agent",
     "AppLoadError",
+    "BatchHandler",
     "Handler",
     "HandlerResult",
     "Registered",
     "WorkerStartHook",
+    "check_timeout",
     "load_app",
     "normalize_actions",
 ]
@@ -54,7 +57,13 @@ Handler: TypeAlias = Callable[[Message], HandlerResult | Awaitable[HandlerResult
 WorkerStartHook: TypeAlias = Callable[[], object]
 """A per-worker init function: no arguments; sync or async."""
 
+BatchHandler: TypeAlias = Callable[
+    [list[Message]], Sequence[HandlerResult] | Awaitable[Sequence[HandlerResult]]
+]
+"""A batch handler: called with a read's messages of one name; one result each."""
+
 H = TypeVar("H", bound=Handler)
+B = TypeVar("B", bound=BatchHandler)
 W = TypeVar("W", bound=WorkerStartHook)
 
 _CLOSED = (
@@ -64,10 +73,23 @@ _CLOSED = (
 
 
 class Registered(NamedTuple):
-    """A registered callable and whether calling it returns an awaitable."""
+    """A registered callable, how the dispatcher calls it, and its deadline rules.
+
+    `is_coroutine`: calling fn returns a coroutine. `batch`: fn takes the list
+    of a read's messages of this name and returns one result per message.
+    `blocking`: fn runs in the worker's thread pool. `timeout`: seconds from
+    the NOTIFY's arrival to its ACK (None: the server's --handler-timeout).
+    `on_timeout` / `on_error`: the actions ACKed instead when the deadline
+    passes or the handler raises (or returns something that is not actions).
+    """
 
     fn: Callable[..., Any]
     is_coroutine: bool
+    batch: bool = False
+    blocking: bool = False
+    timeout: float | None = None
+    on_timeout: tuple[Action, ...] = ()
+    on_error: tuple[Action, ...] = ()
 
 
 def _is_coroutine(fn: object) -> bool:
@@ -117,11 +139,23 @@ class Agent:
         if self._frozen:
             raise RuntimeError(f"Agent {self.name!r}: {method}(): {_CLOSED}")
 
-    def add_handler(self, name: str, fn: Handler) -> None:
-        """Register `fn` for SPOE message `name` (the non-decorator form).
+    def add_handler(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        batch: bool = False,
+        blocking: bool = False,
+        timeout: float | None = None,
+        on_timeout: HandlerResult = None,
+        on_error: HandlerResult = None,
+    ) -> None:
+        """Register `fn` for SPOE message `name` (the non-decorator form); the
+        keywords are those of `on_message` and `on_batch`.
 
-        Raises ValueError for a duplicate or empty name, TypeError when fn is
-        not callable, RuntimeError once frozen.
+        Raises ValueError for a duplicate or empty name or a timeout that is
+        not a positive number, TypeError when fn is not callable or a fallback
+        is not actions, RuntimeError once frozen.
         """
         self._check_open("add_handler")
         if not isinstance(name, str):
@@ -136,23 +170,100 @@ class Agent:
                 f"Agent {self.name!r}: message {name!r} already has a handler "
                 f"({getattr(old, '__qualname__', repr(old))})"
             )
-        self._handlers[name] = Registered(fn, _is_coroutine(fn))
+        is_coroutine = _is_coroutine(fn)
+        if blocking and is_coroutine:
+            raise TypeError(
+                f"handler for {name!r}: blocking=True runs a plain function in a thread; "
+                "a coroutine function needs no thread"
+            )
+        self._handlers[name] = Registered(
+            fn,
+            is_coroutine,
+            batch=bool(batch),
+            blocking=bool(blocking),
+            timeout=check_timeout(timeout, f"handler for {name!r}: timeout"),
+            on_timeout=_fallback(on_timeout, name, "on_timeout"),
+            on_error=_fallback(on_error, name, "on_error"),
+        )
 
-    def on_message(self, name: str) -> Callable[[H], H]:
+    def on_message(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        on_timeout: HandlerResult = None,
+        on_error: HandlerResult = None,
+        blocking: bool = False,
+    ) -> Callable[[H], H]:
         """Decorator registering the function for SPOE message `name`.
 
         Returns the function unchanged::
 
-            @agent.on_message("check-client-ip")
-            def check(msg: Message) -> Action: ...
+            @agent.on_message("check-client-ip", timeout=0.05,
+                              on_timeout=set_var("sess", "ip_score", 100))
+            async def check(msg: Message) -> Action: ...
+
+        `timeout` (seconds, > 0) bounds the time from the NOTIFY's arrival to
+        its ACK; past it the handler is cancelled and the stream is ACKed with
+        `on_timeout` (default: no action). A handler that raises gets
+        `on_error`. Without `timeout`, the server's `--handler-timeout`
+        applies. `blocking=True` runs a plain function that blocks (a sync
+        database driver, `requests`) in the worker's thread pool, so it never
+        stalls the worker's loop; its deadline is enforced the same way (the
+        thread itself cannot be stopped: its late result is dropped).
         """
         self._check_open("on_message")  # fail at the decorator line, not later
+        options = self._options(name, timeout, on_timeout, on_error)
 
         def decorator(fn: H) -> H:
-            self.add_handler(name, fn)
+            self.add_handler(name, fn, blocking=blocking, **options)
             return fn
 
         return decorator
+
+    def on_batch(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        on_timeout: HandlerResult = None,
+        on_error: HandlerResult = None,
+        blocking: bool = False,
+    ) -> Callable[[B], B]:
+        """Decorator registering a batch handler for SPOE message `name`.
+
+        The function gets the list of every message of that name in one read
+        (HAProxy pipelines many NOTIFYs per read under load) and returns a
+        sequence of results, one per message, in order: one round trip to a
+        store can serve them all::
+
+            @agent.on_batch("check-client-ip", timeout=0.05)
+            async def check(msgs: list[Message]) -> list[Action]:
+                scores = await redis.mget([str(m["ip"]) for m in msgs])
+                return [score_action(s) for s in scores]
+
+        The keywords are those of `on_message`; the deadline and fallbacks
+        apply to the whole batch. A result list of the wrong length counts
+        as an error for every message in it. Returns the function unchanged.
+        """
+        self._check_open("on_batch")
+        options = self._options(name, timeout, on_timeout, on_error)
+
+        def decorator(fn: B) -> B:
+            self.add_handler(name, fn, batch=True, blocking=blocking, **options)
+            return fn
+
+        return decorator
+
+    @staticmethod
+    def _options(
+        name: str, timeout: object, on_timeout: HandlerResult, on_error: HandlerResult
+    ) -> dict[str, Any]:
+        # checked at the decorator line, before the function is even defined
+        check_timeout(timeout, f"handler for {name!r}: timeout")
+        _fallback(on_timeout, name, "on_timeout")
+        _fallback(on_error, name, "on_error")
+        return {"timeout": timeout, "on_timeout": on_timeout, "on_error": on_error}
 
     def on_worker_start(self, fn: W) -> W:
         """Decorator registering a function run in every worker after the fork
@@ -236,6 +347,24 @@ def normalize_actions(result: object) -> tuple[Action, ...]:
     if cls is Action:
         return (result,)  # type: ignore[return-value]
     return _normalize_slow(result)
+
+
+def check_timeout(value: object, what: str) -> float | None:
+    """A deadline in seconds: None, or a finite number > 0 (ValueError otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds, not {_describe(value)}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _fallback(result: HandlerResult, name: str, what: str) -> tuple[Action, ...]:
+    try:
+        return normalize_actions(result)
+    except TypeError as e:
+        raise TypeError(f"handler for {name!r}: {what}: {e}") from None
 
 
 # ------------------------------------------------------------- app loading

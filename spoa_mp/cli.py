@@ -241,6 +241,39 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"messages in flight on one connection before the worker stops reading "
         f"it (default {_D.max_in_flight})",
     )
+    add(
+        "--max-pending",
+        type=_int,
+        metavar="N",
+        help=f"NOTIFYs awaiting a handler in one worker before it stops reading "
+        f"(default {_D.max_pending})",
+    )
+    add(
+        "--handler-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="deadline for handlers registered without timeout=: past it the stream is "
+        "ACKed with the handler's on_timeout actions (default: none)",
+    )
+    add(
+        "--blocking-threads",
+        type=_int,
+        metavar="N",
+        help=f"threads per worker for blocking=True handlers (default {_D.blocking_threads})",
+    )
+    add(
+        "--hello-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"close a connection that sent no HELLO for this long (default {_D.hello_timeout:g})",
+    )
+    add(
+        "--max-connections",
+        type=_int,
+        metavar="N",
+        help=f"open connections per worker; more are closed at accept (default "
+        f"{_D.max_connections})",
+    )
     return p
 
 

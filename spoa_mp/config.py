@@ -101,6 +101,11 @@ class ServerConfig:
     pipelining: bool = True
     fragmentation: bool = True
     max_in_flight: int = 256  # messages in flight per connection before reads pause
+    max_pending: int = 4096  # NOTIFYs awaiting a handler, per worker, before reads pause
+    handler_timeout: float | None = None  # seconds; for handlers registered without timeout=
+    blocking_threads: int = 16  # threads per worker for blocking=True handlers
+    hello_timeout: float = 10.0  # seconds from accept to a complete HELLO, else closed
+    max_connections: int = 4096  # open connections per worker; more are closed at accept
     worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
     graceful_timeout: float = 30.0  # seconds workers get to finish when stopping
     reload_mode: str = "handover"  # SIGHUP: handover | rolling | drain (see supervisor.py)
@@ -144,6 +149,11 @@ _KINDS: dict[str, type] = {
     "pipelining": bool,
     "fragmentation": bool,
     "max_in_flight": int,
+    "max_pending": int,
+    "handler_timeout": float,
+    "blocking_threads": int,
+    "hello_timeout": float,
+    "max_connections": int,
     "worker_timeout": float,
     "graceful_timeout": float,
     "reload_mode": str,
@@ -158,7 +168,9 @@ _KINDS: dict[str, type] = {
     "log_format": str,
 }
 # may be None (not from TOML)
-_OPTIONAL = frozenset({"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics"})
+_OPTIONAL = frozenset(
+    {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout"}
+)
 _PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile"})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
@@ -361,6 +373,11 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "blocklist": _check_blocklists,
     "max_frame_size": _between(MIN_FRAME_SIZE, MAX_FRAME_SIZE),
     "max_in_flight": _at_least_one,
+    "max_pending": _at_least_one,
+    "handler_timeout": _seconds(zero_ok=False),
+    "blocking_threads": _between(1, 1024),
+    "hello_timeout": _seconds(zero_ok=False),
+    "max_connections": _at_least_one,
     "worker_timeout": _seconds(zero_ok=False),
     "graceful_timeout": _seconds(zero_ok=True),
     "reload_mode": _one_of(RELOAD_MODES),

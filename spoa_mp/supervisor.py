@@ -42,10 +42,11 @@ from spoa_mp import health, logs, systemd
 from spoa_mp.agent import Agent, AppLoadError, load_app
 from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
+from spoa_mp.dispatch import DispatchSettings
 from spoa_mp.metrics import Aggregator
 from spoa_mp.metrics_http import MetricsServer, exposition, registry_for
 from spoa_mp.protocol import AgentSettings
-from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
+from spoa_mp.worker import EXIT_BOOT_ERROR, ConnectionLimits, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -606,10 +607,16 @@ class Supervisor:
             recycle_after = self.config.max_requests + random.randint(
                 0, self.config.max_requests_jitter
             )
+        dispatch = DispatchSettings(
+            handler_timeout=self.config.handler_timeout,
+            max_pending=self.config.max_pending,
+            blocking_threads=self.config.blocking_threads,
+        )
         return worker_main(
             index, self.listeners, self.agent, self.settings, control,
             self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
-            recycle_after,
+            recycle_after, dispatch,
+            ConnectionLimits(self.config.hello_timeout, self.config.max_connections),
         )  # fmt: skip
 
     def _read_control(self, proc: WorkerProcess) -> None:

@@ -1,0 +1,118 @@
+"""Running a coroutine eagerly, by hand: its first step inside the caller,
+the rest (if it suspends) as a task. What Python 3.12's eager tasks do
+(`asyncio.eager_task_factory`), for 3.11, and cheaper: a coroutine that
+finishes at once never becomes a task.
+
+    eager = EagerTask()
+    enter_task(loop, eager)          # asyncio.current_task() is `eager`
+    try:
+        yielded = coro.send(None)    # StopIteration: done, no task
+    finally:
+        leave_task(loop, eager)
+    task = loop.create_task(resume_task(coro, yielded))
+    eager.adopt(task)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+# the hooks Python 3.12's eager tasks use too: current_task() during the step
+enter_task = asyncio.tasks._enter_task
+leave_task = asyncio.tasks._leave_task
+
+
+class EagerTask:
+    """What `asyncio.current_task()` returns while a coroutine runs its first
+    step inside the read: `asyncio.timeout()` and friends need a task to
+    cancel. If the coroutine suspends, the real task takes over and the
+    calls made on this one are passed on to it."""
+
+    __slots__ = ("_cancels", "_task")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[Any] | None = None
+        self._cancels = 0
+
+    def cancel(self, msg: object = None) -> bool:
+        if self._task is not None:
+            return self._task.cancel(msg)
+        self._cancels += 1
+        return True
+
+    def cancelling(self) -> int:
+        return self._task.cancelling() if self._task is not None else self._cancels
+
+    def uncancel(self) -> int:
+        if self._task is not None:
+            return self._task.uncancel()
+        self._cancels = max(0, self._cancels - 1)
+        return self._cancels
+
+    def done(self) -> bool:
+        return False
+
+    def get_name(self) -> str:
+        return self._task.get_name() if self._task is not None else "eager"
+
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        self._task = task
+        for _ in range(self._cancels):
+            task.cancel()
+
+
+class _Resumed(Coroutine[Any, Any, Any]):
+    """The rest of a coroutine whose first step ran eagerly, as a task's
+    coroutine: the task's first send gets what the coroutine waits on; what
+    the task sends or throws later goes straight to the coroutine. A throw
+    before that first send (the task cancelled before it ever ran, e.g. by an
+    `asyncio.timeout(0)` entered in the eager step) reaches the coroutine too,
+    where an unstarted wrapper coroutine would end without it."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Any, yielded: object) -> None:
+        self._coro = coro
+        self._first: tuple[object] | None = (yielded,)
+
+    @property
+    def __name__(self) -> str:  # in the task's repr: the handler's coroutine
+        return str(self._coro.__name__)
+
+    def send(self, value: Any) -> Any:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first[0]
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._first = None
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._first = None
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self  # type: ignore[return-value]  # an iterator with send/throw: awaitable
+
+    def __iter__(self) -> _Resumed:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+
+def resume_task(coro: Any, yielded: object) -> Coroutine[Any, Any, Any]:
+    """What to give create_task() for a coroutine that suspended yielding `yielded`."""
+    return _Resumed(coro, yielded)
+
+
+async def wrap_awaitable(awaitable: Any) -> Any:
+    """Any awaitable as a coroutine (one the eager driver can step)."""
+    return await awaitable
