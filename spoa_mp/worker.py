@@ -2,11 +2,12 @@
 sockets and answers NOTIFY frames with the agent's handlers.
 
 One asyncio loop per worker, driven with raw non-blocking sockets
-(`add_reader`) rather than transports: a read is decoded in one C call, the
-synchronous handlers run inline, and every ACK of that read leaves in one
-encode call and one `send`. Coroutine handlers run as tasks, so a slow one
-holds up nobody but its own stream. A bound on the messages in flight per
-connection stops reading that connection until its handlers catch up.
+(`add_reader`) rather than transports: a read is decoded in one C call and
+handed to the dispatcher (dispatch.py), which runs every kind of handler;
+the ACKs ready at the end of the read leave in one encode call and one
+`send`, later ones in one per loop iteration. Bounds on the NOTIFYs awaiting
+a handler, per connection (--max-in-flight) and per worker (--max-pending),
+stop reading until the handlers catch up.
 
 The worker is the only process that touches connection sockets; it reports
 to the supervisor over its health pipe (see health.py).
@@ -23,27 +24,22 @@ import os
 import signal
 import socket
 import time
-from array import array
-from collections import Counter, deque
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
-from operator import attrgetter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spoa_mp import health
-from spoa_mp.agent import Agent, normalize_actions
+from spoa_mp.agent import Agent
 from spoa_mp.codec import Decoder, Encoder
+from spoa_mp.counters import Counters
+from spoa_mp.dispatch import Dispatcher, DispatchSettings
 from spoa_mp.logs import RateLimitedLog
-from spoa_mp.metrics import LatencyHistogram
-from spoa_mp.model import Action, Message
 from spoa_mp.protocol import (
     AgentConnection,
     AgentSettings,
     FrameCounts,
     HandshakeDone,
     HealthCheck,
-    Notification,
-    Notifies,
     PeerDisconnected,
     ProtocolError,
 )
@@ -51,49 +47,8 @@ from spoa_mp.protocol import (
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
-# what sync handlers return; never awaitable, so the costly check is skipped
-_PLAIN_RESULTS = frozenset((tuple, list, type(None), Action))
-_name_of = attrgetter("name")
 HEARTBEAT_INTERVAL = 1.0
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
-
-
-class Counters:
-    """What a worker reports in every heartbeat, cumulative since it started
-    (the supervisor sums them over workers alive and gone: see metrics.py)."""
-
-    def __init__(self) -> None:
-        self.messages: dict[str, int] = {}  # by message name
-        self.handler_errors: dict[str, int] = {}
-        self.latency = LatencyHistogram()
-        self.frames = FrameCounts()  # the rare frames, counted by the protocol core
-        self.notifies = 0  # NOTIFY in and ACK out: counted in bulk here
-        self.acks = 0
-        self.connections_total = 0
-        self.protocol_errors = 0
-        self.acks_cut = 0
-        self.handed_over = 0
-        self.adopted = 0
-
-    @property
-    def messages_total(self) -> int:
-        return sum(self.messages.values())
-
-    def as_dict(self) -> dict[str, object]:
-        f = self.frames
-        return {
-            "messages": self.messages,
-            "handler_errors": self.handler_errors,
-            "latency": self.latency.snapshot(),
-            "frames_in": {**f.frames_in, "notify": self.notifies},
-            "frames_out": {**f.frames_out, "ack": self.acks},
-            "disconnects": {"in": f.disconnects_in, "out": f.disconnects_out},
-            "connections_total": self.connections_total,
-            "protocol_errors": self.protocol_errors,
-            "acks_cut": self.acks_cut,
-            "handed_over": self.handed_over,
-            "adopted": self.adopted,
-        }
 
 
 @dataclass(eq=False, slots=True)
@@ -103,10 +58,7 @@ class Connection:
     peer: str
     proto: AgentConnection
     out: bytearray = field(default_factory=bytearray)  # what the kernel did not take yet
-    in_flight: int = 0  # NOTIFYs handed to coroutine handlers, not ACKed yet
-    # NOTIFYs for coroutine handlers beyond --max-in-flight, started in order
-    # as earlier ones finish (one read can carry many pipelined NOTIFYs)
-    waiting: deque[Notification] = field(default_factory=deque)
+    in_flight: int = 0  # NOTIFYs awaiting a handler, not ACKed yet
     reading: bool = True
     closed: bool = False
 
@@ -123,6 +75,7 @@ class Worker:
         graceful_timeout: float = 30.0,
         debug: bool = False,
         recycle_after: int = 0,
+        dispatch: DispatchSettings | None = None,
     ) -> None:
         self.index = index
         self.listeners = list(listeners)
@@ -139,7 +92,14 @@ class Worker:
         # the decoder matches handler names in C: a message costs no name lookup
         self._decoder = Decoder(max_frame_size=settings.max_frame_size, names=self._handlers)
         self._encoder = Encoder()
-        self._sync_only = not any(reg.is_coroutine for reg in self._handlers.values())
+        self.dispatcher = Dispatcher(
+            self._handlers,
+            self.counters,
+            replace(dispatch or DispatchSettings(), max_in_flight=max_in_flight),
+            on_progress=self._progress,
+            on_capacity=self._resume_reading,
+            debug=debug,
+        )
         self._recv_buf = bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
         self._noisy = RateLimitedLog(log, interval=10.0)
@@ -178,6 +138,7 @@ class Worker:
         health.send(self.control, health.READY)
         self._beat()
         await self._done
+        self.dispatcher.close()
         # a last beat: what was counted since the previous one (handovers
         # included) reaches the supervisor's totals before we are reaped
         health.send(
@@ -253,7 +214,7 @@ class Worker:
                 FrameCounts.add(caps, ",".join(names))
         return {
             "connections": len(self.connections),
-            "in_flight": sum(c.in_flight + len(c.waiting) for c in self.connections.values()),
+            "in_flight": self.dispatcher.pending,
             "negotiated": {"max_frame_size": sizes, "capabilities": caps},
         }
 
@@ -321,16 +282,32 @@ class Worker:
         notifies = conn.proto.feed(data)
         self._events(conn)
         if notifies.ids:
-            if notifies.counts is None and self._sync_only and not self.debug:
-                self._dispatch_plain(conn, notifies)
-            else:
-                self._dispatch(conn, notifies.notifications())
+            self.dispatcher.dispatch(conn, notifies)
+            if conn.in_flight:
+                self._update_reading(conn)  # stop taking work if handlers fall behind
         self._flush(conn)
         if self._stopping:
             self._close_if_idle(conn)
         elif self._handing_over:
             self._update_reading(conn)
             self._try_handover(conn)
+
+    def _progress(self, conn: Connection) -> None:
+        """Late ACKs were queued on conn (dispatcher): send them, read again."""
+        if conn.closed:
+            self._check_done()
+            return
+        self._update_reading(conn)
+        self._flush(conn)
+        if self._stopping:
+            self._close_if_idle(conn)
+        elif self._handing_over:
+            self._try_handover(conn)
+
+    def _resume_reading(self) -> None:
+        """The worker's handlers caught up (--max-pending): read again."""
+        for conn in list(self.connections.values()):
+            self._update_reading(conn)
 
     def _events(self, conn: Connection) -> None:
         for ev in conn.proto.take_events():
@@ -399,6 +376,7 @@ class Worker:
     def _release(self, conn: Connection) -> None:
         """Forget a connection (the socket itself is closed by the caller)."""
         conn.closed = True
+        self.dispatcher.forget(conn)
         assert self._loop is not None
         if conn.reading:
             self._loop.remove_reader(conn.fd)
@@ -409,7 +387,9 @@ class Worker:
     def _update_reading(self, conn: Connection) -> None:
         """Read a connection unless its handlers are behind, or it is about
         to move at a frame boundary."""
-        want = not conn.closed and conn.in_flight < self.max_in_flight and not conn.waiting
+        want = (
+            not conn.closed and conn.in_flight < self.max_in_flight and not self.dispatcher.paused
+        )
         if self._handing_over and conn.proto.at_frame_boundary:
             want = False
         if want != conn.reading:
@@ -482,7 +462,7 @@ class Worker:
     def _try_handover(self, conn: Connection) -> None:
         """Pass a connection on once nothing of it is left here: no partial
         frame, no handler running or waiting, no unsent ACK."""
-        if conn.closed or conn.in_flight or conn.waiting or conn.out:
+        if conn.closed or conn.in_flight or conn.out:
             return
         if conn.proto.closing or not conn.proto.at_frame_boundary:
             return
@@ -501,213 +481,13 @@ class Worker:
 
     @staticmethod
     def _idle(conn: Connection) -> bool:
-        return (
-            conn.in_flight == 0 and not conn.waiting and conn.proto.buffered == 0 and not conn.out
-        )
+        return conn.in_flight == 0 and conn.proto.buffered == 0 and not conn.out
 
     def _close_if_idle(self, conn: Connection) -> None:
         """While stopping: say goodbye to a connection with nothing pending."""
         if not conn.closed and self._idle(conn):
             conn.proto.disconnect()
             self._flush(conn)
-
-    # ---------------------------------------------------------------- handlers
-
-    def _dispatch(self, conn: Connection, notes: list[Notification], queued: bool = False) -> None:
-        handlers = self._handlers
-        replies: list[tuple[int, int, Sequence[Action]]] = []
-        counters = self.counters
-        counted = counters.messages
-        observe = counters.latency.observe
-        counters.notifies += len(notes)
-        clock = time.perf_counter
-        t0 = clock()
-        for note in notes:
-            sid, fid, msgs = note
-            if self.debug:
-                log.debug("conn %d: NOTIFY sid=%d fid=%d %r", conn.fd, sid, fid, msgs)
-            # keep arrival order: nothing new starts while older ones wait
-            busy = conn.in_flight >= self.max_in_flight or (conn.waiting and not queued)
-            if busy and self._needs_task(msgs):
-                conn.waiting.append(note)
-                continue
-            actions: tuple[Action, ...] = ()
-            waiting: list[tuple[Message, Awaitable[object]]] = []
-            for msg in msgs:
-                reg = handlers.get(msg.name)
-                if reg is None:
-                    continue  # a message nobody handles: an empty ACK, as HAProxy expects
-                counted[msg.name] = counted.get(msg.name, 0) + 1
-                try:
-                    result = reg.fn(msg)
-                    if reg.is_coroutine or (
-                        result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result)
-                    ):
-                        waiting.append((msg, result))  # type: ignore[arg-type]
-                        continue
-                    actions += normalize_actions(result)
-                except Exception:
-                    self._handler_failed(msg)
-                # one clock read per message: each handler's time ends where
-                # the next one's begins
-                t1 = clock()
-                observe(t1 - t0)
-                t0 = t1
-            if waiting:
-                self._start_async(conn, sid, fid, actions, waiting)
-            else:
-                replies.append((sid, fid, actions))
-        if replies:
-            counters.acks += len(replies)
-            if self.debug:
-                for sid, fid, actions in replies:
-                    log.debug("conn %d: ACK sid=%d fid=%d %r", conn.fd, sid, fid, list(actions))
-            cut = conn.proto.ack(replies)
-            if cut:
-                self._acks_cut(conn, len(cut))
-
-    def _dispatch_plain(self, conn: Connection, notifies: Notifies) -> None:
-        """The usual read: one message per NOTIFY, no coroutine handlers.
-
-        Handler results go to the encoder as they are (an Action, the usual
-        result, needs no normalising), messages are counted by name in bulk,
-        and latencies are timestamps turned into a histogram after the loop.
-        """
-        handlers = self._handlers
-        msgs = notifies.messages
-        results: list[Action | tuple[Action, ...] | None] = []
-        add = results.append
-        clock = time.perf_counter
-        stamps = [clock()]
-        stamp = stamps.append
-        late: list[tuple[int, Message, Awaitable[object]]] = []
-        for msg in msgs:
-            reg = handlers.get(msg.name)
-            if reg is None:  # nobody handles it: an empty ACK, and no latency
-                add(None)
-                continue
-            try:
-                result = reg.fn(msg)
-                if result.__class__ is not Action:
-                    if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
-                        # timed by its task; this ACK waits for it
-                        late.append((len(results), msg, result))  # type: ignore[arg-type]
-                        add(None)
-                        continue
-                    result = normalize_actions(result)
-            except Exception:
-                self._handler_failed(msg)
-                result = None
-            add(result)  # type: ignore[arg-type]
-            # the time since the previous stamp is this handler's
-            stamp(clock())
-        counters = self.counters
-        counters.notifies += len(msgs)
-        counted = counters.messages
-        if len(msgs) == 1:  # unpipelined: one message per read, skip the bulk tools
-            name = msgs[0].name
-            if name in handlers:
-                counted[name] = counted.get(name, 0) + 1
-        else:
-            for name, n in Counter(map(_name_of, msgs)).items():
-                if name in handlers:
-                    counted[name] = counted.get(name, 0) + n
-        counters.latency.observe_stamps(stamps)
-        ids: array[int] = notifies.ids
-        if late:  # a plain function returned an awaitable: those ACKs wait for it
-            results, ids = self._start_late(conn, ids, results, late)
-        if results:
-            counters.acks += len(results)
-            cut = conn.proto.ack_for(ids, results)
-            if cut:
-                self._acks_cut(conn, len(cut))
-
-    def _start_late(
-        self,
-        conn: Connection,
-        ids: array[int],
-        results: list[Any],
-        late: list[tuple[int, Message, Awaitable[object]]],
-    ) -> tuple[list[Any], array[int]]:
-        """Start the awaitables of a plain read as tasks; returns the results
-        and ids of the NOTIFYs that can be ACKed now."""
-        waiting = {k for k, _, _ in late}
-        for k, msg, awaitable in late:
-            self._start_async(conn, ids[2 * k], ids[2 * k + 1], (), [(msg, awaitable)])
-        keep = [k for k in range(len(results)) if k not in waiting]
-        now = array("Q")
-        for k in keep:
-            now.append(ids[2 * k])
-            now.append(ids[2 * k + 1])
-        return [results[k] for k in keep], now
-
-    def _needs_task(self, msgs: list[Message]) -> bool:
-        for msg in msgs:
-            reg = self._handlers.get(msg.name)
-            if reg is not None and reg.is_coroutine:
-                return True
-        return False
-
-    def _handler_failed(self, msg: Message) -> None:
-        errors = self.counters.handler_errors
-        errors[msg.name] = errors.get(msg.name, 0) + 1
-        # the stream still gets its (empty) ACK; log the traceback, but not
-        # thousands of times a second
-        self._noisy.exception(f"handler:{msg.name}", "handler for %r failed", msg.name)
-
-    def _acks_cut(self, conn: Connection, n: int) -> None:
-        self.counters.acks_cut += n
-        self._noisy.warning(
-            "cut",
-            "conn %d: %d ACK(s) cut to max-frame-size %d",
-            conn.fd,
-            n,
-            conn.proto.max_frame_size,
-        )
-
-    def _start_async(
-        self,
-        conn: Connection,
-        sid: int,
-        fid: int,
-        actions: tuple[Action, ...],
-        waiting: list[tuple[Message, Awaitable[object]]],
-    ) -> None:
-        conn.in_flight += 1
-        self._update_reading(conn)  # stop taking work if handlers fall behind
-        assert self._loop is not None
-        self._loop.create_task(self._finish_async(conn, sid, fid, actions, waiting))
-
-    async def _finish_async(
-        self,
-        conn: Connection,
-        sid: int,
-        fid: int,
-        actions: tuple[Action, ...],
-        waiting: list[tuple[Message, Awaitable[object]]],
-    ) -> None:
-        started = time.perf_counter()
-        for msg, awaitable in waiting:
-            try:
-                actions += normalize_actions(await awaitable)
-            except Exception:
-                self._handler_failed(msg)
-        self.counters.latency.observe(time.perf_counter() - started)
-        conn.in_flight -= 1
-        if conn.closed:
-            return  # HAProxy went away: nobody to answer
-        self.counters.acks += 1
-        cut = conn.proto.ack([(sid, fid, actions)])
-        if cut:
-            self._acks_cut(conn, len(cut))
-        while conn.waiting and conn.in_flight < self.max_in_flight:
-            self._dispatch(conn, [conn.waiting.popleft()], queued=True)
-        self._update_reading(conn)
-        self._flush(conn)
-        if self._stopping:
-            self._close_if_idle(conn)
-        elif self._handing_over:
-            self._try_handover(conn)
 
 
 class BootError(Exception):
@@ -739,12 +519,13 @@ def worker_main(
     graceful_timeout: float,
     debug: bool,
     recycle_after: int = 0,
+    dispatch: DispatchSettings | None = None,
 ) -> int:
     """Entry point in the forked child (signals and title are set by the caller)."""
     started = time.monotonic()
     code = Worker(
         index, listeners, agent, settings, control, max_in_flight, graceful_timeout, debug,
-        recycle_after,
+        recycle_after, dispatch,
     ).run()  # fmt: skip
     log.debug("worker exits with %d after %.1f s", code, time.monotonic() - started)
     with contextlib.suppress(OSError):

@@ -1,0 +1,47 @@
+"""What a worker counts and reports in every heartbeat (health.py),
+cumulative since it started; the supervisor sums them over
+workers alive and gone (see metrics.py)."""
+
+from __future__ import annotations
+
+from spoa_mp.metrics import LatencyHistogram
+from spoa_mp.protocol import FrameCounts
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.messages: dict[str, int] = {}  # by message name
+        self.handler_errors: dict[str, int] = {}  # by message name: raised or returned garbage
+        self.handler_timeouts: dict[str, int] = {}  # by message name: ACKed with on_timeout
+        self.latency = LatencyHistogram()
+        self.frames = FrameCounts()  # the rare frames, counted by the protocol core
+        self.notifies = 0  # NOTIFY in and ACK out: counted in bulk by the dispatcher
+        self.acks = 0
+        self.connections_total = 0
+        self.protocol_errors = 0
+        self.acks_cut = 0
+        self.backpressure = 0  # times reads paused at --max-pending
+        self.handed_over = 0
+        self.adopted = 0
+
+    @property
+    def messages_total(self) -> int:
+        return sum(self.messages.values())
+
+    def as_dict(self) -> dict[str, object]:
+        f = self.frames
+        return {
+            "messages": self.messages,
+            "handler_errors": self.handler_errors,
+            "handler_timeouts": self.handler_timeouts,
+            "latency": self.latency.snapshot(),
+            "frames_in": {**f.frames_in, "notify": self.notifies},
+            "frames_out": {**f.frames_out, "ack": self.acks},
+            "disconnects": {"in": f.disconnects_in, "out": f.disconnects_out},
+            "connections_total": self.connections_total,
+            "protocol_errors": self.protocol_errors,
+            "acks_cut": self.acks_cut,
+            "backpressure": self.backpressure,
+            "handed_over": self.handed_over,
+            "adopted": self.adopted,
+        }

@@ -1,0 +1,599 @@
+"""The one path from a read's NOTIFY frames to their ACKs, for every kind of
+handler: sync, coroutine, batch, blocking (thread pool), several messages in
+one NOTIFY, messages nobody handles.
+
+Sans sockets: `Dispatcher.dispatch(conn, notifies)` runs the handlers of one
+read and queues the ACKs that are ready on `conn.proto` (an
+`AgentConnection`); the rest are ACKed from the event loop as their handlers
+finish, all those of one loop iteration in one encode call per connection,
+after which `on_progress(conn)` lets the owner send them.
+
+- Sync handlers run inline; their ACKs leave with the read's.
+- Coroutines run eagerly, inside the read, until they first suspend (what
+  Python 3.12's eager tasks do, done by hand for 3.11): one that finishes at
+  once costs no task. Only a suspended one becomes a task.
+- Batch handlers get all the read's messages of their name in one call.
+- Blocking handlers run in a bounded thread pool, created after the fork.
+- Deadlines: a handler not done `timeout` seconds after its NOTIFY arrived is
+  cancelled and its stream ACKed with its `on_timeout` actions; a late result
+  is dropped. A handler that raises, or returns what is not actions, gets
+  `on_error`. A stream always gets its ACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import types
+from array import array
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, Protocol
+
+from spoa_mp.agent import Registered, check_timeout, normalize_actions
+from spoa_mp.counters import Counters
+from spoa_mp.deadlines import Deadlines
+from spoa_mp.eager import EagerTask, enter_task, leave_task, resume_task, wrap_awaitable
+from spoa_mp.logs import RateLimitedLog
+from spoa_mp.model import Action, Message
+from spoa_mp.protocol import AgentConnection, Notifies
+
+log = logging.getLogger(__name__)
+
+Result = Action | tuple[Action, ...] | None
+"""A handler's result once checked: what the encoder takes."""
+
+_name_of = attrgetter("name")
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    """Server-wide handler rules (command line / TOML)."""
+
+    handler_timeout: float | None = None  # for handlers registered without a timeout
+    max_in_flight: int = 256  # NOTIFYs awaiting a handler, per connection, before reads pause
+    max_pending: int = 4096  # NOTIFYs awaiting a handler, per worker, before reads pause
+    blocking_threads: int = 16  # the thread pool of blocking=True handlers, per worker
+
+    def __post_init__(self) -> None:
+        check_timeout(self.handler_timeout, "--handler-timeout")
+        if self.max_pending < 1:
+            raise ValueError(f"--max-pending must be at least 1, got {self.max_pending}")
+        if self.blocking_threads < 1:
+            raise ValueError(f"--blocking-threads must be at least 1, got {self.blocking_threads}")
+
+
+class Conn(Protocol):
+    """What the dispatcher needs of a connection."""
+
+    proto: AgentConnection
+    closed: bool
+    in_flight: int  # NOTIFYs of this connection awaiting a handler
+    fd: int
+
+
+class _Pending:
+    """Marks a message whose result comes later (a slot in a read's results)."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+PENDING: Any = _Pending("PENDING")
+DEFERRED: Any = _Pending("DEFERRED")  # not started: the connection is at --max-in-flight
+
+
+class _Stream:
+    """A NOTIFY whose ACK waits for at least one handler."""
+
+    __slots__ = ("conn", "fid", "missing", "parts", "sid")
+
+    def __init__(self, conn: Conn, sid: int, fid: int, parts: list[Any]) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.fid = fid
+        self.parts = parts  # one result per message; PENDING until its handler is done
+        self.missing = sum(part is PENDING for part in parts)
+
+    def result(self) -> Result:
+        return self.parts[0] if len(self.parts) == 1 else _joined(self.parts)
+
+
+class _Call:
+    """One handler call in flight: one message, or a batch of them."""
+
+    __slots__ = ("deadline", "n", "name", "reg", "settled", "started", "targets", "task")
+
+    def __init__(self, reg: Registered, name: str, n: int, started: float) -> None:
+        self.reg = reg
+        self.name = name
+        self.n = n  # messages it answers
+        self.started = started  # loop time the NOTIFYs arrived
+        self.deadline = 0.0
+        self.settled = False
+        self.targets: list[tuple[_Stream, int]] = []  # (stream, part) per message, in order
+        self.task: asyncio.Future[Any] | None = None
+
+
+class Dispatcher:
+    """Runs a worker's handlers and ACKs their streams (see the module doc).
+
+    `on_progress(conn)` is called after late ACKs were queued on a
+    connection (send them; it may also read again); `on_capacity()` when the
+    worker's pending NOTIFYs fall back under `max_pending` (reads paused by
+    the cap may resume). `pending` is the worker's count of NOTIFYs awaiting
+    a handler.
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Registered],
+        counters: Counters,
+        settings: DispatchSettings,
+        on_progress: Callable[[Any], None],
+        on_capacity: Callable[[], None] = lambda: None,
+        debug: bool = False,
+    ) -> None:
+        default = settings.handler_timeout
+        # the server-wide timeout filled in once, so the hot loop reads one field
+        self._handlers = {
+            name: reg._replace(timeout=default) if reg.timeout is None and default else reg
+            for name, reg in handlers.items()
+        }
+        # handlers the hot loop calls directly: plain functions, one message each
+        self._inline = {
+            name: reg.fn
+            for name, reg in self._handlers.items()
+            if not (reg.is_coroutine or reg.batch or reg.blocking)
+        }
+        self.counters = counters
+        self.settings = settings
+        self.debug = debug
+        self.pending = 0
+        self.paused = False  # pending reached max_pending: reads wait
+        self._on_progress = on_progress
+        self._on_capacity = on_capacity
+        self._noisy = RateLimitedLog(log, interval=10.0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: Deadlines | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()  # strong references while they run
+        self._late: list[tuple[tuple[int, ...], _Call]] = []  # this read's calls, by message
+        self._ready: dict[Conn, tuple[array[int], list[Result]]] = {}
+        self._deferred: dict[Conn, Notifies] = {}
+        self._flush_scheduled = False
+
+    # ------------------------------------------------------------ life
+
+    def close(self) -> None:
+        """Drop the timers and the thread pool (its running threads finish)."""
+        if self._deadlines is not None:
+            self._deadlines.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._deadlines = Deadlines(self._loop, self._expire)
+        return self._loop
+
+    # ------------------------------------------------------------ a read
+
+    def dispatch(self, conn: Conn, notifies: Notifies) -> None:
+        """Run the handlers of one read's NOTIFYs; queue the ACKs that are ready."""
+        if self.debug:
+            for sid, fid, note_msgs in notifies.notifications():
+                log.debug("conn %d: NOTIFY sid=%d fid=%d %r", conn.fd, sid, fid, note_msgs)
+        self._count(notifies)
+        self._run(conn, notifies)
+
+    def forget(self, conn: Conn) -> None:
+        """conn is closed: its deferred NOTIFYs will never run."""
+        deferred = self._deferred.pop(conn, None)
+        if deferred is not None:
+            conn.in_flight -= len(deferred)
+
+    def _run(self, conn: Conn, notifies: Notifies) -> None:
+        handlers = self._handlers
+        inline = self._inline.get
+        msgs = notifies.messages
+        # one message per NOTIFY: beyond --max-in-flight, NOTIFYs wait unstarted
+        room = self.settings.max_in_flight - conn.in_flight if notifies.counts is None else -1
+        results: list[Any] = []
+        add = results.append
+        clock = time.perf_counter
+        stamps = [clock()]
+        stamp = stamps.append
+        batches: dict[str, list[int]] | None = None
+        any_deferred = False
+        for msg in msgs:
+            fn = inline(msg.name)
+            if fn is not None:
+                try:
+                    result = fn(msg)
+                    if result.__class__ is not Action:
+                        result = self._odd(msg, result, len(results))
+                except Exception:
+                    result = self._failed(handlers[msg.name], msg.name, 1)
+                add(result)
+                if result is not PENDING:  # else timed when it is done
+                    stamp(clock())  # the time since the previous stamp is this handler's
+                continue
+            name = msg.name
+            reg = handlers.get(name)
+            if reg is None:
+                add(None)  # a message nobody handles: an empty ACK, as HAProxy expects
+            elif reg.batch:
+                if batches is None:
+                    batches = {}
+                batches.setdefault(name, []).append(len(results))
+                add(PENDING)
+            elif room >= 0 and len(self._late) >= room:
+                add(DEFERRED)
+                any_deferred = True
+            else:
+                result = self._call(reg, name, msg, (len(results),))
+                add(result)
+                if result is not PENDING:
+                    stamp(clock())
+        if batches is not None:
+            for name, ks in batches.items():
+                self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results)
+        self.counters.latency.observe_stamps(stamps)
+        late = self._late
+        if late or any_deferred:
+            self._late = []
+            ids, results = self._hold(conn, notifies, results, late)
+        else:
+            ids = notifies.ids
+            if notifies.counts is not None:
+                results = _per_notify(results, notifies.counts)
+        if results:
+            self._ack(conn, ids, results)
+
+    def _count(self, notifies: Notifies) -> None:
+        msgs = notifies.messages
+        counters = self.counters
+        counters.notifies += len(notifies.ids) >> 1
+        counted = counters.messages
+        handlers = self._handlers
+        if len(msgs) == 1:  # unpipelined: one message per read, skip the bulk tools
+            name = msgs[0].name
+            if name in handlers:
+                counted[name] = counted.get(name, 0) + 1
+            return
+        for name, n in Counter(map(_name_of, msgs)).items():
+            if name in handlers:
+                counted[name] = counted.get(name, 0) + n
+
+    def _odd(self, msg: Message, result: object, k: int) -> Any:
+        """A plain handler's result that is not one Action: check it, or (a
+        plain function returning an awaitable) run that as a coroutine."""
+        if result is None or result.__class__ is tuple or result.__class__ is list:
+            return normalize_actions(result)
+        if hasattr(result, "__await__"):
+            return self._drive(self._handlers[msg.name], msg.name, result, (k,), 1)
+        return normalize_actions(result)
+
+    def _failed(self, reg: Registered, name: str, n: int) -> Result:
+        """Count and log a failed call (within an except block): its fallback."""
+        errors = self.counters.handler_errors
+        errors[name] = errors.get(name, 0) + n
+        # the stream still gets its ACK; the traceback, but not thousands a second
+        self._noisy.exception(f"handler:{name}", "handler for %r failed", name)
+        return reg.on_error
+
+    def _failed_call(self, reg: Registered, name: str, n: int) -> Any:
+        """_failed() as the value of a call: one fallback per message of a batch."""
+        fallback = self._failed(reg, name, n)
+        return [fallback] * n if reg.batch else fallback
+
+    # ------------------------------------------------------------ starting
+
+    def _call(self, reg: Registered, name: str, arg: Any, ks: tuple[int, ...], n: int = 1) -> Any:
+        """Start a coroutine or blocking handler: its result, or PENDING."""
+        if reg.blocking:
+            loop = self._get_loop()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.settings.blocking_threads, thread_name_prefix="spoa-blocking"
+                )
+            call = _Call(reg, name, n, loop.time())
+            fut = loop.run_in_executor(self._pool, reg.fn, arg)
+            call.task = fut
+            fut.add_done_callback(lambda f: self._thread_done(call, f))
+            self._started(call, ks)
+            return PENDING
+        try:
+            awaitable = reg.fn(arg)
+        except Exception:
+            return self._failed_call(reg, name, n)
+        return self._drive(reg, name, awaitable, ks, n)
+
+    def _drive(
+        self, reg: Registered, name: str, awaitable: Any, ks: tuple[int, ...], n: int
+    ) -> Any:
+        """Run a coroutine until it first suspends (its result if it does not)."""
+        coro = (
+            awaitable if isinstance(awaitable, types.CoroutineType) else wrap_awaitable(awaitable)
+        )
+        loop = self._get_loop()
+        eager = EagerTask()
+        ctx = contextvars.copy_context()  # as a task would: its context vars stay its own
+        current = asyncio.current_task(loop)
+        if current is None:
+            enter_task(loop, eager)
+        try:
+            yielded = ctx.run(coro.send, None)
+        except StopIteration as stop:
+            return self._checked(reg, name, stop.value, n)
+        except (Exception, asyncio.CancelledError):
+            return self._failed_call(reg, name, n)
+        finally:
+            if current is None:
+                leave_task(loop, eager)
+        call = _Call(reg, name, n, loop.time())
+        task = loop.create_task(resume_task(coro, yielded), context=ctx)
+        eager.adopt(task)
+        call.task = task
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(call, t))
+        self._started(call, ks)
+        return PENDING
+
+    def _started(self, call: _Call, ks: tuple[int, ...]) -> None:
+        self._late.append((ks, call))
+        timeout = call.reg.timeout
+        if timeout is not None:
+            assert self._deadlines is not None
+            self._deadlines.add(call, timeout)
+
+    def _run_batch(
+        self,
+        reg: Registered,
+        name: str,
+        msgs: list[Message],
+        ks: tuple[int, ...],
+        results: list[Any],
+    ) -> None:
+        n = len(msgs)
+        if reg.blocking or reg.is_coroutine:
+            got = self._call(reg, name, msgs, ks, n)
+        else:
+            try:
+                got = reg.fn(msgs)
+            except Exception:
+                got = self._failed_call(reg, name, n)
+            else:
+                if hasattr(got, "__await__"):
+                    got = self._drive(reg, name, got, ks, n)
+                else:
+                    got = self._batch_results(reg, name, got, n)
+        if got is PENDING:
+            return
+        for k, result in zip(ks, got, strict=True):
+            results[k] = result
+
+    def _batch_results(self, reg: Registered, name: str, got: object, n: int) -> list[Result]:
+        """A batch handler's results, checked: one per message."""
+        try:
+            items = list(got)  # type: ignore[call-overload]
+            if len(items) != n:
+                raise TypeError(f"a batch handler returned {len(items)} results for {n} messages")
+        except TypeError:
+            return self._failed_call(reg, name, n)  # type: ignore[no-any-return]
+        out: list[Result] = []
+        for item in items:
+            try:
+                out.append(item if item.__class__ is Action else normalize_actions(item))
+            except TypeError:
+                out.append(self._failed(reg, name, 1))
+        return out
+
+    def _checked(self, reg: Registered, name: str, value: object, n: int) -> Any:
+        """A finished call's value: its result(s) once checked."""
+        if reg.batch:
+            return self._batch_results(reg, name, value, n)
+        if value.__class__ is Action:
+            return value
+        try:
+            return normalize_actions(value)
+        except TypeError:
+            return self._failed_call(reg, name, n)
+
+    def _hold(
+        self,
+        conn: Conn,
+        notifies: Notifies,
+        results: list[Any],
+        late: list[tuple[tuple[int, ...], _Call]],
+    ) -> tuple[array[int], list[Result]]:
+        """Split a read: the NOTIFYs that wait for a call become streams; the
+        ids and results of those ready now are returned."""
+        owner: dict[int, _Call] = {}
+        for ks, call in late:
+            for k in ks:
+                owner[k] = call
+        ids = notifies.ids
+        counts = notifies.counts
+        now_ids: array[int] = array("Q")
+        now_results: list[Result] = []
+        held = 0
+        at = 0
+        for j in range(len(ids) >> 1):
+            count = 1 if counts is None else counts[j]
+            parts = results[at : at + count]
+            if parts[0] is DEFERRED:  # one message per NOTIFY, see _run
+                deferred = self._deferred.get(conn)
+                if deferred is None:
+                    deferred = self._deferred[conn] = Notifies()
+                deferred.add(ids[2 * j], ids[2 * j + 1], notifies.messages[at : at + 1])
+                conn.in_flight += 1
+            elif any(part is PENDING for part in parts):
+                stream = _Stream(conn, ids[2 * j], ids[2 * j + 1], parts)
+                for p, part in enumerate(parts):
+                    if part is PENDING:
+                        owner[at + p].targets.append((stream, p))
+                held += 1
+            else:
+                now_ids.append(ids[2 * j])
+                now_ids.append(ids[2 * j + 1])
+                now_results.append(parts[0] if count == 1 else _joined(parts))
+            at += count
+        conn.in_flight += held
+        self.pending += held
+        if self.pending >= self.settings.max_pending and not self.paused:
+            self.paused = True  # the owner stops reading until on_capacity()
+            self.counters.backpressure += 1
+        return now_ids, now_results
+
+    # ------------------------------------------------------------ finishing
+
+    def _task_done(self, call: _Call, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if call.settled:
+            return  # past its deadline, already ACKed: the late result is dropped
+        if task.cancelled():
+            self._settle(call, [self._failed(call.reg, call.name, call.n)] * call.n)
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._settle(call, self._error_of(call, exc))
+            return
+        self._finish(call, task.result())
+
+    def _thread_done(self, call: _Call, fut: asyncio.Future[Any]) -> None:
+        if call.settled:
+            return
+        if fut.cancelled():
+            return  # by _expire, which settled it
+        exc = fut.exception()
+        if exc is not None:
+            self._settle(call, self._error_of(call, exc))
+            return
+        self._finish(call, fut.result())
+
+    def _error_of(self, call: _Call, exc: BaseException) -> list[Result]:
+        errors = self.counters.handler_errors
+        errors[call.name] = errors.get(call.name, 0) + call.n
+        self._noisy.error(
+            f"handler:{call.name}",
+            "handler for %r failed",
+            call.name,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        return [call.reg.on_error] * call.n
+
+    def _finish(self, call: _Call, value: object) -> None:
+        got = self._checked(call.reg, call.name, value, call.n)
+        self._settle(call, got if call.reg.batch else [got])
+
+    def _expire(self, call: _Call) -> None:
+        """Past its deadline: cancel it, ACK its streams with the fallback."""
+        name = call.name
+        timeouts = self.counters.handler_timeouts
+        timeouts[name] = timeouts.get(name, 0) + call.n
+        self._noisy.warning(
+            f"timeout:{name}",
+            "handler for %r passed its %.3g s deadline: stream ACKed with its on_timeout actions",
+            name,
+            call.reg.timeout,
+        )
+        fallback = call.reg.on_timeout
+        self._settle(call, [fallback] * call.n)
+        if call.task is not None:
+            call.task.cancel()
+
+    def _settle(self, call: _Call, got: Sequence[Result]) -> None:
+        call.settled = True
+        assert self._loop is not None
+        self.counters.latency.observe(self._loop.time() - call.started)
+        for (stream, p), result in zip(call.targets, got, strict=True):
+            stream.parts[p] = result
+            stream.missing -= 1
+            if not stream.missing:
+                self._ready_ack(stream)
+
+    def _ready_ack(self, stream: _Stream) -> None:
+        conn = stream.conn
+        ready = self._ready.get(conn)
+        if ready is None:
+            ready = self._ready[conn] = (array("Q"), [])
+        ready[0].append(stream.sid)
+        ready[0].append(stream.fid)
+        ready[1].append(stream.result())
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            # after every task that finishes in this loop iteration
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The ACKs that became ready: one encode call per connection."""
+        self._flush_scheduled = False
+        ready, self._ready = self._ready, {}
+        for conn, (ids, results) in ready.items():
+            n = len(results)
+            conn.in_flight -= n
+            self.pending -= n
+            if not conn.closed:  # else HAProxy went away: nobody to answer
+                self._ack(conn, ids, results)
+                deferred = self._deferred.pop(conn, None)
+                if deferred is not None:  # room again: start them, oldest first
+                    conn.in_flight -= len(deferred)
+                    self._run(conn, deferred)
+            self._on_progress(conn)
+        if self.paused and self.pending < self.settings.max_pending:
+            self.paused = False
+            self._on_capacity()
+
+    def _ack(self, conn: Conn, ids: array[int], results: list[Result]) -> None:
+        self.counters.acks += len(results)
+        if self.debug:
+            for j, result in enumerate(results):
+                actions = [result] if result.__class__ is Action else list(result or ())  # type: ignore[arg-type]
+                log.debug(
+                    "conn %d: ACK sid=%d fid=%d %r", conn.fd, ids[2 * j], ids[2 * j + 1], actions
+                )
+        cut = conn.proto.ack_for(ids, results)  # type: ignore[arg-type]
+        if cut:
+            self.counters.acks_cut += len(cut)
+            self._noisy.warning(
+                "cut",
+                "conn %d: %d ACK(s) cut to max-frame-size %d",
+                conn.fd,
+                len(cut),
+                conn.proto.max_frame_size,
+            )
+
+
+def _joined(parts: list[Any]) -> tuple[Action, ...]:
+    actions: list[Action] = []
+    for part in parts:
+        if part.__class__ is Action:
+            actions.append(part)
+        elif part:
+            actions += part
+    return tuple(actions)
+
+
+def _per_notify(results: list[Any], counts: list[int]) -> list[Result]:
+    """Message results joined into one result per NOTIFY."""
+    out: list[Result] = []
+    at = 0
+    for count in counts:
+        out.append(results[at] if count == 1 else _joined(results[at : at + count]))
+        at += count
+    return out
