@@ -160,8 +160,7 @@ class LoadDriver:
         self.outstanding = [0] * connections
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._drive, args=(k,), daemon=True)
-            for k in range(connections)
+            threading.Thread(target=self._drive, args=(k,), daemon=True) for k in range(connections)
         ]
 
     def __enter__(self) -> LoadDriver:
