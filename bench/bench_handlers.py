@@ -11,6 +11,7 @@ Kinds (bench/handler_kinds.py; the Redis ones are examples/redis_scores.py):
     eager           an `async def` that never suspends
     sleep-1ms       an `async def` awaiting asyncio.sleep(0.001)
     redis-message   redis_scores:per_message, one GET per message (redis.asyncio)
+    redis-coalesced redis_scores:coalesced, per message, one MGET per loop turn
     redis-batched   redis_scores:batched, one MGET per read (on_batch)
 
 Each kind is served by `python -m spoa_mp -n W --app ...` (W = --workers, 2)
@@ -60,6 +61,7 @@ KINDS = {
     "eager": "handler_kinds:eager",
     "sleep-1ms": "handler_kinds:sleep",
     "redis-message": "redis_scores:per_message",
+    "redis-coalesced": "redis_scores:coalesced",
     "redis-batched": "redis_scores:batched",
 }
 SHAPES = ("4x1", "8x16")

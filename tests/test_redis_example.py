@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=MISSING)
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "redis_scores.py"
 TIMEOUT = 0.05  # the example's default deadline
 SLACK = 0.5  # a bound for a loaded 2-core machine, not a timing benchmark
-STYLES = ("per_message", "batched")
+STYLES = ("per_message", "coalesced", "batched")
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def app_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def example(app_dir: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.syspath_prepend(str(app_dir))
-    monkeypatch.delitem(__import__("sys").modules, "redis_scores", raising=False)
+    monkeypatch.delitem(sys.modules, "redis_scores", raising=False)
     import redis_scores
 
     return redis_scores
@@ -123,7 +124,8 @@ def test_client_ip_takes_the_ip_argument_or_the_only_one(example: ModuleType) ->
 
 def test_both_agents_register_deadlines_and_fallbacks(example: ModuleType) -> None:
     fallback = (score(example.DEFAULT_SCORE),)
-    for agent, batch in ((example.per_message, False), (example.batched, True)):
+    agents = ((example.per_message, False), (example.coalesced, False), (example.batched, True))
+    for agent, batch in agents:
         assert set(agent.handlers) == {"check-client-ip", "count-request"}
         assert len(agent.worker_start_hooks) == 1
         for name, reg in agent.handlers.items():
@@ -139,7 +141,7 @@ def test_both_agents_register_deadlines_and_fallbacks(example: ModuleType) -> No
 def test_timeout_comes_from_the_environment(app_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(app_dir))
     monkeypatch.setenv("SPOA_REDIS_TIMEOUT", "0.2")
-    monkeypatch.delitem(__import__("sys").modules, "redis_scores", raising=False)
+    monkeypatch.delitem(sys.modules, "redis_scores", raising=False)
     agent = load_app("redis_scores:batched")
     assert agent.handlers["check-client-ip"].timeout == 0.2
 
@@ -181,6 +183,30 @@ def test_batch_answers_in_order_with_one_mget(example: ModuleType, redis_tcp: Re
     stats = client.info("commandstats")
     client.close()
     assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+
+
+def test_coalesced_gets_of_one_loop_turn_are_one_mget(
+    example: ModuleType, redis_tcp: RedisServer
+) -> None:
+    write(redis_tcp.url, {f"iprep:10.0.1.{i}": i for i in range(1, 9)})
+    client = redis.Redis.from_url(redis_tcp.url)
+    client.config_resetstat()
+    ips = [IPv4Address(f"10.0.1.{i}") for i in (8, 2, 200, 5)]
+
+    async def go() -> list[object]:
+        together = await asyncio.gather(
+            *(example.check_client_ip_coalesced(check(ip)) for ip in ips)
+        )
+        alone = await example.check_client_ip_coalesced(check(ips[1]))
+        return [*together, alone]
+
+    got = run_with_client(example, redis_tcp.url, go)
+
+    assert got == [score(8), score(2), score(example.DEFAULT_SCORE), score(5), score(2)]
+    stats = client.info("commandstats")
+    client.close()
+    assert stats["cmdstat_mget"]["calls"] == 2  # the four together, then the one alone
     assert "cmdstat_get" not in stats
 
 
