@@ -37,8 +37,10 @@ Which style:
 - `batched`: `on_batch` gets every message of a name that one read of a
   connection brought (HAProxy pipelines NOTIFYs under load) and serves them
   with one MGET / one pipeline: one round trip and one command's overhead for
-  the lot, several times the throughput. The batch shares one deadline and
-  one fate: if Redis fails, every message of it gets the fallback.
+  the lot, several times the throughput (its MGET also joins those of the
+  other reads of the same loop turn, through CoalescedGets). The batch
+  shares one deadline and one fate: if Redis fails, every message of it gets
+  the fallback. The fastest style, for code that can take a list.
 
 Failure: fail open. Each message has TIMEOUT seconds (SPOA_REDIS_TIMEOUT,
 default 0.05) from the NOTIFY's arrival to its ACK. A hung Redis runs into
@@ -54,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import os
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -183,7 +186,7 @@ async def check_client_ips(msgs: list[Message]) -> list[Action | None]:
     keys = [f"iprep:{ip}" for ip in ips if ip is not None]
     if not keys:
         return [None] * len(msgs)
-    raws = iter(await _client().mget(keys))
+    raws = iter(await _gets.get_many(keys))
     return [None if ip is None else score_action(next(raws)) for ip in ips]
 
 
@@ -213,16 +216,28 @@ class CoalescedGets:
 
     def __init__(self) -> None:
         self._keys: list[str] = []
-        self._waiters: list[asyncio.Future[bytes | None]] = []
+        # (waiter, first key, number of keys; None: one key, not a list)
+        self._waiters: list[tuple[asyncio.Future[Any], int, int | None]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # strong references
 
     def get(self, key: str) -> asyncio.Future[bytes | None]:
-        loop = asyncio.get_running_loop()
-        if not self._keys:
-            loop.call_soon(self._flush)
-        waiter: asyncio.Future[bytes | None] = loop.create_future()
+        """The value of key (a future)."""
+        waiter = self._waiter(len(self._keys), None)
         self._keys.append(key)
-        self._waiters.append(waiter)
+        return waiter
+
+    def get_many(self, keys: list[str]) -> asyncio.Future[list[bytes | None]]:
+        """The values of keys, in order (a future)."""
+        waiter = self._waiter(len(self._keys), len(keys))
+        self._keys += keys
+        return waiter
+
+    def _waiter(self, first: int, n: int | None) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        if not self._waiters:
+            loop.call_soon(self._flush)
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._waiters.append((waiter, first, n))
         return waiter
 
     def _flush(self) -> None:
@@ -233,17 +248,19 @@ class CoalescedGets:
         task.add_done_callback(self._flushes.discard)
 
     @staticmethod
-    async def _mget(keys: list[str], waiters: list[asyncio.Future[bytes | None]]) -> None:
+    async def _mget(
+        keys: list[str], waiters: list[tuple[asyncio.Future[Any], int, int | None]]
+    ) -> None:
         try:
-            raws = await _client().mget(keys)
+            raws = await _client().mget(keys) if keys else []
         except Exception as e:  # each waiter's handler raises it: on_error
-            for w in waiters:
+            for w, _, _ in waiters:
                 if not w.done():  # a waiter past its deadline was cancelled
                     w.set_exception(e)
             return
-        for w, raw in zip(waiters, raws, strict=True):
+        for w, first, n in waiters:
             if not w.done():
-                w.set_result(raw)
+                w.set_result(raws[first] if n is None else raws[first : first + n])
 
 
 _gets = CoalescedGets()
