@@ -6,7 +6,9 @@ its deadline, and correctly again once Redis is back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -342,3 +344,37 @@ def test_redis_outage_under_load_falls_back_within_the_deadline(
     slowest = max(a.received - a.sent for a in answers)
     assert slowest < TIMEOUT + SLACK, f"an ACK took {slowest:.3f} s"
     assert any(a.score == fallback and a.sent >= hung for a in answers)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("style", STYLES)
+def test_served_request_counts_go_up_in_order(
+    app_dir: Path, redis_tcp: RedisServer, monkeypatch: pytest.MonkeyPatch, style: str
+) -> None:
+    ip = IPv4Address("198.51.100.9")
+    with serve(app_dir, style, redis_tcp.url, monkeypatch) as srv, SpopClient(srv.port) as c:
+        c.hello()
+        c.send(
+            b"".join(
+                c.notify_bytes(sid, 1, [("count-request", [("ip", ip)])]) for sid in range(1, 11)
+            )
+        )
+        acks = {f.sid: f.actions for f in c.read_frames(10)}
+    counts = sorted(actions[0][3] for actions in acks.values())
+    assert counts == list(range(1, 11))  # each request counted once
+    assert all(actions[0][:3] == (1, Scope.TXN, "req_count") for actions in acks.values())
+    if style == "batched":  # one read, one pipeline: counted in message order
+        assert [acks[sid][0][3] for sid in range(1, 11)] == list(range(1, 11))
+
+
+def test_bench_handlers_smoke() -> None:
+    """bench/bench_handlers.py runs end to end (a smoke run, not a measurement)."""
+    script = EXAMPLE.parent.parent / "bench" / "bench_handlers.py"
+    argv = [sys.executable, str(script), "--kinds", "sync", "redis-batched", "--shapes", "2x4"]
+    argv += ["--duration", "0.3", "--warmup", "0.1", "--rounds", "1", "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["medians"]
+    assert [(r["kind"], r["shape"]) for r in rows] == [("sync", "2x4"), ("redis-batched", "2x4")]
+    assert all(r["msg_per_s"] > 0 and r["errors"] == 0 for r in rows)
+    assert all(r["worker_cpu_us_per_msg"] > 0 for r in rows)
