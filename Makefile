@@ -9,7 +9,7 @@ PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_PACKAGES := gcc python3-venv python3-dev
-TEST_PACKAGES := clang libclang-rt-14-dev haproxy redis-server
+TEST_PACKAGES := clang libclang-rt-14-dev haproxy wrk prometheus redis-server
 FUZZ_SECONDS ?= 60
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -32,7 +32,8 @@ bench: venv
 
 # System packages, installed when missing: a C compiler, venv and headers for
 # Debian's python3 (to build and run); for the tests also clang with the
-# libFuzzer and sanitizer runtimes, and HAProxy (2.6 on Debian 12).
+# libFuzzer and sanitizer runtimes, HAProxy (2.6 on Debian 12) and Prometheus
+# (promtool and the server the metrics tests scrape with).
 deps-run:
 	@$(call apt_install,$(RUN_PACKAGES))
 

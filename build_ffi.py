@@ -52,24 +52,24 @@ int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
                      const uint64_t *ids, const uint32_t *ends, uint32_t n,
                      const uint8_t *payload, size_t payload_len);
 #define SPOP_INDEX_OTHER ...
+enum spop_batch_out { SPOP_OUT_FRAMES, SPOP_OUT_PLAIN, SPOP_OUT_ITEMS, SPOP_OUT_END,
+                      SPOP_OUT_STATUS, SPOP_OUT_HEAD, ... };
+#define SPOP_FRAME_MIN_LEN ...
+#define SPOP_MIN_FRAME_SIZE ...
+#define SPOP_DEFAULT_FRAME_SIZE ...
+#define SPOP_MAX_FRAME_SIZE ...
+#define SPOP_FRAME_HDR_MAX ...
 typedef struct spop_batch {
     spop_frame *frames;
     spop_item *items;
-    uint64_t *ids;
-    uint32_t *cols;
+    uint64_t *out;
     const uint8_t *names;
     uint32_t names_len;
     uint32_t n_names;
     uint32_t max_frames;
     uint32_t max_items;
-    uint32_t n_frames;
-    uint32_t n_plain;
-    uint32_t n_items;
-    uint32_t consumed;
-    uint32_t status;
-    uint32_t pad_;
 } spop_batch;
-int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+int spop_decode_batch(const uint8_t *buf, size_t len, size_t start, uint32_t max_frame_size,
                       spop_batch *b);
 const char *spop_status_reason(int status);
 """

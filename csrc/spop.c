@@ -20,6 +20,10 @@ typedef struct {
     const uint8_t *end;
 } cursor;
 
+/* The empty byte string a NULL pointer with length 0 stands for: pointer
+ * arithmetic on NULL, even + 0, is undefined. */
+static const uint8_t no_bytes[1];
+
 #define REMAINING(c) ((size_t)((c)->end - (c)->p))
 
 /* ---------------------------------------------------------------- varint */
@@ -259,17 +263,21 @@ static int has_items(uint8_t type, uint32_t flags)
     }
 }
 
-int spop_decode_frames(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+/* spop_decode_frames from buf[start]: offsets in the records stay relative
+ * to buf, so that a caller decoding a buffer in rounds slices nothing. */
+static int decode_from(const uint8_t *buf, size_t len, size_t start, uint32_t max_frame_size,
                        spop_frame *frames, uint32_t max_frames,
                        spop_item *items, uint32_t max_items,
                        uint32_t *n_frames)
 {
-    size_t pos = 0;
+    size_t pos = start;
     uint32_t nf = 0, ni = 0;
 
     *n_frames = 0;
     if (len > UINT32_MAX)
         len = UINT32_MAX; /* offsets are 32-bit; the rest waits for a later call */
+    if (pos > len)
+        return 0;
 
     while (nf < max_frames && len - pos >= 4) {
         const uint8_t *p = buf + pos;
@@ -314,6 +322,15 @@ int spop_decode_frames(const uint8_t *buf, size_t len, uint32_t max_frame_size,
         pos += 4 + (size_t)flen;
     }
     return 0;
+}
+
+int spop_decode_frames(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+                       spop_frame *frames, uint32_t max_frames,
+                       spop_item *items, uint32_t max_items,
+                       uint32_t *n_frames)
+{
+    return decode_from(buf, len, 0, max_frame_size, frames, max_frames, items, max_items,
+                       n_frames);
 }
 
 /* ---------------------------------------------------------------- encoding */
@@ -595,7 +612,7 @@ int spop_encode_frames(uint8_t *out, size_t cap, uint32_t max_frame_size,
         return -SPOP_ST_BAD_FRAME_SIZE;
     if (cap > UINT32_MAX)
         cap = UINT32_MAX; /* offsets in the records are 32-bit */
-    strings_ref s = {strings, strings ? strings_len : 0};
+    strings_ref s = {strings ? strings : no_bytes, strings ? strings_len : 0};
     size_t pos = 0;
     uint32_t k;
     for (k = 0; k < n_frames; k++) {
@@ -616,6 +633,10 @@ int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
     uint32_t start = 0;
     if (cap > INT32_MAX)
         cap = INT32_MAX; /* the byte count is returned as an int */
+    if (!payload) { /* no actions at all (NULL + 0 is undefined) */
+        payload = no_bytes;
+        payload_len = 0;
+    }
     cursor actions = {payload, payload + payload_len};
     for (uint32_t i = 0; i < n; i++) {
         uint32_t end;
@@ -673,41 +694,46 @@ static uint32_t find_name(const uint8_t *name, uint32_t name_len,
     return n_names;
 }
 
-int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+int spop_decode_batch(const uint8_t *buf, size_t len, size_t start, uint32_t max_frame_size,
                       spop_batch *b)
 {
     /* the names list is the caller's: check it whole, before writing anything */
-    cursor names = {b->names, b->names + b->names_len};
+    const uint8_t *names_base = b->names ? b->names : no_bytes;
+    size_t names_len = b->names ? b->names_len : 0;
+    cursor names = {names_base, names_base + names_len};
     for (uint32_t i = 0; i < b->n_names; i++) {
         uint32_t off, nlen;
-        if (read_string(&names, b->names, &off, &nlen) < 0)
+        if (read_string(&names, names_base, &off, &nlen) < 0)
             return -SPOP_ST_INVALID;
     }
-    if (names.p != names.end)
+    if (names.p != names.end || start > len)
         return -SPOP_ST_INVALID;
 
     uint32_t n = 0;
-    int rc = spop_decode_frames(buf, len, max_frame_size, b->frames, b->max_frames,
-                                b->items, b->max_items, &n);
-    b->n_frames = n;
-    b->n_plain = 0;
-    b->n_items = 0;
-    b->consumed = 0;
-    b->status = rc < 0 ? (uint32_t)-rc : 0;
+    int rc = decode_from(buf, len, start, max_frame_size, b->frames, b->max_frames,
+                         b->items, b->max_items, &n);
+    uint64_t *out = b->out;
+    out[SPOP_OUT_FRAMES] = n;
+    out[SPOP_OUT_PLAIN] = 0;
+    out[SPOP_OUT_ITEMS] = 0;
+    out[SPOP_OUT_END] = start;
+    out[SPOP_OUT_STATUS] = rc < 0 ? (uint64_t)-rc : 0;
     if (n == 0)
         return 0;
     const spop_frame *last = &b->frames[n - 1];
     /* records are handed out in order: the last frame ends them */
-    b->n_items = last->first_item + last->n_items;
-    b->consumed = last->offset + 4 + last->length;
+    out[SPOP_OUT_ITEMS] = last->first_item + last->n_items;
+    out[SPOP_OUT_END] = (uint64_t)last->offset + 4 + last->length;
 
-    uint32_t *names_col = b->cols;
-    uint32_t *first_col = b->cols + n;
-    uint32_t *nargs_col = b->cols + 2 * (size_t)n;
+    uint64_t *ids = out + SPOP_OUT_HEAD;
+    uint64_t *names_col = ids + 2 * (size_t)n;
+    uint64_t *first_col = names_col + n;
+    uint64_t *nargs_col = first_col + n;
+    uint32_t plain = 0;
     for (uint32_t k = 0; k < n; k++) {
         const spop_frame *f = &b->frames[k];
-        b->ids[2 * (size_t)k] = f->sid;
-        b->ids[2 * (size_t)k + 1] = f->fid;
+        ids[2 * (size_t)k] = f->sid;
+        ids[2 * (size_t)k + 1] = f->fid;
         names_col[k] = SPOP_INDEX_OTHER;
         first_col[k] = 0;
         nargs_col[k] = 0;
@@ -716,12 +742,13 @@ int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
         const spop_item *m = &b->items[f->first_item];
         if (m->kind != SPOP_ITEM_MESSAGE || (uint32_t)m->nargs + 1 != f->n_items)
             continue; /* several messages: the caller walks the records */
-        names_col[k] = find_name(buf + m->name_off, m->name_len, b->names, b->names_len,
+        names_col[k] = find_name(buf + m->name_off, m->name_len, names_base, names_len,
                                  b->n_names);
         first_col[k] = f->first_item + 1;
         nargs_col[k] = m->nargs;
-        b->n_plain++;
+        plain++;
     }
+    out[SPOP_OUT_PLAIN] = plain;
     return (int)n;
 }
 

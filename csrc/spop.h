@@ -4,11 +4,18 @@
  * One header, no allocation, no global state. Every function works on
  * caller-owned buffers and checks bounds before every read or write.
  *
- * Return contract (same for every decoder, after picohttpparser):
- *   > 0   bytes consumed / written
- *   0     incomplete: more input is needed (decoders only)
- *   < 0   malformed or impossible: the value is -(SPOP status code), i.e. the
- *         status an agent puts in its AGENT-DISCONNECT (see enum spop_status).
+ * Return contract, the same for every function that returns an int:
+ *   < 0   failure: the value is -(SPOP status code), the status an agent
+ *         puts in its AGENT-DISCONNECT (enum spop_status);
+ *   >= 0  success: a count, which each function names:
+ *           spop_varint_decode   bytes consumed; 0 = incomplete, more input needed
+ *           spop_varint_encode   bytes written (never 0)
+ *           spop_decode_frames   0 (the frame count is in *n_frames)
+ *           spop_encode_frames   frames written (fewer than asked: `cap` ran out)
+ *           spop_encode_acks     bytes written
+ *           spop_decode_batch    frames decoded
+ * A decoder that fails after whole frames still reports them (n_frames,
+ * out[SPOP_OUT_FRAMES]): the failure is the frame after them.
  *
  * Decoded records never copy: names and values are (offset, length) pairs
  * into the buffer that was decoded. Record layouts are fixed-width with
@@ -28,6 +35,7 @@ extern "C" {
 #define SPOP_FRAME_MIN_LEN 7        /* type + flags + two 1-byte varints */
 #define SPOP_MIN_FRAME_SIZE 256     /* smallest max-frame-size either side may ask for */
 #define SPOP_DEFAULT_FRAME_SIZE 16380
+#define SPOP_MAX_FRAME_SIZE (1u << 24) /* the largest max-frame-size this agent takes */
 #define SPOP_VARINT_MAX 10          /* bytes in the longest valid varint (2^64 - 1) */
 
 #define SPOP_FLAG_FIN 0x00000001u
@@ -146,7 +154,13 @@ typedef struct spop_frame {
     uint8_t pad_[2];
 } spop_frame;
 
-/* Varints: HAProxy's encoding (not LEB128), at most SPOP_VARINT_MAX bytes. */
+/*
+ * Varints: HAProxy's encoding (not LEB128), at most SPOP_VARINT_MAX bytes.
+ * spop_varint_decode returns the bytes used (*value set), 0 when buf ends
+ * inside the varint (len 0 included), -SPOP_ST_INVALID past 10 bytes or
+ * 2^64-1. spop_varint_encode returns the bytes written, -SPOP_ST_TOO_BIG
+ * when `cap` is short (SPOP_VARINT_MAX always fits).
+ */
 int spop_varint_decode(const uint8_t *buf, size_t len, uint64_t *value);
 int spop_varint_encode(uint64_t value, uint8_t *out, size_t cap);
 
@@ -220,49 +234,59 @@ int spop_encode_acks(uint8_t *out, size_t cap, uint32_t max_frame_size,
  * Decoding for a caller that pays for every call and every field it reads (an
  * interpreter): spop_decode_batch() decodes like spop_decode_frames() into
  * the arrays below, then indexes the frames in the same call, so that the
- * caller reads a few flat arrays instead of records.
+ * caller reads one flat array of integers, `out`, instead of records.
  *
- * The caller sets the first block once; every call rewrites the second.
- * For frame k (k < n_frames):
- *   ids[2k], ids[2k+1]   its stream-id and frame-id;
- *   cols[k]              for a NOTIFY carrying exactly one message, the index
- *                        in `names` of that message's name (n_names when it
- *                        is not listed); SPOP_INDEX_OTHER for any other frame
- *                        (fragments, several messages, HELLO, DISCONNECT...);
- *   cols[n_frames + k]   that message's first argument record;
- *   cols[2n_frames + k]  its argument count.
+ * The caller sets every field once; every call rewrites `out` (and the
+ * records). With n = out[SPOP_OUT_FRAMES] frames decoded, `out` holds:
+ *   out[0..SPOP_OUT_HEAD)   the counts below (SPOP_OUT_*);
+ *   then 2n ids             stream-id and frame-id of each frame, in pairs;
+ *   then n name indexes     for a NOTIFY carrying exactly one message, the
+ *                           index in `names` of that message's name (n_names
+ *                           when it is not listed); SPOP_INDEX_OTHER for any
+ *                           other frame (fragments, several messages, HELLO...);
+ *   then n first records    that message's first argument record (else 0);
+ *   then n argument counts  its argument count (else 0).
+ * That is SPOP_OUT_HEAD + 5n integers: size `out` for
+ * SPOP_BATCH_OUT(max_frames).
  * `names` holds n_names names back to back, each an SPOP string (varint
- * length, then the bytes): the messages the caller has handlers for.
+ * length, then the bytes): the messages the caller has handlers for (NULL
+ * with names_len 0 for none).
  */
 #define SPOP_INDEX_OTHER 0xFFFFFFFFu
+
+enum spop_batch_out {
+    SPOP_OUT_FRAMES = 0,    /* frames decoded */
+    SPOP_OUT_PLAIN = 1,     /* how many of them are one-message NOTIFYs */
+    SPOP_OUT_ITEMS = 2,     /* item records used */
+    SPOP_OUT_END = 3,       /* offset in buf where the decoded frames end (start if none) */
+    SPOP_OUT_STATUS = 4,    /* 0, or the status of the malformed frame at SPOP_OUT_END */
+    SPOP_OUT_HEAD = 5,
+};
+#define SPOP_BATCH_OUT(max_frames) (SPOP_OUT_HEAD + 5 * (size_t)(max_frames))
 
 typedef struct spop_batch {
     spop_frame *frames;     /* [max_frames] */
     spop_item *items;       /* [max_items] */
-    uint64_t *ids;          /* [2 * max_frames] */
-    uint32_t *cols;         /* [3 * max_frames] */
+    uint64_t *out;          /* [SPOP_BATCH_OUT(max_frames)] */
     const uint8_t *names;
     uint32_t names_len;
     uint32_t n_names;
     uint32_t max_frames;
     uint32_t max_items;
-    /* results */
-    uint32_t n_frames;      /* frames decoded */
-    uint32_t n_plain;       /* how many of them are one-message NOTIFYs */
-    uint32_t n_items;       /* item records used */
-    uint32_t consumed;      /* bytes taken by the frames decoded */
-    uint32_t status;        /* 0, or the status of the malformed frame at `consumed` */
-    uint32_t pad_;
 } spop_batch;
 
 /*
- * Decode and index the complete frames at the start of buf[0..len), as
- * spop_decode_frames() does (same stops, same errors: `status` is what it
- * returned, negated). Returns the number of frames decoded, or
- * -SPOP_ST_INVALID when `names` is not exactly n_names strings in names_len
- * bytes (checked first: nothing is written then).
+ * Decode and index the complete frames of buf[start..len), as
+ * spop_decode_frames() does (same stops, same errors: out[SPOP_OUT_STATUS]
+ * is the status it would return, negated). Offsets in the records and in
+ * out[SPOP_OUT_END] count from buf, not from start: a caller decoding a
+ * buffer in rounds passes the previous round's end as the next start.
+ *
+ * Returns the number of frames decoded (>= 0, also in out[SPOP_OUT_FRAMES]),
+ * or -SPOP_ST_INVALID, with nothing written, when `names` is not exactly
+ * n_names strings in names_len bytes or start > len.
  */
-int spop_decode_batch(const uint8_t *buf, size_t len, uint32_t max_frame_size,
+int spop_decode_batch(const uint8_t *buf, size_t len, size_t start, uint32_t max_frame_size,
                       spop_batch *b);
 
 /* The text HAProxy uses for a status code ("frame is too big", ...). */

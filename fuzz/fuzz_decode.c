@@ -31,6 +31,17 @@
 static spop_frame g_frames[MAX_FRAMES], g_frames2[MAX_FRAMES], g_frames_big[MAX_FRAMES];
 static spop_item g_items[MAX_ITEMS], g_items2[MAX_ITEMS], g_items_big[MAX_ITEMS];
 
+/* A heap array of exactly n records (n may be 0), poisoned: a write past the
+ * capacity a call is given is an ASan report, not a write into spare room. */
+static void *exact(size_t n, size_t size)
+{
+    void *p = malloc(n * size ? n * size : 1);
+    if (!p)
+        abort();
+    memset(p, 0xA5, n * size);
+    return p;
+}
+
 static void fail(const char *why, size_t at)
 {
     fprintf(stderr, "fuzz_decode: invariant broken: %s (at %zu)\n", why, at);
@@ -277,25 +288,34 @@ static void fuzz_frames(const uint8_t *buf, size_t len)
         {SPOP_MIN_FRAME_SIZE, 2, 4},                           /* tiny record arrays */
         {SPOP_MIN_FRAME_SIZE, MAX_FRAMES, SPOP_MIN_FRAME_SIZE / 2 + 1},
         {SPOP_DEFAULT_FRAME_SIZE, 1, 3},
+        {SPOP_DEFAULT_FRAME_SIZE, 1, 1},                       /* down to one record */
         {SPOP_DEFAULT_FRAME_SIZE, MAX_FRAMES, MAX_ITEMS},      /* as sized in spop.h */
         {UINT32_MAX, MAX_FRAMES, MAX_ITEMS},                   /* no size limit */
     };
     for (size_t c = 0; c < sizeof(cfg) / sizeof(cfg[0]); c++) {
+        /* the capacities the call is given, exactly: an overflow is an ASan report */
+        spop_frame *fr = exact(cfg[c].max_frames, sizeof(spop_frame));
+        spop_item *it = exact(cfg[c].max_items, sizeof(spop_item));
         uint32_t n = 0xFFFFFFFF;
-        int ret = spop_decode_frames(buf, len, cfg[c].mfs, g_frames, cfg[c].max_frames, g_items,
-                                     cfg[c].max_items, &n);
+        int ret = spop_decode_frames(buf, len, cfg[c].mfs, fr, cfg[c].max_frames, it, cfg[c].max_items, &n);
         size_t consumed = check_decode(buf, len, cfg[c].mfs, cfg[c].max_frames, cfg[c].max_items, ret,
-                                       n, g_frames, g_items);
+                                       n, fr, it);
+        uint32_t used = n ? fr[n - 1].first_item + fr[n - 1].n_items : 0;
+        memcpy(g_frames, fr, n * sizeof(spop_frame)); /* check_reencode reads them there */
+        memcpy(g_items, it, used * sizeof(spop_item));
         if (cfg[c].max_frames == MAX_FRAMES && cfg[c].max_items == MAX_ITEMS && n > 0)
             check_reencode(buf, consumed, cfg[c].mfs, n);
 
         /* capacity never changes what is decoded: a 1-frame run gives frame 0 */
         if (n > 0 && ret == 0) {
-            spop_frame first = g_frames[0];
+            spop_frame *one = exact(1, sizeof(spop_frame));
             uint32_t n1 = 0;
-            int r1 = spop_decode_frames(buf, len, cfg[c].mfs, g_frames, 1, g_items, cfg[c].max_items, &n1);
-            REQUIRE(r1 == 0 && n1 == 1 && !memcmp(&first, &g_frames[0], offsetof(spop_frame, pad_)), c);
+            int r1 = spop_decode_frames(buf, len, cfg[c].mfs, one, 1, it, cfg[c].max_items, &n1);
+            REQUIRE(r1 == 0 && n1 == 1 && !memcmp(&fr[0], one, offsetof(spop_frame, pad_)), c);
+            free(one);
         }
+        free(it);
+        free(fr);
     }
 
     /* a shorter read never decodes more, and never errs where the full read did not */
@@ -354,11 +374,6 @@ static const uint8_t FUZZ_NAMES[] = "\x0f" "check-client-ip" "\x02" "ip" "\x01" 
 #define FUZZ_NAMES_LEN ((uint32_t)sizeof(FUZZ_NAMES) - 1) /* the terminating NUL is not a name */
 #define FUZZ_N_NAMES 4u
 
-static spop_frame g_bframes[MAX_FRAMES];
-static spop_item g_bitems[MAX_ITEMS];
-static uint64_t g_bids[2 * MAX_FRAMES];
-static uint32_t g_bcols[3 * MAX_FRAMES];
-
 /* Where `name` is in FUZZ_NAMES (n_names when absent): a separate, plain walk. */
 static uint32_t ref_name_index(const uint8_t *name, uint32_t len, uint32_t n_names)
 {
@@ -384,39 +399,58 @@ static void fuzz_batch(const uint8_t *buf, size_t len)
         {UINT32_MAX, 3, MAX_ITEMS, FUZZ_N_NAMES},
     };
     for (size_t c = 0; c < sizeof(cfg) / sizeof(cfg[0]); c++) {
+        spop_frame *g_bframes = exact(cfg[c].max_frames, sizeof(spop_frame));
+        spop_item *g_bitems = exact(cfg[c].max_items, sizeof(spop_item));
+        uint64_t *out = exact(SPOP_BATCH_OUT(cfg[c].max_frames), sizeof(uint64_t));
         spop_batch b;
-        memset(&b, 0xA5, sizeof(b)); /* results must all be written */
         b.frames = g_bframes;
         b.items = g_bitems;
-        b.ids = g_bids;
-        b.cols = g_bcols;
+        b.out = out;
         b.names = cfg[c].n_names ? FUZZ_NAMES : NULL;
         b.names_len = cfg[c].n_names ? FUZZ_NAMES_LEN : 0;
         b.n_names = cfg[c].n_names;
         b.max_frames = cfg[c].max_frames;
         b.max_items = cfg[c].max_items;
-        int rc = spop_decode_batch(buf, len, cfg[c].mfs, &b);
+        /* from 0, and from where the first frame ends: a later round of a read */
+        size_t start = 0;
+        if (c == 1 && len >= 4 && be32(buf) <= len - 4)
+            start = 4 + (size_t)be32(buf);
+        int rc = spop_decode_batch(buf, len, start, cfg[c].mfs, &b);
 
         uint32_t n = 0xFFFFFFFF;
-        int ret = spop_decode_frames(buf, len, cfg[c].mfs, g_frames, cfg[c].max_frames, g_items,
-                                     cfg[c].max_items, &n);
+        int ret = spop_decode_frames(buf + start, len - start, cfg[c].mfs, g_frames, cfg[c].max_frames,
+                                     g_items, cfg[c].max_items, &n);
         REQUIRE(rc >= 0, c); /* the names are well formed */
-        REQUIRE((uint32_t)rc == b.n_frames && b.n_frames == n, c);
-        REQUIRE(b.status == (uint32_t)-ret, c);
-        REQUIRE(b.n_plain <= b.n_frames, c);
-        REQUIRE(b.consumed <= len, c);
+        REQUIRE((uint32_t)rc == out[SPOP_OUT_FRAMES] && out[SPOP_OUT_FRAMES] == n, c);
+        REQUIRE(out[SPOP_OUT_STATUS] == (uint64_t)-ret, c);
+        REQUIRE(out[SPOP_OUT_PLAIN] <= n, c);
+        REQUIRE(out[SPOP_OUT_END] <= len, c);
         const spop_frame *last = n ? &g_frames[n - 1] : NULL;
-        REQUIRE(b.consumed == (last ? last->offset + 4 + last->length : 0), c);
-        REQUIRE(b.n_items == (last ? last->first_item + last->n_items : 0), c);
-        /* the same records as spop_decode_frames (pad bytes included: both zero them) */
-        REQUIRE(!memcmp(g_frames, g_bframes, n * sizeof(spop_frame)), c);
-        REQUIRE(!memcmp(g_items, g_bitems, b.n_items * sizeof(spop_item)), c);
+        REQUIRE(out[SPOP_OUT_END] == start + (last ? last->offset + 4 + last->length : 0), c);
+        uint32_t n_items = (uint32_t)out[SPOP_OUT_ITEMS];
+        REQUIRE(n_items == (last ? last->first_item + last->n_items : 0), c);
+        /* the same records as spop_decode_frames on the slice, offsets moved by start */
+        for (uint32_t k = 0; k < n; k++) {
+            spop_frame f = g_frames[k];
+            f.offset += (uint32_t)start;
+            f.payload_off += (uint32_t)start;
+            REQUIRE(!memcmp(&f, &g_bframes[k], sizeof(spop_frame)), k);
+        }
+        for (uint32_t i = 0; i < n_items; i++) {
+            spop_item it = g_items[i];
+            it.name_off += (uint32_t)start; /* every item has a name (maybe empty) */
+            if (it.val_len || it.type == SPOP_DATA_STRING || it.type == SPOP_DATA_BINARY)
+                it.val_off += (uint32_t)start;
+            REQUIRE(!memcmp(&it, &g_bitems[i], sizeof(spop_item)), i);
+        }
+        const uint64_t *ids = out + SPOP_OUT_HEAD;
+        const uint64_t *cols = ids + 2 * (size_t)n;
 
         uint32_t plain = 0;
         for (uint32_t k = 0; k < n; k++) {
             const spop_frame *f = &g_bframes[k];
-            uint32_t idx = g_bcols[k], first = g_bcols[n + k], nargs = g_bcols[2 * n + k];
-            REQUIRE(g_bids[2 * k] == f->sid && g_bids[2 * k + 1] == f->fid, k);
+            uint64_t idx = cols[k], first = cols[n + k], nargs = cols[2 * n + k];
+            REQUIRE(ids[2 * k] == f->sid && ids[2 * k + 1] == f->fid, k);
             const spop_item *m = &g_bitems[f->first_item];
             int one_message = f->type == SPOP_FRAME_NOTIFY && f->items_parsed && f->n_items > 0 &&
                               (uint32_t)m->nargs + 1 == f->n_items;
@@ -428,11 +462,14 @@ static void fuzz_batch(const uint8_t *buf, size_t len)
             REQUIRE(m->kind == SPOP_ITEM_MESSAGE, k);
             REQUIRE(idx == ref_name_index(buf + m->name_off, m->name_len, cfg[c].n_names), k);
             REQUIRE(first == f->first_item + 1 && nargs == m->nargs, k);
-            REQUIRE((uint64_t)first + nargs <= b.n_items, k);
-            for (uint32_t a = first; a < first + nargs; a++)
+            REQUIRE(first + nargs <= n_items, k);
+            for (uint64_t a = first; a < first + nargs; a++)
                 REQUIRE(g_bitems[a].kind == SPOP_ITEM_ARG, a);
         }
-        REQUIRE(plain == b.n_plain, plain);
+        REQUIRE(plain == out[SPOP_OUT_PLAIN], plain);
+        free(out);
+        free(g_bitems);
+        free(g_bframes);
     }
 }
 

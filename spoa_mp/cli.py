@@ -1,5 +1,5 @@
 """The ``spoa-mp`` command: ``spoa-mp [serve] [options]``, ``spoa-mp bench ...``,
-``spoa-mp check-config ...`` or ``spoa-mp haproxy-config ...``.
+``spoa-mp check-config ...``, ``spoa-mp haproxy-config ...`` or ``spoa-mp send ...``.
 
 The short flags are those of HAProxy's example agent (``spoa -h -d -p PORT -n N``),
 so it can be swapped in. Every flag is optional; a flag given on the command
@@ -27,7 +27,7 @@ from spoa_mp.config import (
     ServerConfig,
     load_config,
 )
-from spoa_mp.logs import set_role, setup_logging
+from spoa_mp.logs import LOG_FORMATS, set_role, setup_logging
 
 __all__ = ["build_parser", "main", "parse_serve_args"]
 
@@ -49,12 +49,14 @@ config file (--config FILE, TOML; flags given on the command line win):
     workers = 8
     max-frame-size = {_D.max_frame_size}
     reputation-file = "reputation.txt"   # relative to the file's directory
+    blocklist = ["firehol_level1.netset", "drop.txt:10"]
     pipelining = false
 
 other commands:
   {PROG} bench --help           load generator and benchmark
   {PROG} check-config --help    validate a config file (and its app, reputation file)
   {PROG} haproxy-config --help  print the HAProxy configuration for these options
+  {PROG} send --help            send one message to an agent and print its ACK
 """
 
 
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-V", "--version", action="version", version=f"{PROG} {__version__}")
     add("-d", "--debug", action="store_true", help="log every frame (very verbose)")
     add("--config", metavar="FILE", dest="config_file", help="read settings from this TOML file")
+    add("--log-format", choices=LOG_FORMATS, help="text (default) or json: one object a line")
 
     listen = p.add_argument_group("listening")
     add = listen.add_argument
@@ -198,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         "example agent",
     )
     add(
+        "--blocklist",
+        action="append",
+        metavar="FILE[:SCORE]",
+        help="one address or CIDR a line (FireHOL, Spamhaus DROP; '#' and ';' comments), "
+        "scored SCORE (default 0); repeatable; a changed file is picked up by itself",
+    )
+    add(
         "--default-score",
         type=_int,
         metavar="N",
@@ -231,6 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"messages in flight on one connection before the worker stops reading "
         f"it (default {_D.max_in_flight})",
     )
+    add(
+        "--max-pending",
+        type=_int,
+        metavar="N",
+        help=f"NOTIFYs awaiting a handler in one worker before it stops reading "
+        f"(default {_D.max_pending})",
+    )
+    add(
+        "--handler-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="deadline for handlers registered without timeout=: past it the stream is "
+        "ACKed with the handler's on_timeout actions (default: none)",
+    )
+    add(
+        "--blocking-threads",
+        type=_int,
+        metavar="N",
+        help=f"threads per worker for blocking=True handlers (default {_D.blocking_threads})",
+    )
     return p
 
 
@@ -260,7 +290,11 @@ def _bench(argv: list[str]) -> int:
     return result
 
 
-_SUBCOMMANDS = {"check-config": "spoa_mp.check_config", "haproxy-config": "spoa_mp.haproxy_config"}
+_SUBCOMMANDS = {
+    "check-config": "spoa_mp.check_config",
+    "haproxy-config": "spoa_mp.haproxy_config",
+    "send": "spoa_mp.send",
+}
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
@@ -285,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return _error(str(e))
 
-    setup_logging(config.debug)
+    setup_logging(config.debug, log_format=config.log_format)
     set_role("supervisor")
     try:
         from spoa_mp.supervisor import serve  # noqa: PLC0415 - --help must work without it

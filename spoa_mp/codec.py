@@ -18,6 +18,13 @@ from typing import NamedTuple, TypeAlias
 
 from spoa_mp._spop import ffi, lib
 from spoa_mp.model import (
+    I_NAME_LEN,
+    I_NAME_OFF,
+    I_NARGS,
+    I_NUM,
+    I_TYPE,
+    I_VAL_LEN,
+    I_VAL_OFF,
     ITEM_RECORD,
     Action,
     ItemRecord,
@@ -31,9 +38,12 @@ from spoa_mp.model import (
 # Record layouts; they must match spop_frame / spop_item in csrc/spop.h.
 FRAME_RECORD = struct.Struct("=QQIIIIIIIBB2x")
 
-MIN_FRAME_SIZE = 256
-DEFAULT_FRAME_SIZE = 16380
-MAX_FRAME_SIZE = 1 << 24  # what we agree to buffer per frame; HAProxy caps at tune.bufsize
+# The protocol's frame-size limits, from csrc/spop.h (their one definition)
+MIN_FRAME_SIZE: int = lib.SPOP_MIN_FRAME_SIZE
+DEFAULT_FRAME_SIZE: int = lib.SPOP_DEFAULT_FRAME_SIZE
+MAX_FRAME_SIZE: int = (
+    lib.SPOP_MAX_FRAME_SIZE
+)  # what we buffer per frame; HAProxy caps at tune.bufsize
 FLAG_FIN = 0x1
 FLAG_ABORT = 0x2
 
@@ -151,6 +161,12 @@ class Indexed(NamedTuple):
 
 
 OTHER = lib.SPOP_INDEX_OTHER
+# the head of spop_decode_batch's flat result (spop.h, enum spop_batch_out)
+OUT_FRAMES, OUT_PLAIN, OUT_ITEMS, OUT_END, OUT_STATUS, OUT_HEAD = (
+    lib.SPOP_OUT_FRAMES, lib.SPOP_OUT_PLAIN, lib.SPOP_OUT_ITEMS, lib.SPOP_OUT_END,
+    lib.SPOP_OUT_STATUS, lib.SPOP_OUT_HEAD,
+)  # fmt: skip
+_decode_batch = lib.spop_decode_batch
 
 # NamedTuple's own constructor is Python code; this is the C one (per read)
 _new_tuple = tuple.__new__
@@ -178,8 +194,8 @@ class Decoder:
     """Decodes receive buffers into records; owns reusable C record arrays.
 
     One per worker is enough: results are copied out before it returns.
-    `names` are the message names the caller has handlers for: index()
-    matches them in C, so a message's name costs no slice or lookup.
+    `names` are the message names the caller has handlers for: the C side
+    matches them, so a message's name costs no slice or lookup.
     """
 
     def __init__(
@@ -187,33 +203,51 @@ class Decoder:
         max_frames: int = 64,
         max_frame_size: int = DEFAULT_FRAME_SIZE,
         names: Sequence[str] = (),
+        max_items: int = 0,
     ) -> None:
         self.max_frames = max_frames
-        # enough records for any single frame of this size (>= 2 bytes per item)
-        self.max_items = max(max_frame_size // 2 + 1, 256)
-        self._max_size = 2 * self.max_items - 1  # the largest max_frame_size it takes
+        # enough records for any single frame of this size (>= 2 bytes per
+        # item), unless the caller sizes them (and retries when they run out)
+        self.max_items = max_items or max(max_frame_size // 2 + 1, 256)
+        self.max_frame_size = 2 * self.max_items - 1  # the largest max_frame_size it takes
         self._frames = ffi.new("spop_frame[]", max_frames)
         self._items = ffi.new("spop_item[]", self.max_items)
         self._frames_view = memoryview(ffi.buffer(self._frames))
-        self._items_view = memoryview(ffi.buffer(self._items))
-        self._ids = ffi.new("uint64_t[]", 2 * max_frames)
-        self._ids_view = memoryview(ffi.buffer(self._ids))
-        self._cols = ffi.new("uint32_t[]", 3 * max_frames)
-        self._cols_view = memoryview(ffi.buffer(self._cols)).cast("I")
+        # public for a caller that inlines the one-frame read (AgentConnection.feed)
+        self.items_view = memoryview(ffi.buffer(self._items))
+        self._out = ffi.new("uint64_t[]", OUT_HEAD + 5 * max_frames)
+        self.out_view = memoryview(ffi.buffer(self._out)).cast("Q")
         self.names = tuple(names)
-        self._names_raw = _pack_names(self.names) or b"\0"  # kept alive: C points into it
-        self._names = ffi.from_buffer("uint8_t[]", self._names_raw)
-        batch = self._batch = ffi.new("spop_batch *")
-        batch.frames, batch.items, batch.ids, batch.cols = (
-            self._frames, self._items, self._ids, self._cols,
-        )  # fmt: skip
-        batch.names, batch.names_len = self._names, len(_pack_names(self.names))
-        batch.n_names, batch.max_frames, batch.max_items = (
-            len(self.names), max_frames, self.max_items,
-        )  # fmt: skip
-        # n_frames, n_plain, n_items, consumed, status: one read per call
-        results = ffi.offsetof("spop_batch", "n_frames")
-        self._results = memoryview(ffi.buffer(batch))[results : results + 20].cast("I")
+        self._names_raw = _pack_names(self.names)  # kept alive: C points into it
+        batch = self.batch = ffi.new("spop_batch *")
+        batch.frames, batch.items, batch.out = self._frames, self._items, self._out
+        batch.names = ffi.from_buffer("uint8_t[]", self._names_raw) if self._names_raw else ffi.NULL
+        batch.names_len, batch.n_names = len(self._names_raw), len(self.names)
+        batch.max_frames, batch.max_items = max_frames, self.max_items
+
+    def read(self, data: bytes, start: int, max_frame_size: int) -> tuple[list[int], bytes]:
+        """Decode and index the complete frames of data[start:] in one C
+        call, for the hot path: (out, records).
+
+        `out` is the C side's flat result (spop.h, spop_decode_batch): the
+        OUT_* counts, then with n = out[OUT_FRAMES], 2n ids, n name indexes,
+        n first records, n argument counts. `records` are the item records
+        (what Message reads). Offsets count from data[0], not from start.
+        The caller keeps max_frame_size <= self.max_frame_size.
+        """
+        n = _decode_batch(data, len(data), start, max_frame_size, self.batch)
+        if n < 0:  # nothing written: the previous call's results must not be read
+            raise CodecError(-n, f"cannot decode from {start} in {len(data)} bytes (or bad names)")
+        out = self.out_view[: OUT_HEAD + 5 * n].tolist()
+        return out, self.items_view[: out[OUT_ITEMS] * _item_size].tobytes()
+
+    def ids_bytes(self, n: int) -> bytes:
+        """The ids of the last read()'s n frames, as native uint64 pairs."""
+        return self.out_view[OUT_HEAD : OUT_HEAD + 2 * n].tobytes()
+
+    def frames_bytes(self, n: int) -> bytes:
+        """The frame records of the last read()'s n frames (FRAME_RECORD)."""
+        return self._frames_view[: n * _frame_size].tobytes()
 
     def decode(self, data: bytes, max_frame_size: int) -> Decoded:
         """Decode the complete frames at the start of `data` into records
@@ -224,45 +258,69 @@ class Decoder:
         ix = self.index(data, max_frame_size, all_frames=True)
         return Decoded(ix.frame_records(), ix.item_records(), ix.consumed, ix.error)
 
-    def index(self, data: bytes, max_frame_size: int, all_frames: bool = False) -> Indexed:
-        """Decode and index the complete frames at the start of `data`: one
-        C call, and no Python object per frame but a few ints (Indexed).
+    def index(
+        self, data: bytes, max_frame_size: int, all_frames: bool = False, start: int = 0
+    ) -> Indexed:
+        """Decode and index the complete frames of data[start:]: one C call,
+        and no Python object per frame but a few ints (Indexed). Offsets
+        (and `consumed`) count from data[0].
 
         The frame records are copied out only when some frame is not a plain
         NOTIFY, or when `all_frames` asks for them.
         """
-        if max_frame_size > self._max_size:
+        if max_frame_size > self.max_frame_size:
             raise ValueError("decoder was sized for smaller frames")
-        lib.spop_decode_batch(data, len(data), max_frame_size, self._batch)
-        n, plain, n_items, consumed, error = self._results.tolist()
+        out, records = self.read(data, start, max_frame_size)
+        n, plain, _, end, error = out[:OUT_HEAD]
         if n == 0:
-            return _new_tuple(Indexed, (0, 0, b"", [], [], [], b"", b"", 0, error))
-        cols = self._cols_view[: 3 * n].tolist()
+            return _new_tuple(Indexed, (0, 0, b"", [], [], [], b"", b"", end, error))
+        cols = out[OUT_HEAD + 2 * n :]
         return _new_tuple(
             Indexed,
             (
                 n,
                 plain,
-                self._ids_view[: 16 * n].tobytes(),
+                self.ids_bytes(n),
                 cols[:n],
                 cols[n : 2 * n],
                 cols[2 * n :],
-                self._items_view[: n_items * _item_size].tobytes(),
+                records,
                 # the columns say all a plain read needs: skip this copy then
-                self._frames_view[: n * _frame_size].tobytes() if plain != n or all_frames else b"",
-                consumed,
+                self.frames_bytes(n) if plain != n or all_frames else b"",
+                end,
                 error,
             ),
         )
 
 
+def whole_notify_messages(frame: bytes) -> list[Message]:
+    """The messages of one whole NOTIFY frame of any size, e.g. a reassembled
+    fragmented one, decoded once: records start small and grow only when a
+    payload has more items (memory follows the items, not the worst case).
+
+    Raises CodecError for a malformed frame.
+    """
+    size = len(frame) - 4
+    items = 256
+    while True:
+        dec = Decoder(max_frames=1, max_items=items)
+        out, records = dec.read(frame, 0, size)
+        status = out[OUT_STATUS]
+        if out[OUT_FRAMES] == 1 and out[OUT_END] == len(frame):
+            return messages(frame, FRAME_RECORD.unpack(dec.frames_bytes(1)), records)
+        if status != Status.RESOURCE or items > size // 2:
+            raise CodecError(status or Status.INVALID, "malformed reassembled NOTIFY")
+        items = min(4 * items, size // 2 + 1)
+
+
 def item_value(data: bytes, item: ItemRecord) -> Value:
     """The Python value of a decoded KV / ARG / set-var record."""
-    return typed_value(item[6], item[0], data[item[3] : item[3] + item[4]])
+    raw = data[item[I_VAL_OFF] : item[I_VAL_OFF] + item[I_VAL_LEN]]
+    return typed_value(item[I_TYPE], item[I_NUM], raw)
 
 
 def item_name(data: bytes, item: ItemRecord) -> bytes:
-    return data[item[1] : item[1] + item[2]]
+    return data[item[I_NAME_OFF] : item[I_NAME_OFF] + item[I_NAME_LEN]]
 
 
 def kv_items(data: bytes, frame: FrameRecord, items: list[ItemRecord]) -> dict[str, ItemRecord]:
@@ -304,9 +362,9 @@ def messages(data: bytes, frame: FrameRecord, items: list[ItemRecord] | bytes) -
     end = i + frame[F_NITEMS]
     while i < end:
         rec = ITEM_RECORD.unpack_from(records, i * _item_size)
-        name = message_name(data[rec[1] : rec[1] + rec[2]])
-        out.append(Message(name, data, records, i + 1, rec[7]))
-        i += 1 + rec[7]
+        name = message_name(data[rec[I_NAME_OFF] : rec[I_NAME_OFF] + rec[I_NAME_LEN]])
+        out.append(Message(name, data, records, i + 1, rec[I_NARGS]))
+        i += 1 + rec[I_NARGS]
     return out
 
 
@@ -339,7 +397,8 @@ def index_message(data: bytes, ix: Indexed, k: int, names: Sequence[str]) -> Mes
 def unlisted_message(data: bytes, records: bytes, first: int, nargs: int) -> Message:
     """A message whose name the decoder was not given: read it from its record."""
     rec = ITEM_RECORD.unpack_from(records, (first - 1) * _item_size)
-    return Message(message_name(data[rec[1] : rec[1] + rec[2]]), data, records, first, nargs)
+    name = message_name(data[rec[I_NAME_OFF] : rec[I_NAME_OFF] + rec[I_NAME_LEN]])
+    return Message(name, data, records, first, nargs)
 
 
 # ------------------------------------------------------------------ encoding
@@ -349,6 +408,8 @@ KV: TypeAlias = tuple[str, "Value | TypedEncoding"]
 
 
 _wire_of = attrgetter("wire")
+_encode_acks = lib.spop_encode_acks
+_ACK_ROOM = 4 + lib.SPOP_FRAME_HDR_MAX  # per ACK: the length prefix and the longest header
 
 
 class Encoder:
@@ -366,6 +427,9 @@ class Encoder:
         self._frames_view = memoryview(ffi.buffer(self._frames))
         self._items_view = memoryview(ffi.buffer(self._items))
         self._new_out(out_size)
+        self._ids_cap = 2 * max_frames  # reused for the ids of every ACK batch
+        self._ids = ffi.new("uint64_t[]", self._ids_cap)
+        self._ids_view = memoryview(ffi.buffer(self._ids)).cast("Q")
         self._wire_encoder: Encoder | None = None
 
     def _grow(self, frames: int, items: int, out: int) -> None:
@@ -407,19 +471,43 @@ class Encoder:
         When every result is one Action encoded before (a handler picking a
         prebuilt Action: the usual case), no Python code runs per ACK.
         """
-        if len(ids) != (2 if ids.__class__ is array else 16) * len(results):
-            raise ValueError(f"ids for {len(results)} ACKs must be {2 * len(results)} uint64")
+        n = len(results)
+        if ids.__class__ is array:
+            if ids.typecode != "Q":  # type: ignore[union-attr]
+                # C reads 16 bytes per pair: anything narrower would be read past
+                raise TypeError(f"ids must be array('Q'), not array({ids.typecode!r})")  # type: ignore[union-attr]
+            if len(ids) != 2 * n:
+                raise ValueError(f"ids for {n} ACKs must be {2 * n} uint64, not {len(ids)}")
+        elif len(ids) != 16 * n:
+            raise ValueError(f"ids for {n} ACKs must be {2 * n} uint64 ({16 * n} bytes)")
+        if n == 1 and results[0].__class__ is Action:  # one NOTIFY per read: no join
+            payload = results[0].wire  # type: ignore[union-attr]
+            if payload is None:
+                return self._acks_general(ids, results, max_frame_size)
+        else:
+            try:
+                # AttributeError: a result is not an Action; TypeError: not encoded yet
+                payload = b"".join(map(_wire_of, results))
+            except (AttributeError, TypeError):
+                return self._acks_general(ids, results, max_frame_size)
         try:
-            # AttributeError: a result is not an Action; TypeError: not encoded yet
-            payload = b"".join(map(_wire_of, results))
-        except (AttributeError, TypeError):
-            return self._acks_general(ids, results, max_frame_size)
-        try:
-            return self._encode_acks(ids, None, payload, len(results), max_frame_size), []
+            return self._encode_acks(ids, None, payload, n, max_frame_size), []
         except CodecError as e:  # an ACK too big: the general path cuts it
             if e.status != Status.TOO_BIG:
                 raise  # pragma: no cover - the actions were encoded by us
         return self._acks_general(ids, results, max_frame_size)
+
+    def one_ack(self, ids: array[int], wire: bytes, max_frame_size: int) -> bytes | None:
+        """One ACK carrying `wire` (one encoded Action) for ids = array('Q',
+        (sid, fid)): the reply to a one-NOTIFY read, in one C call. None when
+        it needs the general path (not one uint64 pair, too big, no room)."""
+        if len(ids) != 2 or ids.typecode != "Q" or len(wire) + _ACK_ROOM > self._out_size:
+            return None
+        self._ids_view[:2] = ids
+        rc = _encode_acks(
+            self._out, self._out_size, max_frame_size, self._ids, ffi.NULL, 1, wire, len(wire)
+        )
+        return self._out_view[:rc].tobytes() if rc > 0 else None
 
     def _acks_general(
         self,
@@ -455,17 +543,28 @@ class Encoder:
         max_frame_size: int,
     ) -> bytes:
         """n ACKs in one C call; without `ends`, one action each."""
-        # per ACK: the length prefix and the longest header
-        if len(payload) + 29 * n > self._out_size:
-            self._grow_out(len(payload) + 29 * n)
-        rc = lib.spop_encode_acks(
-            self._out, self._out_size, max_frame_size, ffi.from_buffer("uint64_t[]", ids),
+        if len(payload) + _ACK_ROOM * n > self._out_size:
+            self._grow_out(len(payload) + _ACK_ROOM * n)
+        self._set_ids(ids, n)
+        rc = _encode_acks(
+            self._out, self._out_size, max_frame_size, self._ids,
             ffi.NULL if ends is None else ffi.from_buffer("uint32_t[]", ends),
             n, payload, len(payload),
         )  # fmt: skip
         if rc < 0:
             raise CodecError(-rc, "cannot encode ACKs")
         return self._out_view[:rc].tobytes()
+
+    def _set_ids(self, ids: bytes | array[int], n: int) -> None:
+        """Copy n (stream-id, frame-id) pairs, checked by acks_for(), into
+        the reused C ids array (the copy also refuses a buffer that is not
+        uint64: its format must match)."""
+        pairs = ids if ids.__class__ is array else memoryview(ids).cast("B").cast("Q")
+        if 2 * n > self._ids_cap:
+            self._ids_cap = max(2 * n, 2 * self._ids_cap)
+            self._ids = ffi.new("uint64_t[]", self._ids_cap)
+            self._ids_view = memoryview(ffi.buffer(self._ids)).cast("Q")
+        self._ids_view[: 2 * n] = pairs
 
     @staticmethod
     def _fit(start: int, actions: Sequence[Action], budget: int) -> int:
@@ -535,7 +634,7 @@ class Encoder:
         payload_off, payload_len = ref(raw)
         self._grow(1, len(records), max_frame_size + 4)
         for j, rec in enumerate(records):
-            ITEM_RECORD.pack_into(self._items_view, j * 32, *rec)
+            ITEM_RECORD.pack_into(self._items_view, j * _item_size, *rec)
         FRAME_RECORD.pack_into(
             self._frames_view, 0, sid, fid, flags, 0, 0, payload_off, payload_len, 0,
             len(records), type_, 0,

@@ -44,6 +44,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
+# the frame-size limits have one definition, csrc/spop.h (through the codec)
+from spoa_mp.codec import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+
 __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_WORKERS",
@@ -57,8 +60,6 @@ __all__ = [
 ]
 
 MAX_WORKERS = 1024
-MIN_FRAME_SIZE = 256  # SPOP: HAProxy refuses less (and so do we, status 9)
-MAX_FRAME_SIZE = 16_777_216
 # sockaddr_un.sun_path is 108 bytes on Linux, NUL included.
 _UNIX_PATH_MAX = 107
 
@@ -95,10 +96,14 @@ class ServerConfig:
     app: str | None = None  # "module:attr"; None = the built-in IP-reputation agent
     reputation_file: str | None = None
     default_score: int = 100  # for addresses the reputation file does not list
+    blocklist: tuple[tuple[str, int], ...] = ()  # (file, score) pairs, spoa_mp.blocklist
     max_frame_size: int = 16380  # MIN_FRAME_SIZE..MAX_FRAME_SIZE
     pipelining: bool = True
     fragmentation: bool = True
     max_in_flight: int = 256  # messages in flight per connection before reads pause
+    max_pending: int = 4096  # NOTIFYs awaiting a handler, per worker, before reads pause
+    handler_timeout: float | None = None  # seconds; for handlers registered without timeout=
+    blocking_threads: int = 16  # threads per worker for blocking=True handlers
     worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
     graceful_timeout: float = 30.0  # seconds workers get to finish when stopping
     reload_mode: str = "handover"  # SIGHUP: handover | rolling | drain (see supervisor.py)
@@ -110,6 +115,7 @@ class ServerConfig:
     max_rss: int = 0  # recycle a worker whose resident memory exceeds this many MiB (0 = never)
     metrics: str | None = None  # HOST:PORT serving Prometheus /metrics from the supervisor
     debug: bool = False
+    log_format: str = "text"  # text | json (spoa_mp.logs)
     config_file: str | None = None  # absolute path of the TOML file read, if any
     # The explicitly given command-line values (already normalised), kept so that a
     # reload re-applies them over the re-read file. Not part of equality.
@@ -136,10 +142,14 @@ _KINDS: dict[str, type] = {
     "app": str,
     "reputation_file": str,
     "default_score": int,
+    "blocklist": tuple,
     "max_frame_size": int,
     "pipelining": bool,
     "fragmentation": bool,
     "max_in_flight": int,
+    "max_pending": int,
+    "handler_timeout": float,
+    "blocking_threads": int,
     "worker_timeout": float,
     "graceful_timeout": float,
     "reload_mode": str,
@@ -151,13 +161,19 @@ _KINDS: dict[str, type] = {
     "max_rss": int,
     "metrics": str,
     "debug": bool,
+    "log_format": str,
 }
 # may be None (not from TOML)
-_OPTIONAL = frozenset({"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics"})
+_OPTIONAL = frozenset(
+    {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout"}
+)
 _PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile"})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
-_EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+_EXPECTED = {
+    int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+    tuple: "a list of 'FILE[:SCORE]' strings",
+}  # fmt: skip
 # Python type of a parsed TOML value -> its TOML name, for "got ..." messages.
 _TOML_TYPE_NAMES: dict[type, str] = {
     str: "string",
@@ -183,9 +199,41 @@ def _coerce(name: str, value: object, where: str) -> object:
         return None
     if kind is float and type(value) is int:
         return float(value)
+    if kind is tuple:
+        return _blocklists(value, where)
     if type(value) is not kind:  # not isinstance: True is no integer here
         raise ConfigError(f"{where} must be {_EXPECTED[kind]}, got {_type_name(value)}")
     return value
+
+
+def _blocklists(value: object, where: str) -> tuple[tuple[str, int], ...]:
+    """'FILE[:SCORE]' strings (a list, or one) as (FILE, SCORE) pairs; pairs as they are."""
+    from spoa_mp.blocklist import parse_blocklist_arg  # noqa: PLC0415 - only when used
+
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{where} must be {_EXPECTED[tuple]}, got {_type_name(value)}")
+    out = []
+    for item in items:
+        if isinstance(item, tuple):  # already parsed (a reload re-applies the flags)
+            out.append(item)
+            continue
+        if not isinstance(item, str):
+            raise ConfigError(f"{where} must be {_EXPECTED[tuple]}, got {_type_name(item)}")
+        try:
+            out.append(parse_blocklist_arg(item))
+        except ValueError as e:
+            raise ConfigError(f"{where} {e}") from None
+    return tuple(out)
+
+
+def _check_blocklists(value: object) -> str | None:
+    assert isinstance(value, tuple)
+    for path, _ in value:
+        reason = _check_readable_file(path)
+        if reason:
+            return reason
+    return None
 
 
 # ----------------------------------------------------------- value checks
@@ -275,7 +323,7 @@ RELOAD_MODES = ("handover", "rolling", "drain")
 
 
 def _check_metrics_address(value: object) -> str | None:
-    from spoa_mp.metrics import parse_address  # noqa: PLC0415 - only when asked for
+    from spoa_mp.metrics_http import parse_address  # noqa: PLC0415 - only when asked for
 
     try:
         parse_address(str(value))
@@ -318,8 +366,12 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "app": _check_app,
     "reputation_file": _check_readable_file,
     "default_score": _between(0, 100),
+    "blocklist": _check_blocklists,
     "max_frame_size": _between(MIN_FRAME_SIZE, MAX_FRAME_SIZE),
     "max_in_flight": _at_least_one,
+    "max_pending": _at_least_one,
+    "handler_timeout": _seconds(zero_ok=False),
+    "blocking_threads": _between(1, 1024),
     "worker_timeout": _seconds(zero_ok=False),
     "graceful_timeout": _seconds(zero_ok=True),
     "reload_mode": _one_of(RELOAD_MODES),
@@ -329,6 +381,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_requests_jitter": _between(0, 1 << 62),
     "max_rss": _between(0, 1 << 40),
     "metrics": _check_metrics_address,
+    "log_format": _one_of(("text", "json")),
 }
 
 
@@ -358,6 +411,11 @@ def _unknown_key(path: str, key: str) -> ConfigError:
     return ConfigError(f"{path}: unknown key {key!r}{suffix}")
 
 
+def _resolved(value: object, absolute: Callable[[str], str]) -> object:
+    assert isinstance(value, tuple)
+    return tuple((absolute(path) if path else path, score) for path, score in value)
+
+
 def load_config(cli_values: Mapping[str, object], config_file: str | None = None) -> ServerConfig:
     """Defaults, then the TOML file (if any), then `cli_values`; validated.
 
@@ -383,6 +441,8 @@ def load_config(cli_values: Mapping[str, object], config_file: str | None = None
             value = _coerce(name, raw, where)
             if name in _PATH_KEYS and isinstance(value, str) and value:
                 value = os.path.normpath(os.path.join(base, value))
+            elif name == "blocklist":
+                value = _resolved(value, lambda p: os.path.normpath(os.path.join(base, p)))
             merged[name] = value
             origin[name] = where
 
@@ -394,6 +454,8 @@ def load_config(cli_values: Mapping[str, object], config_file: str | None = None
         value = _coerce(name, raw, where)
         if name in _PATH_KEYS and isinstance(value, str) and value:
             value = os.path.abspath(value)
+        elif name == "blocklist":
+            value = _resolved(value, os.path.abspath)
         merged[name] = given[name] = value
         origin[name] = where
 

@@ -23,7 +23,6 @@ after which `on_progress(conn)` lets the owner send them.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 import types
@@ -31,6 +30,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import Context, copy_context
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Protocol
@@ -156,6 +156,12 @@ class Dispatcher:
             for name, reg in self._handlers.items()
             if not (reg.is_coroutine or reg.batch or reg.blocking)
         }
+        # coroutine handlers, stepped eagerly inside the loop
+        self._eager = {
+            name: reg.fn
+            for name, reg in self._handlers.items()
+            if reg.is_coroutine and not (reg.batch or reg.blocking)
+        }
         self.counters = counters
         self.settings = settings
         self.debug = debug
@@ -172,6 +178,9 @@ class Dispatcher:
         self._ready: dict[Conn, tuple[array[int], list[Result]]] = {}
         self._deferred: dict[Conn, Notifies] = {}
         self._flush_scheduled = False
+        # what asyncio.current_task() returns during eager steps; None outside _run
+        self._proxy: EagerTask | None = None
+        self._entered = False  # we set the current task (none was set: the usual case)
 
     # ------------------------------------------------------------ life
 
@@ -206,9 +215,22 @@ class Dispatcher:
             conn.in_flight -= len(deferred)
 
     def _run(self, conn: Conn, notifies: Notifies) -> None:
+        try:
+            self._run_handlers(conn, notifies)
+        finally:
+            if self._entered:
+                assert self._loop is not None
+                assert self._proxy is not None
+                leave_task(self._loop, self._proxy)
+                self._entered = False
+            self._proxy = None
+
+    def _run_handlers(self, conn: Conn, notifies: Notifies) -> None:
         handlers = self._handlers
         inline = self._inline.get
+        eager = self._eager.get
         msgs = notifies.messages
+        late = self._late
         # one message per NOTIFY: beyond --max-in-flight, NOTIFYs wait unstarted
         room = self.settings.max_in_flight - conn.in_flight if notifies.counts is None else -1
         results: list[Any] = []
@@ -232,6 +254,31 @@ class Dispatcher:
                     stamp(clock())  # the time since the previous stamp is this handler's
                 continue
             name = msg.name
+            fn = eager(name)
+            if fn is not None:
+                if 0 <= room <= len(late):
+                    add(DEFERRED)
+                    any_deferred = True
+                    continue
+                # the eager step, inlined: most coroutines finish in it
+                if self._proxy is None:
+                    self._enter()
+                coro = fn(msg)
+                ctx = copy_context()  # as a task would: its context vars stay its own
+                try:
+                    yielded = ctx.run(coro.send, None)
+                except StopIteration as stop:
+                    result = stop.value
+                    if result.__class__ is not Action:
+                        result = self._checked(handlers[name], name, result, 1)
+                except (Exception, asyncio.CancelledError):
+                    result = self._failed(handlers[name], name, 1)
+                else:
+                    add(self._suspended(handlers[name], name, coro, yielded, ctx, (len(results),)))
+                    continue
+                add(result)
+                stamp(clock())
+                continue
             reg = handlers.get(name)
             if reg is None:
                 add(None)  # a message nobody handles: an empty ACK, as HAProxy expects
@@ -240,19 +287,15 @@ class Dispatcher:
                     batches = {}
                 batches.setdefault(name, []).append(len(results))
                 add(PENDING)
-            elif room >= 0 and len(self._late) >= room:
+            elif 0 <= room <= len(late):
                 add(DEFERRED)
                 any_deferred = True
             else:
-                result = self._call(reg, name, msg, (len(results),))
-                add(result)
-                if result is not PENDING:
-                    stamp(clock())
+                add(self._call(reg, name, msg, (len(results),)))
         if batches is not None:
             for name, ks in batches.items():
                 self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results)
         self.counters.latency.observe_stamps(stamps)
-        late = self._late
         if late or any_deferred:
             self._late = []
             ids, results = self._hold(conn, notifies, results, late)
@@ -284,7 +327,7 @@ class Dispatcher:
         if result is None or result.__class__ is tuple or result.__class__ is list:
             return normalize_actions(result)
         if hasattr(result, "__await__"):
-            return self._drive(self._handlers[msg.name], msg.name, result, (k,), 1)
+            return self._step(self._handlers[msg.name], msg.name, result, (k,), 1)
         return normalize_actions(result)
 
     def _failed(self, reg: Registered, name: str, n: int) -> Result:
@@ -303,55 +346,86 @@ class Dispatcher:
     # ------------------------------------------------------------ starting
 
     def _call(self, reg: Registered, name: str, arg: Any, ks: tuple[int, ...], n: int = 1) -> Any:
-        """Start a coroutine or blocking handler: its result, or PENDING."""
-        if reg.blocking:
-            loop = self._get_loop()
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self.settings.blocking_threads, thread_name_prefix="spoa-blocking"
-                )
-            call = _Call(reg, name, n, loop.time())
-            fut = loop.run_in_executor(self._pool, reg.fn, arg)
-            call.task = fut
-            fut.add_done_callback(lambda f: self._thread_done(call, f))
-            self._started(call, ks)
-            return PENDING
-        try:
-            awaitable = reg.fn(arg)
-        except Exception:
-            return self._failed_call(reg, name, n)
-        return self._drive(reg, name, awaitable, ks, n)
-
-    def _drive(
-        self, reg: Registered, name: str, awaitable: Any, ks: tuple[int, ...], n: int
-    ) -> Any:
-        """Run a coroutine until it first suspends (its result if it does not)."""
-        coro = (
-            awaitable if isinstance(awaitable, types.CoroutineType) else wrap_awaitable(awaitable)
-        )
+        """Start a blocking or coroutine handler: its result, or PENDING."""
+        if not reg.blocking:
+            try:
+                awaitable = reg.fn(arg)
+            except Exception:
+                return self._failed_call(reg, name, n)
+            return self._step(reg, name, awaitable, ks, n)
         loop = self._get_loop()
-        eager = EagerTask()
-        ctx = contextvars.copy_context()  # as a task would: its context vars stay its own
-        current = asyncio.current_task(loop)
-        if current is None:
-            enter_task(loop, eager)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.settings.blocking_threads, thread_name_prefix="spoa-blocking"
+            )
+        call = _Call(reg, name, n, loop.time())
+        fut = loop.run_in_executor(self._pool, reg.fn, arg)
+        call.task = fut
+        fut.add_done_callback(lambda f: self._thread_done(call, f))
+        self._started(call, ks)
+        return PENDING
+
+    def _step(self, reg: Registered, name: str, coro: Any, ks: tuple[int, ...], n: int) -> Any:
+        """Run a coroutine until it first suspends: its result if it does
+        not, else PENDING (the rest runs as a task)."""
+        if coro.__class__ is not types.CoroutineType:
+            coro = wrap_awaitable(coro)
+        if self._proxy is None:
+            self._enter()
+        ctx = copy_context()
         try:
             yielded = ctx.run(coro.send, None)
         except StopIteration as stop:
             return self._checked(reg, name, stop.value, n)
         except (Exception, asyncio.CancelledError):
             return self._failed_call(reg, name, n)
-        finally:
-            if current is None:
-                leave_task(loop, eager)
+        return self._suspended(reg, name, coro, yielded, ctx, ks, n)
+
+    def _suspended(
+        self,
+        reg: Registered,
+        name: str,
+        coro: Any,
+        yielded: object,
+        ctx: Context,
+        ks: tuple[int, ...],
+        n: int = 1,
+    ) -> Any:
+        """The coroutine suspended in its eager step: the rest runs as a task."""
+        loop = self._loop
+        proxy = self._proxy
+        assert loop is not None
+        assert proxy is not None
         call = _Call(reg, name, n, loop.time())
         task = loop.create_task(resume_task(coro, yielded), context=ctx)
-        eager.adopt(task)
+        proxy.adopt(task)  # what the coroutine holds of current_task() means this task
+        self._swap_proxy()
         call.task = task
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(call, t))
         self._started(call, ks)
         return PENDING
+
+    def _enter(self) -> EagerTask:
+        """The first eager step of a read: become the loop's current task."""
+        loop = self._get_loop()
+        proxy = self._proxy = EagerTask()
+        # dispatch() called from inside a task (a test, an embedding): run under it
+        self._entered = asyncio.current_task(loop) is None
+        if self._entered:
+            enter_task(loop, proxy)
+        return proxy
+
+    def _swap_proxy(self) -> EagerTask:
+        """A new current task for the next eager step (the old one was adopted)."""
+        assert self._loop is not None
+        assert self._proxy is not None
+        proxy = EagerTask()
+        if self._entered:
+            leave_task(self._loop, self._proxy)
+            enter_task(self._loop, proxy)
+        self._proxy = proxy
+        return proxy
 
     def _started(self, call: _Call, ks: tuple[int, ...]) -> None:
         self._late.append((ks, call))
@@ -378,7 +452,7 @@ class Dispatcher:
                 got = self._failed_call(reg, name, n)
             else:
                 if hasattr(got, "__await__"):
-                    got = self._drive(reg, name, got, ks, n)
+                    got = self._step(reg, name, got, ks, n)
                 else:
                     got = self._batch_results(reg, name, got, n)
         if got is PENDING:

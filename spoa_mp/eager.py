@@ -68,21 +68,17 @@ class EagerTask:
 def _resume(coro: Any, yielded: object) -> Generator[Any, Any, Any]:
     """The rest of a coroutine whose first step ran eagerly: pass what it
     waits on to the task, and what the task sends or throws back to it."""
-    sent: object = None
-    thrown: BaseException | None = None
     while True:
         try:
-            if thrown is None:
-                sent = yield yielded
-            else:
-                exc, thrown = thrown, None
-                yielded = coro.throw(exc)
-                continue
+            sent = yield yielded
         except GeneratorExit:
             coro.close()
             raise
         except BaseException as exc:  # cancellation: the coroutine decides what it means
-            thrown = exc
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
             continue
         try:
             yielded = coro.send(sent)
@@ -91,10 +87,8 @@ def _resume(coro: Any, yielded: object) -> Generator[Any, Any, Any]:
 
 
 async def resume_task(coro: Any, yielded: object) -> Any:
-    try:
-        return await _resume(coro, yielded)
-    except StopIteration as stop:  # from coro.throw(): the coroutine returned
-        return stop.value
+    """The task's coroutine for the rest of an eagerly started one."""
+    return await _resume(coro, yielded)
 
 
 async def wrap_awaitable(awaitable: Any) -> Any:

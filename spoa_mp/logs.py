@@ -5,6 +5,19 @@
     2026-05-09 07:35:25,123 4242 supervisor INFO spoa_mp.supervisor: listening on 127.0.0.1:12345
     2026-05-09 07:35:25,130 4243 worker 1 WARNING spoa_mp.worker: accept failed: ...
 
+or, with ``--log-format json``, one JSON object per line (:class:`JsonFormatter`)::
+
+    {"time": "2026-05-09T07:35:25.130Z", "level": "warning", "pid": 4243, "role": "worker",
+     "worker": 1, "logger": "spoa_mp.worker", "event": "accept failed: %s",
+     "args": ["[Errno 24] Too many open files"],
+     "message": "accept failed: [Errno 24] Too many open files"}
+
+``event`` is the call's format string, the same for every occurrence (what to
+group and alert on), ``args`` its values, ``message`` the two put together;
+``extra={...}`` fields of a call become keys of their own, and a traceback is
+``exc``. In that format uncaught exceptions and warnings are logged too, so
+that nothing else reaches stderr as free text.
+
 Only ``cli.main()`` calls :func:`setup_logging`; modules just use
 ``logging.getLogger(__name__)``. A forked worker calls :func:`set_role` once; the
 role lives in one module-level object read by the handler's filter, so nothing
@@ -14,15 +27,81 @@ handlers: stderr goes to the terminal or to journald as it is.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from types import TracebackType
+from typing import Any, TextIO
 
-__all__ = ["FORMAT", "RateLimitedLog", "get_role", "set_role", "setup_logging"]
+__all__ = [
+    "FORMAT",
+    "LOG_FORMATS",
+    "JsonFormatter",
+    "RateLimitedLog",
+    "get_role",
+    "set_role",
+    "setup_logging",
+]
 
 FORMAT = "%(asctime)s %(process)d %(role)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+# LogRecord attributes that are not extra=... fields
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "role"}
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(value: object) -> object:
+    """value as JSON has it: scalars as they are, anything else as its str()."""
+    return value if isinstance(value, _PLAIN) else str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines in values are escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        role = str(getattr(record, "role", "main"))
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "role": role,
+        }
+        kind, _, number = role.partition(" ")
+        if kind == "worker" and number.isdigit():
+            out["role"], out["worker"] = "worker", int(number)
+        out["logger"] = record.name
+        out["event"] = str(record.msg)
+        if isinstance(record.args, tuple) and record.args:
+            out["args"] = [_plain(a) for a in record.args]
+        elif isinstance(record.args, dict) and record.args:
+            out["args"] = {str(k): _plain(v) for k, v in record.args.items()}
+        try:
+            out["message"] = record.getMessage()
+        except (TypeError, ValueError) as e:  # a bad format string: keep the line valid
+            out["message"] = f"{record.msg!s} (formatting failed: {e})"
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in out:
+                out[key] = _plain(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("spoa_mp").critical("uncaught exception", exc_info=(kind, value, tb))
 
 
 class _RoleFilter(logging.Filter):
@@ -50,8 +129,8 @@ def get_role() -> str:
     return _ROLE.role
 
 
-def setup_logging(debug: bool, stream: TextIO | None = None) -> None:
-    """Log to stderr (or `stream`) at INFO, or DEBUG when `debug`.
+def setup_logging(debug: bool, stream: TextIO | None = None, log_format: str = "text") -> None:
+    """Log to stderr (or `stream`) at INFO, or DEBUG when `debug`, as text or json.
 
     Calling it again replaces the handler it installed before (and only that one).
     """
@@ -61,7 +140,14 @@ def setup_logging(debug: bool, stream: TextIO | None = None) -> None:
         root.removeHandler(_handler)
         _handler.close()
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+        sys.excepthook = _log_uncaught
+        logging.captureWarnings(True)
+    else:
+        handler.setFormatter(logging.Formatter(FORMAT))
+        sys.excepthook = sys.__excepthook__
+        logging.captureWarnings(False)
     handler.addFilter(_ROLE)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)

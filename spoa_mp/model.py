@@ -300,6 +300,13 @@ def typed_value(type_: int, num: int, raw: bytes) -> Value:
 # (num, name_off, name_len, val_off, val_len, kind, type, nargs, action, scope)
 ItemRecord: TypeAlias = tuple[int, int, int, int, int, int, int, int, int, int]
 ITEM_RECORD = struct.Struct("=QIIIIBBBBB3x")
+# the fields of an ItemRecord, by name
+I_NUM, I_NAME_OFF, I_NAME_LEN, I_VAL_OFF, I_VAL_LEN, I_KIND, I_TYPE, I_NARGS, I_ACTION, I_SCOPE = (
+    range(10)
+)
+# type codes as plain ints: the hot path compares them to record fields
+_T_IPV4 = int(DataType.IPV4)
+_T_UNSIGNED = (int(DataType.UINT32), int(DataType.UINT64))
 _ITEM_SIZE = ITEM_RECORD.size
 _unpack_item = ITEM_RECORD.unpack_from
 _unpack_num_type = struct.Struct("=Q17xB").unpack_from  # (num, type) of a record
@@ -343,23 +350,24 @@ class Message:
         wanted = key.encode()
         data = self.data
         for rec in self._args():
-            if data[rec[1] : rec[1] + rec[2]] == wanted:
+            if data[rec[I_NAME_OFF] : rec[I_NAME_OFF] + rec[I_NAME_LEN]] == wanted:
                 return rec
         raise KeyError(key)
 
     def _value(self, rec: ItemRecord) -> Value:
-        return typed_value(rec[6], rec[0], self.data[rec[3] : rec[3] + rec[4]])
+        raw = self.data[rec[I_VAL_OFF] : rec[I_VAL_OFF] + rec[I_VAL_LEN]]
+        return typed_value(rec[I_TYPE], rec[I_NUM], raw)
 
     def __getitem__(self, key: int | str) -> Value:
         """Argument value by position or by name (IndexError / KeyError)."""
         if key.__class__ is int and 0 <= key < self.nargs:  # type: ignore[operator]
             # the common case: one small unpack, and IPv4 needs nothing else
             num, type_ = _unpack_num_type(self._records, (self._first + key) * _ITEM_SIZE)  # type: ignore[operator]
-            if type_ == 6 and _IPV4_SHORTCUT:  # IPV4: ipv4_from_int, inlined
+            if type_ == _T_IPV4 and _IPV4_SHORTCUT:  # ipv4_from_int, inlined
                 addr = _new_ipv4(IPv4Address)
                 addr._ip = num
                 return addr
-            if type_ in (3, 5):  # UINT32, UINT64
+            if type_ in _T_UNSIGNED:
                 return num
         return self._value(self._find(key))
 
@@ -371,12 +379,15 @@ class Message:
 
     def type_of(self, key: int | str) -> DataType:
         """The SPOP type an argument was sent with."""
-        return DataType(self._find(key)[6])
+        return DataType(self._find(key)[I_TYPE])
 
     def names(self) -> list[str]:
         """Argument names in order ("" for unnamed arguments)."""
         data = self.data
-        return [data[r[1] : r[1] + r[2]].decode("utf-8", "replace") for r in self._args()]
+        return [
+            data[r[I_NAME_OFF] : r[I_NAME_OFF] + r[I_NAME_LEN]].decode("utf-8", "replace")
+            for r in self._args()
+        ]
 
     def items(self) -> Iterator[tuple[str, Value]]:
         """(name, value) pairs in order."""

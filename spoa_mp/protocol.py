@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from spoa_mp._spop import lib
 from spoa_mp.codec import (
     DEFAULT_FRAME_SIZE,
     F_FID,
@@ -34,8 +35,10 @@ from spoa_mp.codec import (
     F_TYPE,
     FLAG_ABORT,
     FLAG_FIN,
+    MAX_FRAME_SIZE,
     MIN_FRAME_SIZE,
     OTHER,
+    OUT_HEAD,
     CodecError,
     Decoder,
     Encoder,
@@ -50,10 +53,24 @@ from spoa_mp.codec import (
     messages,
     notify_messages,
     status_reason,
+    unlisted_message,
+    whole_notify_messages,
 )
-from spoa_mp.model import Action, DataType, ItemRecord, Message, String
+from spoa_mp.model import (
+    I_NUM,
+    I_TYPE,
+    ITEM_RECORD,
+    Action,
+    DataType,
+    ItemRecord,
+    Message,
+    String,
+)
 
 SPOP_VERSION = "2.0"
+_new_tuple = tuple.__new__
+_decode_batch = lib.spop_decode_batch
+_ITEM_SIZE = ITEM_RECORD.size
 Notification: TypeAlias = tuple[int, int, list[Message]]
 """(stream-id, frame-id, messages) of one NOTIFY; answer with ack()."""
 
@@ -70,13 +87,24 @@ class Notifies:
 
     __slots__ = ("counts", "ids", "messages")
 
-    def __init__(self) -> None:
-        self.ids = array("Q")
-        self.messages: list[Message] = []
+    def __init__(
+        self, ids: array[int] | None = None, messages: list[Message] | None = None
+    ) -> None:
+        self.ids = array("Q") if ids is None else ids
+        self.messages: list[Message] = [] if messages is None else messages
         self.counts: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.ids) >> 1
+
+    def extend(self, other: Notifies) -> None:
+        """Append the NOTIFYs of another feed (in order)."""
+        if other.counts is not None and self.counts is None:
+            self.counts = [1] * len(self)
+        if self.counts is not None:
+            self.counts += [1] * len(other) if other.counts is None else other.counts
+        self.ids += other.ids
+        self.messages += other.messages
 
     def add(self, sid: int, fid: int, msgs: list[Message]) -> None:
         if self.counts is None and len(msgs) != 1:
@@ -110,8 +138,8 @@ class AgentSettings:
     max_reassembled_size: int = 1 << 20  # bound on a reassembled NOTIFY payload
 
     def __post_init__(self) -> None:
-        if not MIN_FRAME_SIZE <= self.max_frame_size <= (1 << 24):
-            raise ValueError(f"max-frame-size must be in [256, {1 << 24}]")
+        if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"max-frame-size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_SIZE}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,14 +258,19 @@ class AgentConnection:
         self.counts = counts or FrameCounts()
         self._decoder = decoder or Decoder(max_frame_size=self.settings.max_frame_size)
         self._encoder = encoder or Encoder()
+        self._acks_for = self._encoder.acks_for
+        self._one_ack = self._encoder.one_ack
         self._phase = _HELLO
-        self._pending = b""  # bytes of a frame not complete yet
+        self._pending = bytearray()  # bytes of a frame not complete yet
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self.max_frame_size = self.settings.max_frame_size  # negotiated in the handshake
+        if self.max_frame_size > self._decoder.max_frame_size:
+            raise ValueError("the decoder was sized for smaller frames")
         self.handshake: Handshake | None = None
-        # a fragmented NOTIFY being reassembled: (sid, fid, payload so far)
-        self._fragment: tuple[int, int, bytearray] | None = None
+        # a fragmented NOTIFY being reassembled: (sid, fid, the frame so far,
+        # where its payload starts)
+        self._fragment: tuple[int, int, bytearray, int] | None = None
 
     # -------------------------------------------------------------- state
 
@@ -320,7 +353,10 @@ class AgentConnection:
         if phase not in (_HELLO, _READY):
             raise ValueError(f"cannot adopt a connection in phase {phase!r}")
         conn._phase = phase  # type: ignore[assignment]
-        conn.max_frame_size = int(state["max_frame_size"])  # type: ignore[call-overload]
+        size = int(state["max_frame_size"])  # type: ignore[call-overload]
+        if size > conn._decoder.max_frame_size:
+            raise ValueError(f"max-frame-size {size} is above what the decoder takes")
+        conn.max_frame_size = size
         hs = state.get("handshake")
         if isinstance(hs, dict):
             conn.handshake = Handshake(
@@ -341,39 +377,89 @@ class AgentConnection:
 
     def feed(self, data: bytes) -> Notifies:
         """receive(), column-wise: the hot path of a worker (see Notifies)."""
-        out = Notifies()
+        if self._pending or self._phase != _READY:
+            return self._feed_general(data)
+        # the usual read, one whole one-message NOTIFY: one C call, read inline
+        dec = self._decoder
+        if _decode_batch(data, len(data), 0, self.max_frame_size, dec.batch) == 1:
+            # out[1:10]: the head after the frame count, then sid, fid and the columns
+            plain, n_items, end, _, sid, fid, idx, first, nargs = dec.out_view[1:10].tolist()
+            if plain and end == len(data):
+                records = dec.items_view[: n_items * _ITEM_SIZE].tobytes()
+                names = dec.names
+                if idx < len(names):
+                    msg = Message(names[idx], data, records, first, nargs)
+                else:
+                    msg = unlisted_message(data, records, first, nargs)
+                return Notifies(array("Q", (sid, fid)), [msg])
+        return self._feed_general(data)
+
+    def _feed_general(self, data: bytes) -> Notifies:
+        """feed() for every read but the one-NOTIFY one: several frames,
+        a partial frame, other frame types, errors."""
+        notes = Notifies(array("Q"), [])
         if self._phase == _CLOSING:
-            return out
+            return notes
+        start = 0
         if self._pending:
-            data = self._pending + data
-        index = self._decoder.index
-        while data:
-            ix = index(data, self.max_frame_size, self._phase != _READY)
-            consumed, error = ix.consumed, ix.error
-            if ix.plain == ix.n and self._phase == _READY:
-                # every frame is a one-message NOTIFY: the usual read
-                out.ids.frombytes(ix.ids)
-                out.messages += notify_messages(data, ix, self._decoder.names)
-                if out.counts is not None:  # an earlier round had another shape
-                    out.counts += [1] * ix.n
+            if len(self._pending) < 4:  # not even a length prefix yet: join (once per frame)
+                data = bytes(self._pending) + data
+                self._pending = bytearray()
             else:
+                start = self._complete_pending(data, notes)
+                if start < 0 or self._phase == _CLOSING:
+                    return notes
+        end = len(data)
+        while start < end:
+            out, records = self._decoder.read(data, start, self.max_frame_size)
+            n, plain, _, consumed, error = out[:OUT_HEAD]
+            ix = _new_tuple(Indexed, (
+                n, plain, b"", out[OUT_HEAD + 2 * n : OUT_HEAD + 3 * n],
+                out[OUT_HEAD + 3 * n : OUT_HEAD + 4 * n], out[OUT_HEAD + 4 * n :], records,
+                b"", consumed, error,
+            ))  # fmt: skip
+            if plain == n and self._phase == _READY:
+                notes.ids.frombytes(self._decoder.ids_bytes(n))
+                notes.messages += notify_messages(data, ix, self._decoder.names)
+                if notes.counts is not None:  # an earlier round had another shape
+                    notes.counts += [1] * n
+            else:
+                ix = ix._replace(frames=self._decoder.frames_bytes(n))
                 try:
-                    ended = self._mixed(data, ix, out)
+                    ended = self._mixed(data, ix, notes)
                 except _FailError as e:
                     self._fail(e.status, e.detail)
-                    return out
+                    return notes
                 if self._phase == _CLOSING:
-                    return out
+                    return notes
                 if ended:  # the handshake set max-frame-size: decode the rest again
                     consumed, error = ended, 0
             if error:
                 self._fail(error, "malformed frame")
-                return out
-            if not ix.n or consumed == len(data):
+                return notes
+            if not n:
                 break
-            data = data[consumed:]  # records full, or a new limit: go again
-        self._pending = data[consumed:] if ix.n else data
-        return out
+            start = consumed  # records full, or a new limit: go on from there
+        if start < end:
+            self._pending = bytearray(memoryview(data)[start:])
+        return notes
+
+    def _complete_pending(self, data: bytes, notes: Notifies) -> int:
+        """Add data to a buffered partial frame whose length prefix is known
+        (so checked): only the frame's own bytes are joined, once, when it is
+        complete. Returns where the rest of data starts, or -1 when all of it
+        went into the partial frame."""
+        pending = self._pending
+        need = 4 + int.from_bytes(pending[:4], "big") - len(pending)
+        if len(data) < need:
+            pending += data
+            return -1
+        pending += memoryview(data)[:need]
+        frame = bytes(pending)
+        self._pending = bytearray()
+        rest = self._feed_general(frame)  # one whole frame: no pending is left
+        notes.extend(rest)
+        return need
 
     def _mixed(self, data: bytes, ix: Indexed, out: Notifies) -> int:
         """Frame by frame, in order: NOTIFYs and everything else. Returns the
@@ -433,7 +519,7 @@ class AgentConnection:
         versions = kv.get("supported-versions")
         if versions is None:
             raise _FailError(Status.NO_VERSION, "no supported-versions")
-        if versions[6] != DataType.STRING:
+        if versions[I_TYPE] != DataType.STRING:
             raise _FailError(Status.INVALID, "supported-versions is not a string")
         if not supports_version(bytes(item_value(data, versions))):  # type: ignore[arg-type]
             raise _FailError(Status.BAD_VERSION, "HAProxy does not offer SPOP 2.x")
@@ -441,25 +527,27 @@ class AgentConnection:
         size = kv.get("max-frame-size")
         if size is None:
             raise _FailError(Status.NO_FRAME_SIZE, "no max-frame-size")
-        if size[6] not in _INTEGER_TYPES:
+        if size[I_TYPE] not in _INTEGER_TYPES:
             raise _FailError(Status.INVALID, "max-frame-size is not an integer")
         theirs = item_value(data, size)
         assert isinstance(theirs, int)
         if theirs < MIN_FRAME_SIZE:
-            raise _FailError(Status.BAD_FRAME_SIZE, f"max-frame-size {theirs} is below 256")
+            raise _FailError(
+                Status.BAD_FRAME_SIZE, f"max-frame-size {theirs} is below {MIN_FRAME_SIZE}"
+            )
 
         caps: tuple[str, ...] = ()
         cap_item = kv.get("capabilities")
         if cap_item is not None:
-            if cap_item[6] != DataType.STRING:
+            if cap_item[I_TYPE] != DataType.STRING:
                 raise _FailError(Status.INVALID, "capabilities is not a string")
             caps = parse_capabilities(bytes(item_value(data, cap_item)))  # type: ignore[arg-type]
 
         check = kv.get("healthcheck")
-        healthcheck = check is not None and check[6] == DataType.BOOL and bool(check[0])
+        healthcheck = check is not None and check[I_TYPE] == DataType.BOOL and bool(check[I_NUM])
         engine = kv.get("engine-id")
         engine_id = ""
-        if engine is not None and engine[6] == DataType.STRING:
+        if engine is not None and engine[I_TYPE] == DataType.STRING:
             engine_id = bytes(item_value(data, engine)).decode("utf-8", "replace")  # type: ignore[arg-type]
 
         hs = Handshake(
@@ -502,7 +590,6 @@ class AgentConnection:
         """NOTIFY without FIN starts a payload, UNSET frames continue it (HAProxy
         <= 3.0, and only if we announced fragmentation)."""
         sid, fid, flags, type_ = f[F_SID], f[F_FID], f[F_FLAGS], f[F_TYPE]
-        payload = data[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
         if flags & FLAG_ABORT:
             # HAProxy gave up on this NOTIFY: forget it, nothing to answer
             if self._fragment is not None and self._fragment[:2] == (sid, fid):
@@ -513,40 +600,41 @@ class AgentConnection:
         if type_ == FrameType.NOTIFY:
             if self._fragment is not None:
                 raise _FailError(Status.INTERLACED_FRAMES, "new NOTIFY inside a fragmented one")
-            self._fragment = (sid, fid, bytearray(payload))
+            # the whole frame is built in place: a length prefix (set at the
+            # end), the header of a NOTIFY with FIN, then the payloads
+            head = bytes((0, 0, 0, 0, FrameType.NOTIFY, 0, 0, 0, FLAG_FIN))
+            buf = bytearray(head + encode_varint(sid) + encode_varint(fid))
+            self._fragment = (sid, fid, buf, len(buf))
+            buf += data[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
             return None
         if self._fragment is None or self._fragment[:2] != (sid, fid):
             raise _FailError(Status.INTERLACED_FRAMES, "continuation of an unknown NOTIFY")
-        buf = self._fragment[2]
-        buf += payload
-        if len(buf) > self.settings.max_reassembled_size:
+        _, _, buf, head_len = self._fragment
+        buf += memoryview(data)[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
+        if len(buf) - head_len > self.settings.max_reassembled_size:
             raise _FailError(Status.TOO_BIG, "reassembled NOTIFY above the limit")
         if not flags & FLAG_FIN:
             return None
         self._fragment = None
-        return self._decode_whole(sid, fid, bytes(buf))
-
-    def _decode_whole(self, sid: int, fid: int, payload: bytes) -> Notification:
-        header = (
-            bytes((FrameType.NOTIFY, 0, 0, 0, FLAG_FIN)) + encode_varint(sid) + encode_varint(fid)
-        )
-        body = header + payload
-        frame = len(body).to_bytes(4, "big") + body
-        decoder = Decoder(max_frames=1, max_frame_size=len(body))
-        decoded = decoder.decode(frame, len(body))
-        if decoded.error or not decoded.frames:
-            raise _FailError(decoded.error or Status.INVALID, "malformed reassembled NOTIFY")
-        return (sid, fid, messages(frame, decoded.frames[0], decoded.items))
+        buf[:4] = (len(buf) - 4).to_bytes(4, "big")
+        frame = bytes(buf)
+        del buf[:]  # the only copy left is `frame`, which the messages keep
+        try:
+            return (sid, fid, whole_notify_messages(frame))
+        except CodecError as e:
+            raise _FailError(e.status, "malformed reassembled NOTIFY") from None
 
     # -------------------------------------------------------------- endings
 
     def _peer_disconnect(self, data: bytes, f: FrameRecord, items: list[ItemRecord]) -> None:
         kv = kv_items(data, f, items)
         code = kv.get("status-code")
-        status = item_value(data, code) if code is not None and code[6] in _INTEGER_TYPES else 0
+        status = (
+            item_value(data, code) if code is not None and code[I_TYPE] in _INTEGER_TYPES else 0
+        )
         msg = kv.get("message")
         text = ""
-        if msg is not None and msg[6] == DataType.STRING:
+        if msg is not None and msg[I_TYPE] == DataType.STRING:
             text = bytes(item_value(data, msg)).decode("utf-8", "replace")  # type: ignore[arg-type]
         assert isinstance(status, int)
         if not 0 <= status <= 0xFFFFFFFF:
@@ -601,7 +689,14 @@ class AgentConnection:
         per NOTIFY in `results`. Returns the indexes of cut ACKs."""
         if self._phase != _READY or not results:
             return []
-        data, cut = self._encoder.acks_for(ids, results, self.max_frame_size)
+        if len(results) == 1 and ids.__class__ is array:  # one NOTIFY per read
+            action = results[0]
+            if action.__class__ is Action and action.wire is not None:  # type: ignore[attr-defined]
+                one = self._one_ack(ids, action.wire, self.max_frame_size)  # type: ignore[attr-defined]
+                if one is not None:
+                    self._out.append(one)
+                    return []
+        data, cut = self._acks_for(ids, results, self.max_frame_size)
         self._out.append(data)
         return cut
 

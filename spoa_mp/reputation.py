@@ -352,6 +352,22 @@ class ReputationTable:
         return cls(v4, v6, source, count - len(v4) - len(v6))
 
     @classmethod
+    def from_sources(
+        cls, sources: Iterable[tuple[Iterable[str], str]], source: str
+    ) -> ReputationTable:
+        """One table from several ``(lines, name)`` sources, later ones winning for the
+        same prefix (longest-prefix match still decides between nested ones)."""
+        v4: dict[int, int] = {}
+        v6: dict[int, int] = {}
+        count = 0
+        for lines, name in sources:
+            a, b, n = _parse(lines, name)
+            v4.update(a)
+            v6.update(b)
+            count += n
+        return cls(v4, v6, source, count - len(v4) - len(v6))
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ReputationTable:
         """Load a reputation file (UTF-8; undecodable bytes surface as a bad-line error)."""
         source = os.fspath(path)

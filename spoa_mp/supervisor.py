@@ -40,8 +40,11 @@ import psutil
 
 from spoa_mp import health, logs, systemd
 from spoa_mp.agent import Agent, AppLoadError, load_app
+from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
-from spoa_mp.metrics import Aggregator, MetricsServer
+from spoa_mp.dispatch import DispatchSettings
+from spoa_mp.metrics import Aggregator
+from spoa_mp.metrics_http import MetricsServer, exposition, registry_for
 from spoa_mp.protocol import AgentSettings
 from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
 
@@ -111,7 +114,15 @@ def build_agent(config: ServerConfig, reload: bool = False) -> Agent:
         return load_app(config.app)
     from spoa_mp.apps.iprep import make_agent  # noqa: PLC0415 - only when it is the job
 
-    return make_agent(config.reputation_file, default_score=config.default_score)
+    return make_agent(
+        config.reputation_file, default_score=config.default_score, blocklists=config.blocklist
+    )
+
+
+def watched_files(config: ServerConfig) -> tuple[str, ...]:
+    """The blocklists of the built-in agent: a change reloads (spoa_mp.blocklist).
+    (The --reputation-file is read again on SIGHUP only, as before.)"""
+    return () if config.app else tuple(path for path, _ in config.blocklist)
 
 
 def open_listener(config: ServerConfig) -> socket.socket:
@@ -175,6 +186,7 @@ class Supervisor:
         self._rate_mark = (time.monotonic(), 0)  # (when, messages_total) at the last STATUS
         # counters of every worker, alive or gone, summed (never going down)
         self.aggregator = Aggregator()
+        self.registry = registry_for(self.aggregator)
         self.metrics_server = metrics_server
         self._restarts = 0
         self._reloads = 0
@@ -194,6 +206,7 @@ class Supervisor:
         self._next_target = 0  # round robin over the workers adopting connections
         self.target_workers = config.workers  # SIGTTIN/SIGTTOU change it until a reload
         self._next_rss_check = time.monotonic() + RSS_CHECK_INTERVAL
+        self._watcher = FileWatcher(watched_files(config))
 
     # ---------------------------------------------------------------- main loop
 
@@ -221,6 +234,7 @@ class Supervisor:
                 self._check_timeouts()
                 if not self._stopping:
                     self._check_reload()
+                    self._check_files()
                     self._check_recycling()
                     self._respawn_due()
                 self._tell_systemd()
@@ -256,7 +270,8 @@ class Supervisor:
         """Messages handled since start, by workers alive or gone (monotonic)."""
         return self.aggregator.total("messages")
 
-    def render_metrics(self) -> str:
+    def render_metrics(self, accept: str = "") -> tuple[bytes, str]:
+        """The /metrics body and its content type (OpenMetrics if `accept` asks)."""
         self.aggregator.set_supervisor(
             workers_alive=sum(1 for p in self.workers.values() if p.ready and not p.retiring),
             worker_restarts=self._restarts,
@@ -264,7 +279,7 @@ class Supervisor:
             reloads_failed=self._reloads_failed,
             generation=self.generation,
         )
-        return self.aggregator.render()
+        return exposition(self.registry, accept)
 
     def _status(self) -> str:
         now = time.monotonic()
@@ -286,6 +301,7 @@ class Supervisor:
             timeout = max(0.0, min(timeout, self._stop_deadline - now))
         if self.notifier.watchdog_interval:  # never ping later than systemd wants
             timeout = max(0.0, min(timeout, self._next_watchdog - now))
+        timeout = max(0.0, min(timeout, self._watcher.next_check - now))
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals()
@@ -400,6 +416,18 @@ class Supervisor:
         first = slots[:1] if config.reload_mode == "rolling" else slots
         for index in first:
             self._spawn(index)
+
+    def _check_files(self) -> None:
+        """A changed blocklist reloads as SIGHUP does (zero-loss handover)."""
+        if self._reload is not None:
+            return  # looked at once the reload is over
+        paths = watched_files(self.config)
+        if paths != self._watcher.paths:  # a reload changed the list of files
+            self._watcher = FileWatcher(paths)
+        changed = self._watcher.changed()
+        if changed:
+            log.info("%s changed: reloading", ", ".join(changed))
+            self._start_reload()
 
     def _check_reload(self) -> None:
         r = self._reload
@@ -579,10 +607,15 @@ class Supervisor:
             recycle_after = self.config.max_requests + random.randint(
                 0, self.config.max_requests_jitter
             )
+        dispatch = DispatchSettings(
+            handler_timeout=self.config.handler_timeout,
+            max_pending=self.config.max_pending,
+            blocking_threads=self.config.blocking_threads,
+        )
         return worker_main(
             index, self.listeners, self.agent, self.settings, control,
             self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
-            recycle_after,
+            recycle_after, dispatch,
         )  # fmt: skip
 
     def _read_control(self, proc: WorkerProcess) -> None:
@@ -604,7 +637,7 @@ class Supervisor:
                 os.close(fd)
             if kind == health.BEAT:
                 gauges = msg.get("gauges")
-                self.aggregator.update(str(proc.pid), msg.get("counters"), gauges)
+                self.aggregator.update(str(proc.pid), msg.get("counters"), gauges, slot=proc.index)
                 if isinstance(gauges, dict):
                     proc.connections = _int(gauges.get("connections"))
             elif kind == health.READY:
@@ -848,9 +881,9 @@ def serve(config: ServerConfig) -> int:
     metrics_server = None
     supervisor: Supervisor | None = None
 
-    def supervisor_metrics() -> str:
+    def supervisor_metrics(accept: str) -> tuple[bytes, str]:
         assert supervisor is not None
-        return supervisor.render_metrics()
+        return supervisor.render_metrics(accept)
 
     try:
         if config.metrics:  # bound before dropping privileges (a port below 1024)

@@ -25,7 +25,7 @@ CORPUS = ROOT / "fuzz" / "corpus"
 # Every check in test_spop.c runs whatever earlier ones gave, so the count is
 # fixed; a smaller number means part of the harness silently did not run.
 # Update it when checks are added.
-EXPECTED_CHECKS = 1552
+EXPECTED_CHECKS = 1557
 
 SANITIZE_FLAGS = [
     "-std=c11",
@@ -38,7 +38,13 @@ SANITIZE_FLAGS = [
     "-fsanitize=address,undefined",
     "-fno-sanitize-recover=all",
 ]
-FUZZ_FLAGS = ["-g", "-O1", "-fsanitize=fuzzer,address,undefined"]
+# every sanitizer report is fatal: a report that lets the run go on would pass
+FUZZ_FLAGS = ["-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all"]
+# what ASan, UBSan and libFuzzer print when they find something
+SANITIZER_REPORT = re.compile(
+    r"runtime error:|ERROR: AddressSanitizer|ERROR: LeakSanitizer|ERROR: libFuzzer"
+    r"|SUMMARY: \w+Sanitizer"
+)
 BUILD_TIMEOUT = 180
 
 
@@ -78,16 +84,20 @@ def _fuzz_seconds() -> int:
     return seconds
 
 
-def test_c_harness_under_sanitizers(tmp_path: Path) -> None:
-    gcc = _compiler("gcc")
+@pytest.mark.parametrize("compiler", ["gcc", "clang"])
+def test_c_harness_under_sanitizers(tmp_path: Path, compiler: str) -> None:
+    """Both compilers: their UBSan checks differ (clang's sees NULL + 0)."""
+    cc = _compiler(compiler)
     exe = tmp_path / "test_spop"
-    _build([gcc, *SANITIZE_FLAGS, f"-I{CSRC}", str(CSRC / "spop.c"), str(HARNESS), "-o", str(exe)])
+    _build([cc, *SANITIZE_FLAGS, f"-I{CSRC}", str(CSRC / "spop.c"), str(HARNESS), "-o", str(exe)])
 
     proc = subprocess.run(
         [str(exe)], capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"C harness failed (exit {proc.returncode}):\n{_tail(output)}"
+    report = SANITIZER_REPORT.search(output)
+    assert report is None, f"sanitizer report in the harness output:\n{_tail(output)}"
 
     summary = re.search(r"^(\d+) passed, (\d+) failed$", proc.stdout, re.MULTILINE)
     plan = re.search(r"^1\.\.(\d+)$", proc.stdout, re.MULTILINE)
@@ -131,6 +141,42 @@ def test_fuzz_decoder(tmp_path: Path) -> None:
     crashes = sorted(p.name for p in (*artifacts.iterdir(), *tmp_path.glob("crash-*")))
     assert not crashes, f"fuzzer found crashes {crashes} (inputs in {artifacts}):\n{log}"
     assert proc.returncode == 0, f"fuzzer failed (exit {proc.returncode}):\n{log}"
+    report = SANITIZER_REPORT.search(proc.stderr)
+    assert report is None, f"sanitizer report in the fuzzer's output:\n{log}"
     done = re.search(r"^Done (\d+) runs in (\d+) second", proc.stderr, re.MULTILINE)
     assert done, f"the fuzzer did not report its runs:\n{log}"
     assert int(done[1]) > 0, f"the fuzzer ran no input:\n{log}"
+
+
+UB_PROGRAM = r"""
+#include <limits.h>
+#include <stddef.h>
+int main(int argc, char **argv)
+{
+    (void)argv;
+    const char *p = NULL;
+    p += argc - 1; /* NULL + 0: undefined, the bug the codec had (clang checks it) */
+    int x = INT_MAX;
+    x += argc; /* signed overflow (gcc checks it) */
+    return p != NULL || x == 0;
+}
+"""
+
+
+@pytest.mark.parametrize("compiler", ["gcc", "clang"])
+def test_a_sanitizer_report_fails_the_build_flags_and_the_report_check(
+    tmp_path: Path, compiler: str
+) -> None:
+    """The harness and fuzz flags make UBSan fatal (exit != 0), and the
+    report check sees what it prints: a finding cannot pass as a clean run."""
+    cc = _compiler(compiler)
+    src = tmp_path / "ub.c"
+    src.write_text(UB_PROGRAM)
+    exe = tmp_path / "ub"
+    flags = [f for f in (SANITIZE_FLAGS if compiler == "gcc" else FUZZ_FLAGS) if "fuzzer" not in f]
+    if compiler == "clang":
+        flags = [*flags, "-fsanitize=address,undefined"]
+    _build([cc, *flags, str(src), "-o", str(exe)])
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0, proc.stderr
+    assert SANITIZER_REPORT.search(proc.stderr), proc.stderr

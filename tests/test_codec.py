@@ -763,3 +763,19 @@ def test_uint32_subclass_value_in_kv() -> None:
     assert tagged(m["kv"]) == tagged([["max-frame-size", 3, 300]])
     frames = Decoder().decode(data, MAX).frames
     assert frames[0][F_SID] == frames[0][F_FID] == 0
+
+
+def test_frame_size_limits_have_one_definition() -> None:
+    """spop.h defines them; the codec, the protocol and the config use those."""
+    from spoa_mp._spop import lib
+
+    from spoa_mp import codec, config, protocol
+
+    assert (codec.MIN_FRAME_SIZE, codec.DEFAULT_FRAME_SIZE, codec.MAX_FRAME_SIZE) == (
+        lib.SPOP_MIN_FRAME_SIZE, lib.SPOP_DEFAULT_FRAME_SIZE, lib.SPOP_MAX_FRAME_SIZE,
+    )  # fmt: skip
+    assert (config.MIN_FRAME_SIZE, config.MAX_FRAME_SIZE) == (256, 1 << 24)
+    assert config.MAX_FRAME_SIZE is codec.MAX_FRAME_SIZE
+    assert protocol.AgentSettings(max_frame_size=codec.MAX_FRAME_SIZE).max_frame_size == 1 << 24
+    with pytest.raises(ValueError, match=f"\\[256, {1 << 24}\\]"):
+        protocol.AgentSettings(max_frame_size=codec.MAX_FRAME_SIZE + 1)

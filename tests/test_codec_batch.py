@@ -30,6 +30,7 @@ from spoa_mp.codec import (
     F_SID,
     F_TYPE,
     OTHER,
+    CodecError,
     Decoder,
     Encoder,
     FrameType,
@@ -41,6 +42,7 @@ from spoa_mp.codec import (
     notify_messages,
     pack_records,
     unlisted_message,
+    whole_notify_messages,
 )
 from spoa_mp.model import Action, DataType, Message, String, set_var, unset_var
 
@@ -592,3 +594,76 @@ def test_many_acks_with_the_largest_ids_fit(path: str) -> None:
         data, cut = enc.acks([(U64, U64, [action])] * n, MAX)
     assert cut == []
     assert len(data) == n * (4 + 25 + 5)
+
+
+# ------------------------------------------------------------ start offsets, id widths
+
+
+@pytest.mark.parametrize("junk", [0, 1, 7, 300])
+def test_index_from_an_offset_gives_what_a_slice_gives(junk: int) -> None:
+    """index(start=k) decodes data[k:] with offsets that count from data[0]."""
+    dec = decoder_for(NAMES)
+    data = b"\xee" * junk + CONCAT
+    at = dec.index(data, MAX, all_frames=True, start=junk)
+    sliced = decoder_for(NAMES).index(CONCAT, MAX, all_frames=True)
+    assert (at.n, at.plain, at.ids, at.names, at.nargs) == (
+        sliced.n, sliced.plain, sliced.ids, sliced.names, sliced.nargs,
+    )  # fmt: skip
+    assert at.consumed == junk + sliced.consumed
+    for f, g in zip(at.frame_records(), sliced.frame_records(), strict=True):
+        assert f[F_OFFSET] == junk + g[F_OFFSET]
+    for a, b in zip(at.item_records(), sliced.item_records(), strict=True):
+        assert item_name(data, a) == item_name(CONCAT, b)
+
+
+def test_index_from_the_end_gives_nothing_and_past_it_raises() -> None:
+    dec = decoder_for(NAMES)
+    ix = dec.index(CONCAT, MAX, start=len(CONCAT))
+    assert (ix.n, ix.consumed, ix.error) == (0, len(CONCAT), 0)
+    with pytest.raises(ValueError, match="cannot decode from"):
+        dec.index(CONCAT, MAX, start=len(CONCAT) + 1)
+
+
+@pytest.mark.parametrize("typecode", ["I", "L", "q", "d", "B"])
+def test_acks_for_refuses_ids_that_are_not_uint64(typecode: str) -> None:
+    """C reads 16 bytes per (sid, fid): an array('I') of the right length
+    would be read past its end."""
+    score = set_var("sess", "s", 1)
+    WIRES.action_wire(score)
+    for n in (1, 2):
+        ids = array(typecode, [1] * (2 * n))
+        with pytest.raises(TypeError, match="array\\('Q'\\)"):
+            Encoder().acks_for(ids, [score] * n, MAX)
+
+
+# ------------------------------------------------------------ whole NOTIFYs of any size
+
+
+@pytest.mark.parametrize("n_messages", [1, 127, 128, 300, 2000])
+def test_whole_notify_messages_grows_its_records_until_they_fit(n_messages: int) -> None:
+    """Records start at 256 and grow: a payload of many items decodes whole."""
+    msgs = [("m", [("", i), ("s", String(b"x" * (i % 7)))]) for i in range(n_messages)]
+    frame = REFERENCE.frame(FrameType.NOTIFY, 9, 1, messages=msgs)
+    got = whole_notify_messages(frame)
+    assert [(m.name, m[0], m["s"]) for m in got] == [(n, a[0][1], a[1][1]) for n, a in msgs]
+
+
+def test_whole_notify_messages_refuses_a_malformed_payload() -> None:
+    frame = bytearray(
+        REFERENCE.frame(FrameType.NOTIFY, 9, 1, messages=[("m", [("", 1)] * 3)] * 100)
+    )
+    frame[-2] = 0x0F  # a reserved type code in the last argument
+    with pytest.raises(CodecError) as e:
+        whole_notify_messages(bytes(frame))
+    assert e.value.status == Status.INVALID
+
+
+def test_index_checks_what_c_returns() -> None:
+    """A names list C refuses raises: it never leaves the previous call's
+    counts and records to be read as this call's."""
+    dec = decoder_for(NAMES)
+    assert dec.index(CONCAT, MAX).n > 0
+    dec.batch.n_names += 1  # the list no longer holds n_names names
+    with pytest.raises(CodecError) as e:
+        dec.index(CONCAT, MAX)
+    assert e.value.status == Status.INVALID

@@ -26,14 +26,17 @@ from typing import Any
 
 import pytest
 
-from spoa_mp import __version__, metrics
-from spoa_mp.metrics import (
-    LATENCY_BOUNDS,
-    Aggregator,
-    LatencyHistogram,
-    MetricsServer,
-    parse_address,
-)
+from spoa_mp import __version__, metrics, metrics_http
+from spoa_mp.metrics import LATENCY_BOUNDS, Aggregator, LatencyHistogram
+from spoa_mp.metrics_http import MetricsServer, exposition, parse_address, registry_for
+
+
+def render(agg: Aggregator) -> str:
+    """The Prometheus text exposition of an aggregator, as a scrape gets it."""
+    body, content_type = exposition(registry_for(agg))
+    assert content_type.startswith("text/plain; version=")
+    return body.decode("utf-8")
+
 
 # --------------------------------------------------------------------------
 # a parser of the text exposition format 0.0.4
@@ -180,7 +183,7 @@ def check_histogram(fam: Family) -> list[tuple[float, float]]:
 
 
 def families_of(agg: Aggregator) -> dict[str, Family]:
-    return parse_exposition(agg.render())
+    return parse_exposition(render(agg))
 
 
 def fam(families: dict[str, Family], short: str) -> Family:
@@ -212,6 +215,9 @@ EXPECTED = {
     "acks_cut_total": "counter",
     "connections_handed_over_total": "counter",
     "connections_adopted_total": "counter",
+    "backpressure_total": "counter",
+    "handler_timeouts_total": "counter",
+    "worker_messages_total": "counter",
     "connections_open": "gauge",
     "messages_in_flight": "gauge",
     "negotiated_max_frame_size_connections": "gauge",
@@ -237,7 +243,7 @@ def snapshot(**kw: Any) -> dict[str, Any]:
 
 
 def test_empty_render_has_every_family_once_with_zeros() -> None:
-    text = Aggregator().render()
+    text = render(Aggregator())
     families = parse_exposition(text)
     assert {n.removeprefix("spoa_mp_"): f.type for n, f in families.items()} == EXPECTED
     assert text.count("# TYPE ") == text.count("# HELP ") == len(EXPECTED)
@@ -264,23 +270,18 @@ def test_label_values_are_escaped() -> None:
     name = 'a\\b"c\nd'
     agg = Aggregator(version='1"\\\n')
     agg.update("1", snapshot(messages={name: 5}))
-    text = agg.render()
-    assert 'spoa_mp_messages_total{message="a\\\\b\\"c\\nd"} 5\n' in text
-    assert 'spoa_mp_build_info{version="1\\"\\\\\\n"} 1\n' in text
+    text = render(agg)
+    assert 'spoa_mp_messages_total{message="a\\\\b\\"c\\nd"} 5.0\n' in text
+    assert 'spoa_mp_build_info{version="1\\"\\\\\\n"} 1.0\n' in text
     families = parse_exposition(text)
     assert fam(families, "messages_total").by_label("message") == {name: 5}
     assert fam(families, "build_info").by_label("version") == {'1"\\\n': 1}
 
 
-def test_escape_functions() -> None:
-    assert metrics.escape_label('x\\y"z\nw') == 'x\\\\y\\"z\\nw'
-    assert metrics.escape_help('x\\y"z\nw') == 'x\\\\y"z\\nw'  # quotes are literal in HELP
-
-
 def test_non_utf8_label_does_not_break_render() -> None:
     agg = Aggregator()
     agg.update("1", {"messages": {"bad\ud800name": 1, "x" * 1000: 2}})
-    text = agg.render()
+    text = render(agg)
     text.encode("utf-8")
     labels = fam(parse_exposition(text), "messages_total").by_label("message")
     assert labels == {"bad?name": 1, "x" * metrics.MAX_LABEL_LENGTH: 2}
@@ -305,18 +306,7 @@ def test_histogram_buckets_are_cumulative_and_inf_is_count() -> None:
     assert buckets[math.inf] == 11
     assert lat.value("spoa_mp_handler_latency_seconds_count") == 11
     assert lat.value("spoa_mp_handler_latency_seconds_sum") == 5.75
-    assert 'spoa_mp_handler_latency_seconds_bucket{le="+Inf"} 11\n' in agg.render()
-
-
-def test_values_are_formatted_for_prometheus() -> None:
-    assert metrics._value(3) == "3"
-    assert metrics._value(0.25) == "0.25"
-    assert metrics._value(math.inf) == "+Inf"
-    assert metrics._value(-math.inf) == "-Inf"
-    assert metrics._value(math.nan) == "NaN"
-    assert metrics._value(1e-7) == "1e-07"
-    for text in ("3", "0.25", "+Inf", "1e-07"):
-        parse_sample(f"x {text}")
+    assert 'spoa_mp_handler_latency_seconds_bucket{le="+Inf"} 11.0\n' in render(agg)
 
 
 # --------------------------------------------------------------------------
@@ -691,8 +681,8 @@ def test_parse_address_errors(text: str, message: str) -> None:
 
 
 def test_format_address() -> None:
-    assert metrics.format_address("::1", 9) == "[::1]:9"
-    assert metrics.format_address("127.0.0.1", 9) == "127.0.0.1:9"
+    assert metrics_http.format_address("::1", 9) == "[::1]:9"
+    assert metrics_http.format_address("127.0.0.1", 9) == "127.0.0.1:9"
 
 
 # --------------------------------------------------------------------------
@@ -741,8 +731,11 @@ def agg() -> Aggregator:
 def make_loop() -> Iterator[Callable[..., Loop]]:
     loops: list[Loop] = []
 
-    def make(render: Callable[[], str], **kw: Any) -> Loop:
-        server = MetricsServer("127.0.0.1:0", render, **kw)
+    def make(text: Callable[[], str], **kw: Any) -> Loop:
+        def encoded(accept: str) -> tuple[bytes, str]:
+            return text().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+
+        server = MetricsServer("127.0.0.1:0", encoded, **kw)
         server.listen()
         loop = Loop(server)
         loops.append(loop)
@@ -755,7 +748,7 @@ def make_loop() -> Iterator[Callable[..., Loop]]:
 
 @pytest.fixture
 def loop(make_loop: Callable[..., Loop], agg: Aggregator) -> Loop:
-    return make_loop(agg.render)
+    return make_loop(lambda: render(agg))
 
 
 class Client:
@@ -832,7 +825,7 @@ def test_get_metrics(loop: Loop, agg: Aggregator) -> None:
     assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert r.headers["connection"] == "close"
     assert int(r.headers["content-length"]) == len(r.body)
-    assert r.body.decode("utf-8") == agg.render()
+    assert r.body.decode("utf-8") == render(agg)
     families = parse_exposition(r.body.decode("utf-8"))
     assert fam(families, "messages_total").value(message="check") == 42
     loop.until(lambda: loop.server.connections == 0, "the server to close")
@@ -868,7 +861,7 @@ def test_head_metrics(loop: Loop, agg: Aggregator) -> None:
     r = request(loop, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert r.status == 200
     assert r.body == b""
-    assert int(r.headers["content-length"]) == len(agg.render().encode())
+    assert int(r.headers["content-length"]) == len(render(agg).encode())
 
 
 def test_index_points_to_metrics(loop: Loop) -> None:
@@ -981,7 +974,7 @@ def test_pipelined_bytes_do_not_spoil_the_response(loop: Loop, agg: Aggregator) 
     finally:
         client.close()
     assert r.status == 200
-    assert r.body.decode() == agg.render()
+    assert r.body.decode() == render(agg)
 
 
 def test_render_failure_is_500_and_the_server_lives(make_loop: Callable[..., Loop]) -> None:
@@ -1010,7 +1003,7 @@ def test_large_body_is_written_across_writable_events(make_loop: Callable[..., L
         for _ in range(3):  # the client reads nothing yet: the kernel cannot take it all
             loop.turn(0)
         states = {c.state for c in loop.server._clients.values()}
-        assert states == {metrics.WRITING}
+        assert states == {metrics_http.WRITING}
         r = client.response()
     finally:
         client.close()
@@ -1116,3 +1109,87 @@ def test_register_before_listen_is_an_error() -> None:
 def test_listen_rejects_a_bad_address() -> None:
     with pytest.raises(ValueError, match="expected HOST:PORT"):
         MetricsServer("nowhere", lambda: "").listen()
+
+
+# --------------------------------------------------------------------------
+# per-worker series, optional families, OpenMetrics
+
+
+def test_messages_by_worker_slot_survive_a_replacement() -> None:
+    agg = Aggregator()
+    agg.update("100", snapshot(messages={"a": 3, "b": 1}), slot=1)
+    agg.update("200", snapshot(messages={"a": 5}), slot=2)
+    assert fam(families_of(agg), "worker_messages_total").by_label("worker") == {"1": 4, "2": 5}
+    agg.retire("100")  # slot 1's worker died; its successor starts from 0
+    agg.update("101", snapshot(messages={"a": 2}), slot=1)
+    got = fam(families_of(agg), "worker_messages_total").by_label("worker")
+    assert got == {"1": 6, "2": 5}
+    assert sum(got.values()) == fam(families_of(agg), "messages_total").value(message="a") + 1
+
+
+def test_handler_timeouts_and_backpressure_when_the_workers_send_them() -> None:
+    agg = Aggregator()
+    agg.update("1", snapshot(messages={"m": 1}))  # an older worker: neither key
+    families = families_of(agg)
+    assert fam(families, "handler_timeouts_total").samples == []
+    assert fam(families, "backpressure_total").value() == 0
+    agg.update("2", snapshot(handler_timeouts={"slow": 2, "slower": 1}, backpressure=7))
+    families = families_of(agg)
+    assert fam(families, "handler_timeouts_total").by_label("message") == {"slow": 2, "slower": 1}
+    assert fam(families, "backpressure_total").value() == 7
+
+
+def test_openmetrics_when_the_scraper_asks_for_it() -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    agg = Aggregator()
+    agg.update("1", snapshot(messages={"m": 4}), slot=1)
+    body, content_type = exposition(
+        registry_for(agg), "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+    )
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (sample,) = families["spoa_mp_messages"].samples
+    assert (sample.name, sample.labels, sample.value) == (
+        "spoa_mp_messages_total",
+        {"message": "m"},
+        4,
+    )
+    assert families["spoa_mp_handler_latency_seconds"].type == "histogram"
+
+
+def test_the_server_passes_the_accept_header(make_loop: Callable[..., Loop]) -> None:
+    seen: list[str] = []
+    agg = Aggregator()
+    registry = registry_for(agg)
+
+    def render(accept: str) -> tuple[bytes, str]:
+        seen.append(accept)
+        return exposition(registry, accept)
+
+    server = MetricsServer("127.0.0.1:0", render)
+    server.listen()
+    loop = Loop(server)
+    try:
+        r = request(loop, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n")
+        assert r.status == 200
+        assert r.headers["content-type"].startswith("application/openmetrics-text")
+        assert r.body.endswith(b"# EOF\n")
+        r = request(loop, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert r.headers["content-type"].startswith("text/plain")
+    finally:
+        loop.close()
+    assert seen == ["application/openmetrics-text", ""]
+
+
+def test_exposition_starts_no_thread() -> None:
+    """The supervisor forks: rendering must not leave a thread behind."""
+    import threading
+
+    before = threading.active_count()
+    agg = Aggregator()
+    agg.update("1", snapshot(messages={"m": 1}), slot=1)
+    exposition(registry_for(agg), "application/openmetrics-text")
+    assert threading.active_count() == before

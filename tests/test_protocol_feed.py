@@ -398,8 +398,8 @@ def test_feed_gives_the_notifies_of_any_stream(
 def test_feed_gives_the_one_message_notifies_of_any_stream_in_several_rounds(
     parts: list[tuple[Any, ...]], size: int, max_frames: int, names: tuple[str, ...]
 ) -> None:
-    """Reads decoded a few frames at a time. Only one-message NOTIFYs: with
-    others, a later round loses NOTIFYs (see FEED_DROPS_LATER_PLAIN_ROUNDS)."""
+    """Reads decoded a few frames at a time, one-message NOTIFYs only (every
+    round plain); any frames: test_feed_gives_the_notifies_of_any_stream_in_several_rounds."""
     stream = build(parts)
     assert_feed_and_receive_agree(stream, pieces(bytes(stream.data), size), max_frames, names)
 
@@ -506,4 +506,95 @@ def test_after_a_protocol_error_feed_returns_what_came_before(
     assert events[0].status == status
     later = conn.feed(after)
     assert (len(later), later.messages, later.counts) == (0, [], None)
+    assert conn.data_to_send() == b""
+
+
+@PROPERTY
+@given(
+    st.lists(stream_parts(st.lists(message_meanings, max_size=3)), max_size=10),
+    st.integers(1, 200),
+    st.sampled_from([1, 2, 4]),
+    name_lists,
+)
+def test_feed_gives_the_notifies_of_any_stream_in_several_rounds(
+    parts: list[tuple[Any, ...]], size: int, max_frames: int, names: tuple[str, ...]
+) -> None:
+    """Any frames, decoded a few at a time: each round starts where the
+    previous one ended (an offset, no slice), in a read or across reads."""
+    stream = build(parts)
+    assert_feed_and_receive_agree(stream, pieces(bytes(stream.data), size), max_frames, names)
+
+
+def test_a_frame_arriving_byte_by_byte_is_joined_once() -> None:
+    """A partial frame grows in place; its bytes are decoded once, when the
+    last one arrives (no re-join and no decode of the whole so far per read)."""
+    stream = Stream()
+    stream.notify(7, 1, [["check-client-ip", [["", STRING, String(b"x" * 3000)]]]])
+    stream.notify(8, 1, [ip_message(3)])
+    conn = AgentConnection(decoder=Decoder(names=NAMES))
+    data = bytes(stream.data)
+    got: list[Notification] = []
+    for i in range(len(data)):
+        got += conn.feed(data[i : i + 1]).notifications()
+        # a partial frame is held as one growing buffer, never re-made
+        if conn.buffered > 4:
+            assert conn.bytes_to_boundary() > 0
+    assert meaning_of(got) == stream.want()
+    assert conn.at_frame_boundary
+    assert conn.buffered == 0
+
+
+def test_the_rest_of_a_read_after_a_completed_partial_frame_is_decoded_in_place() -> None:
+    stream = Stream()
+    for sid in range(1, 6):
+        stream.notify(sid, 1, [ip_message(sid)])
+    data = bytes(stream.data)
+    cut = len(HELLO) + 10  # inside the first NOTIFY
+    conn = AgentConnection(decoder=Decoder(names=NAMES))
+    first = conn.feed(data[:cut]).notifications()
+    assert first == []
+    assert conn.buffered == 10
+    rest = conn.feed(data[cut:]).notifications()
+    assert meaning_of(rest) == stream.want()
+    assert conn.buffered == 0
+
+
+def test_one_notify_fast_path_gives_what_the_general_path_gives() -> None:
+    """feed()'s one-NOTIFY shortcut against receive() of the same frame
+    with a listed name, an unlisted one and no names at all."""
+    for names in (NAMES, ("zz",), ()):
+        for name in ("check-client-ip", "zz", "unknown"):
+            stream = Stream()
+            stream.notify(5, 2, [[name, [["", IPV4, IPv4Address("10.0.0.1")], ["x", UINT32, 4]]]])
+            conn = AgentConnection(decoder=Decoder(names=names))
+            conn.feed(HELLO)
+            notes = conn.feed(bytes(stream.data)[len(HELLO) :])
+            assert notes.counts is None
+            assert list(notes.ids) == [5, 2]
+            (msg,) = notes.messages
+            assert msg.name == name
+            assert msg[0] == IPv4Address("10.0.0.1")
+            assert msg["x"] == 4
+            assert meaning_of(notes.notifications()) == stream.want()
+
+
+def test_a_decoder_smaller_than_the_settings_is_refused() -> None:
+    with pytest.raises(ValueError, match="decoder"):
+        AgentConnection(AgentSettings(max_frame_size=65536), decoder=Decoder(max_frame_size=1024))
+    state = AgentConnection().handover_state()
+    state["max_frame_size"] = 1 << 20
+    with pytest.raises(ValueError, match="decoder"):
+        AgentConnection.adopt(state)
+
+
+def test_ack_for_one_notify_takes_one_call_and_still_refuses_narrow_ids() -> None:
+    conn = AgentConnection()
+    conn.feed(HELLO)
+    conn.data_to_send()
+    wires = Encoder()
+    wires.action_wire(SCORE)
+    assert conn.ack_for(array("Q", [1000, 1]), [SCORE]) == []
+    assert conn.data_to_send() == ENC.frame(FrameType.ACK, 1000, 1, actions=[SCORE])
+    with pytest.raises(TypeError, match="array\\('Q'\\)"):
+        conn.ack_for(array("I", [1000, 1]), [SCORE])
     assert conn.data_to_send() == b""

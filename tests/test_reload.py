@@ -1,6 +1,6 @@
 """SIGHUP reload, end to end: `python -m spoa_mp` as a real process tree,
-loaded by `spoa-mp bench`, by a small SPOP client, and through HAProxy 2.6
-under wrk.
+loaded by `spoa-mp bench`, by a small SPOP client, and through each HAProxy
+found (2.6, 3.2...) under wrk.
 
 What the reload promises (spoa_mp/supervisor.py): the configuration, the
 --app module and the reputation data are read again and a new generation of
@@ -26,7 +26,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from e2e.haproxy import HAPROXY, HAProxy, ManagedProcess, SpoeForm, http_get
+from e2e.haproxy import HAProxy, HAProxyBinary, ManagedProcess, SpoeForm, haproxy_params, http_get
 from reload_helpers import (
     HANDED,
     HANDING,
@@ -513,25 +513,30 @@ def test_drain_reload_disconnects_idle_and_finishes_in_flight(
     assert_exits_within(exits, graceful, "drain reload")
 
 
-# ------------------------------------------------------------------ 8. through HAProxy 2.6
+# ------------------------------------------------------------------ 8. through HAProxy
 
 
+@pytest.mark.parametrize("mode", ["handover", "rolling"], ids=lambda m: f"reload-{m}")
+@pytest.mark.parametrize("haproxy_bin", haproxy_params())
 def test_reload_through_haproxy_under_wrk(
-    start: StartServer, background: list, tmp_path: Path
+    start: StartServer, background: list, tmp_path: Path, haproxy_bin: HAProxyBinary, mode: str
 ) -> None:
-    """HAProxy 2.6 (option pipelining, one SPOE message per request) in front
-    of spoa-mp -n 2, wrk -t1 -c20 -d6s, two SIGHUPs: no socket error, no
-    non-2xx (a SPOE error would be a 503), no SPOE error in HAProxy's log."""
-    if shutil.which(HAPROXY) is None or shutil.which("wrk") is None:
-        pytest.skip("haproxy or wrk is not installed")
+    """HAProxy (option pipelining, one SPOE message per request) in front of
+    spoa-mp -n 2 --reload-mode MODE, wrk -t1 -c20 -d6s, two SIGHUPs: no socket
+    error, no non-2xx (a SPOE error would be a 503), no SPOE error in
+    HAProxy's log."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (make deps installs it)")
     rep = tmp_path / "rep.txt"
     rep.write_text("127.0.0.0/8 50\n")
-    srv = start("--reputation-file", str(rep), workers=2)
+    srv = start("--reputation-file", str(rep), "--reload-mode", mode, workers=2)
     socket_dir = Path(tempfile.mkdtemp(prefix="spoa-rl-", dir="/tmp"))
     try:
         workdir = tmp_path / "haproxy"
         workdir.mkdir()
-        config = ReloadHAProxyConfig(srv.port, SpoeForm.HTTP_NAMED, workdir, socket_dir)
+        config = ReloadHAProxyConfig(
+            srv.port, SpoeForm.HTTP_NAMED, workdir, socket_dir, haproxy=haproxy_bin
+        )
         config.write()
         haproxy = HAProxy(config, tmp_path)
         background.append(haproxy)

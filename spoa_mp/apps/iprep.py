@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from spoa_mp.agent import Agent
 from spoa_mp.model import Action, Message, Scope, Value, set_var
-from spoa_mp.reputation import MAX_SCORE, ReputationTable
+from spoa_mp.reputation import MAX_SCORE
 
 __all__ = ["MESSAGE", "make_agent"]
 
@@ -57,6 +58,7 @@ def make_agent(
     var_name: str = "ip_score",
     scope: Scope | str = "sess",
     seed: int | None = None,
+    blocklists: Sequence[tuple[str, int]] = (),
 ) -> Agent:
     """Build the IP-reputation agent.
 
@@ -64,7 +66,10 @@ def make_agent(
     OSError); None for random scores. `default_score`: the score of unlisted
     addresses. `var_name`/`scope`: the variable set (ValueError when
     invalid). `seed`: fixes the random sequence (tests); otherwise every
-    worker reseeds from the OS after the fork. A message whose address
+    worker reseeds from the OS after the fork. `blocklists`: (file, score)
+    pairs (spoa_mp.blocklist), in one table with the reputation file; with
+    blocklists and no reputation file, unlisted addresses get `default_score`.
+    A message whose address
     argument is missing, NULL or not an IP address gets no action.
 
     >>> agent = make_agent(seed=1)
@@ -80,7 +85,7 @@ def make_agent(
 
     agent = Agent("iprep")
 
-    if reputation_file is None:
+    if reputation_file is None and not blocklists:
         rng = random.Random(seed)
         rand = rng.random
 
@@ -104,7 +109,9 @@ def make_agent(
 
         return agent
 
-    table = ReputationTable.load(reputation_file)
+    from spoa_mp.blocklist import load_table  # noqa: PLC0415 - only with a table
+
+    table = load_table(reputation_file, blocklists)
     log.info("reputation table %s", table.summary())
     lookup_v4, lookup_v6 = table.lookup_v4, table.lookup_v6
     default = results[default_score]

@@ -190,11 +190,25 @@ static dres g_d; /* large: keep it off the stack */
 static int decode(const uint8_t *buf, size_t len, uint32_t mfs, uint32_t max_frames,
                   uint32_t max_items, dres *r)
 {
-    /* poison the records so fields the decoder forgets to set show up */
+    /* the decoder writes into heap arrays of exactly the capacities it is
+     * given (a write past them is an ASan report), poisoned so that fields it
+     * forgets to set show up; the checks read the copy in r */
+    if (max_frames > MAX_FRAMES || max_items > MAX_ITEMS)
+        abort(); /* a harness bug: r cannot hold the copy */
+    spop_frame *f = malloc(max_frames ? max_frames * sizeof(spop_frame) : 1);
+    spop_item *it = malloc(max_items ? max_items * sizeof(spop_item) : 1);
+    if (!f || !it)
+        abort();
+    memset(f, 0xA5, max_frames * sizeof(spop_frame));
+    memset(it, 0xA5, max_items * sizeof(spop_item));
     memset(r->f, 0xA5, sizeof(r->f));
     memset(r->it, 0xA5, sizeof(r->it));
     r->n = 0xDEADBEEF;
-    r->ret = spop_decode_frames(buf, len, mfs, r->f, max_frames, r->it, max_items, &r->n);
+    r->ret = spop_decode_frames(buf, len, mfs, f, max_frames, it, max_items, &r->n);
+    memcpy(r->f, f, max_frames * sizeof(spop_frame));
+    memcpy(r->it, it, max_items * sizeof(spop_item));
+    free(it);
+    free(f);
     return r->ret;
 }
 
@@ -1412,12 +1426,74 @@ static const batch_frame *const BATCH_MIXED[] = {&BF_HELLO, &BF_CCI,   &BF_TWO, 
 #define N_PLAIN (sizeof(BATCH_PLAIN) / sizeof(BATCH_PLAIN[0]))
 #define N_MIXED (sizeof(BATCH_MIXED) / sizeof(BATCH_MIXED[0]))
 
-static spop_frame g_bf[MAX_FRAMES];
-static spop_item g_bi[MAX_ITEMS];
-static uint64_t g_bids[2 * MAX_FRAMES];
-static uint32_t g_bcols[3 * MAX_FRAMES];
+/* The record arrays of the last batch call, on the heap and sized exactly to
+ * the capacities it was given: a write past them is an ASan report. */
+static spop_frame *g_bf;
+static spop_item *g_bi;
+static uint64_t *g_bout;
 static uint8_t g_names[64];
 static size_t g_names_len;
+
+/* spop_decode_batch's flat result, unpacked into the fields the checks read
+ * (cols: name indexes, first records, argument counts, n each). */
+typedef struct {
+    spop_batch c;
+    spop_frame *frames;
+    spop_item *items;
+    uint32_t n_frames, n_plain, n_items, consumed, status;
+    uint64_t ids[2 * MAX_FRAMES];
+    uint32_t cols[3 * MAX_FRAMES];
+} hbatch;
+
+static void *poisoned(size_t size)
+{
+    void *p = malloc(size ? size : 1);
+    if (!p)
+        abort();
+    memset(p, 0xA5, size);
+    return p;
+}
+
+/* Fresh exact-size arrays for max_frames / max_items records. */
+static void batch_arrays(hbatch *b, uint32_t max_frames, uint32_t max_items)
+{
+    free(g_bf);
+    free(g_bi);
+    free(g_bout);
+    g_bf = poisoned(max_frames * sizeof(spop_frame));
+    g_bi = poisoned(max_items * sizeof(spop_item));
+    g_bout = poisoned(SPOP_BATCH_OUT(max_frames) * sizeof(uint64_t));
+    b->c.frames = b->frames = g_bf;
+    b->c.items = b->items = g_bi;
+    b->c.out = g_bout;
+    b->c.max_frames = max_frames;
+    b->c.max_items = max_items;
+}
+
+/* One spop_decode_batch call on b's arrays; unpacks its result when rc >= 0
+ * (the fields stay poisoned otherwise). */
+static int batch_run(hbatch *b, const uint8_t *buf, size_t len, size_t start, uint32_t mfs)
+{
+    memset(&b->n_frames, 0xA5, sizeof(uint32_t) * 5);
+    memset(b->ids, 0xA5, sizeof(b->ids));
+    memset(b->cols, 0xA5, sizeof(b->cols));
+    int rc = spop_decode_batch(buf, len, start, mfs, &b->c);
+    if (rc < 0)
+        return rc;
+    const uint64_t *out = b->c.out;
+    uint32_t n = (uint32_t)out[SPOP_OUT_FRAMES];
+    b->n_frames = n;
+    b->n_plain = (uint32_t)out[SPOP_OUT_PLAIN];
+    b->n_items = (uint32_t)out[SPOP_OUT_ITEMS];
+    b->consumed = (uint32_t)out[SPOP_OUT_END];
+    b->status = (uint32_t)out[SPOP_OUT_STATUS];
+    if (n > MAX_FRAMES || n > b->c.max_frames)
+        return rc; /* reported by the checks (n_frames) */
+    memcpy(b->ids, out + SPOP_OUT_HEAD, 2 * (size_t)n * sizeof(uint64_t));
+    for (uint32_t j = 0; j < 3 * n; j++)
+        b->cols[j] = (uint32_t)out[SPOP_OUT_HEAD + 2 * (size_t)n + j];
+    return rc;
+}
 
 /* The frames back to back into out; ends[k] is where frame k ends. */
 static size_t build_batch(const batch_frame *const *fr, size_t n, uint8_t *out, size_t cap, size_t *ends)
@@ -1433,23 +1509,14 @@ static size_t build_batch(const batch_frame *const *fr, size_t n, uint8_t *out, 
 /* spop_decode_batch on poisoned arrays; the names are read at a page end
  * (a names list over-read faults) unless names is NULL. */
 static int batch_decode(const uint8_t *buf, size_t len, uint32_t mfs, const uint8_t *names, uint32_t names_len,
-                        uint32_t n_names, uint32_t max_frames, uint32_t max_items, spop_batch *b)
+                        uint32_t n_names, uint32_t max_frames, uint32_t max_items, hbatch *b)
 {
-    memset(g_bf, 0xA5, sizeof(g_bf));
-    memset(g_bi, 0xA5, sizeof(g_bi));
-    memset(g_bids, 0xA5, sizeof(g_bids));
-    memset(g_bcols, 0xA5, sizeof(g_bcols));
     memset(b, 0xA5, sizeof(*b));
-    b->frames = g_bf;
-    b->items = g_bi;
-    b->ids = g_bids;
-    b->cols = g_bcols;
-    b->names = names ? guard_place(names, names_len) : NULL;
-    b->names_len = names_len;
-    b->n_names = n_names;
-    b->max_frames = max_frames;
-    b->max_items = max_items;
-    return spop_decode_batch(buf, len, mfs, b);
+    batch_arrays(b, max_frames, max_items);
+    b->c.names = names ? guard_place(names, names_len) : NULL;
+    b->c.names_len = names_len;
+    b->c.n_names = n_names;
+    return batch_run(b, buf, len, 0, mfs);
 }
 
 /* With the standard names unless `empty_names` (then every plain frame is 0). */
@@ -1459,7 +1526,7 @@ static uint32_t expected_idx(const batch_frame *e, int empty_names)
 }
 
 /* 4 checks: frame k of b against e, its records starting at first_item. */
-static void check_batch_frame(const char *ctx, const spop_batch *b, uint32_t k, const batch_frame *e,
+static void check_batch_frame(const char *ctx, const hbatch *b, uint32_t k, const batch_frame *e,
                               uint32_t first_item, int empty_names, const uint8_t *buf)
 {
     uint32_t n = b->n_frames;
@@ -1498,7 +1565,7 @@ typedef struct {
 } batch_expect;
 
 /* 6 + 4 * n_exp checks: the results of b and its first n_exp frames. */
-static void check_batch(const char *ctx, const spop_batch *b, int rc, const batch_expect *x,
+static void check_batch(const char *ctx, const hbatch *b, int rc, const batch_expect *x,
                         const batch_frame *const *fr, uint32_t n_exp, int empty_names, const uint8_t *buf)
 {
     EQ(rc, x->rc, "%s: return value", ctx);
@@ -1529,7 +1596,7 @@ static void test_decode_batch(void)
 {
     static uint8_t tmp[4096];
     size_t ends[N_MIXED];
-    spop_batch b;
+    hbatch b;
     int rc;
     g_names_len = unhex(BATCH_NAMES_HEX, g_names, sizeof(g_names));
 
@@ -1604,15 +1671,16 @@ static void test_decode_batch(void)
     {
         /* the same batch at a page end (names on the heap): the same results */
         uint32_t cols[3 * N_MIXED];
-        memcpy(cols, g_bcols, sizeof(cols));
+        memcpy(cols, b.cols, sizeof(cols));
         uint8_t *names_heap = dup_exact(g_names, g_names_len);
-        spop_batch b2 = {.frames = g_bf, .items = g_bi, .ids = g_bids, .cols = g_bcols, .names = names_heap,
-                         .names_len = (uint32_t)g_names_len, .n_names = BATCH_N_NAMES,
-                         .max_frames = MAX_FRAMES, .max_items = MAX_ITEMS};
-        memset(g_bcols, 0xA5, sizeof(g_bcols));
-        rc = spop_decode_batch(guard_place(mixed, mlen), mlen, SPOP_DEFAULT_FRAME_SIZE, &b2);
+        hbatch b2;
+        batch_arrays(&b2, MAX_FRAMES, MAX_ITEMS);
+        b2.c.names = names_heap;
+        b2.c.names_len = (uint32_t)g_names_len;
+        b2.c.n_names = BATCH_N_NAMES;
+        rc = batch_run(&b2, guard_place(mixed, mlen), mlen, 0, SPOP_DEFAULT_FRAME_SIZE);
         CHECK(rc == (int)N_MIXED && b2.n_plain == xm.n_plain && b2.n_items == xm.n_items && b2.consumed == mlen &&
-                  memcmp(cols, g_bcols, sizeof(cols)) == 0,
+                  memcmp(cols, b2.cols, sizeof(cols)) == 0,
               "batch mixed at a page end: same results");
         free(names_heap);
     }
@@ -1718,10 +1786,12 @@ static void test_decode_batch(void)
                 bad_heap = p;
             }
             /* the input at a page end, the names in static memory */
-            spop_batch b2 = {.frames = g_bf, .items = g_bi, .ids = g_bids, .cols = g_bcols, .names = g_names,
-                             .names_len = (uint32_t)g_names_len, .n_names = BATCH_N_NAMES,
-                             .max_frames = MAX_FRAMES, .max_items = MAX_ITEMS};
-            rc = spop_decode_batch(guard_place(tmp, p), p, SPOP_DEFAULT_FRAME_SIZE, &b2);
+            hbatch b2;
+            batch_arrays(&b2, MAX_FRAMES, MAX_ITEMS);
+            b2.c.names = g_names;
+            b2.c.names_len = (uint32_t)g_names_len;
+            b2.c.n_names = BATCH_N_NAMES;
+            rc = batch_run(&b2, guard_place(tmp, p), p, 0, SPOP_DEFAULT_FRAME_SIZE);
             ok = rc == x.rc && b2.n_frames == x.n_frames && b2.n_plain == x.n_plain && b2.n_items == x.n_items &&
                  b2.consumed == x.consumed && b2.status == 0;
             if (page_ok && !ok) {
@@ -1731,6 +1801,33 @@ static void test_decode_batch(void)
         }
         CHECK(heap_ok, "batch mixed: every strict prefix gives its whole frames (first bad length %zu)", bad_heap);
         CHECK(page_ok, "batch mixed: every strict prefix at a page end (first bad length %zu)", bad_page);
+    }
+
+    /* 5 checks: a start offset decodes the frames after it, offsets counted from buf */
+    {
+        uint8_t *shifted = poisoned(7 + plen);
+        memset(shifted, 0xEE, 7);
+        memcpy(shifted + 7, plain, plen);
+        hbatch b2;
+        batch_arrays(&b2, MAX_FRAMES, MAX_ITEMS);
+        b2.c.names = g_names;
+        b2.c.names_len = (uint32_t)g_names_len;
+        b2.c.n_names = BATCH_N_NAMES;
+        rc = batch_run(&b2, shifted, 7 + plen, 7, SPOP_DEFAULT_FRAME_SIZE);
+        CHECK(rc == (int)N_PLAIN && b2.n_plain == N_PLAIN && b2.consumed == 7 + plen && g_bf[0].offset == 7 &&
+                  b2.ids[0] == BF_CCI.sid,
+              "batch from offset 7: the frames after it, offsets from buf (got rc %d, end %u)", rc, b2.consumed);
+        CHECK(g_bi[0].name_off == 7 + 12 && memcmp(shifted + g_bi[0].name_off, "check-client-ip", 15) == 0,
+              "batch from offset 7: names point into buf (got %u)", g_bi[0].name_off);
+        rc = batch_run(&b2, shifted, 7 + plen, 7 + plen, SPOP_DEFAULT_FRAME_SIZE);
+        CHECK(rc == 0 && b2.n_frames == 0 && b2.consumed == 7 + plen && b2.status == 0,
+              "batch from the end: nothing, end = start (got rc %d, end %u)", rc, b2.consumed);
+        rc = batch_run(&b2, shifted, 7 + plen, 8 + plen, SPOP_DEFAULT_FRAME_SIZE);
+        EQ(rc, -SPOP_ST_INVALID, "batch from past the end: refused");
+        rc = batch_run(&b2, shifted, 7 + plen, 9, SPOP_DEFAULT_FRAME_SIZE);
+        CHECK(rc == 0 && b2.status == SPOP_ST_TOO_BIG,
+              "batch from inside a frame: its bytes read as a bad length (got rc %d, status %u)", rc, b2.status);
+        free(shifted);
     }
     free(plain);
     free(mixed);

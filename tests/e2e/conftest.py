@@ -5,6 +5,11 @@ fails (setup, call or teardown), the stderr/stdout files of those processes
 are appended to the report, and at teardown every process group is killed.
 `python -m spoa_mp` is run with the interpreter running pytest; set
 SPOA_MP_E2E_COMMAND to run another command with the same CLI.
+
+Every test that uses `haproxy_bin` (directly or through `haproxy_factory`)
+runs once per HAProxy binary found (haproxy.haproxy_params: Debian's 2.6,
+../shared/bin/haproxy-3.2.0, HAPROXY_BINS); a missing one is a skip that
+names its path.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from .haproxy import (
-    HAPROXY,
     HAProxy,
+    HAProxyBinary,
     HAProxyConfig,
     ManagedProcess,
     ProcessExitedError,
@@ -26,6 +31,7 @@ from .haproxy import (
     SpoeForm,
     check_config,
     free_port,
+    haproxy_params,
     spoa_command,
 )
 
@@ -94,12 +100,13 @@ def spoa_factory(processes: list[ManagedProcess], tmp_path: Path) -> SpoaFactory
         default_score: int | None = None,
         debug: bool = False,
         port: int | None = None,
+        extra: tuple[str, ...] = (),
     ) -> SpoaProcess:
         fixed = port is not None
         for attempt in range(3):
             port = port if fixed else free_port()
             assert port is not None
-            argv = spoa_command(port, workers, reputation_file, default_score, debug)
+            argv = [*spoa_command(port, workers, reputation_file, default_score, debug), *extra]
             proc = SpoaProcess(f"spoa-mp-{next(counter)}", port, workers, argv, tmp_path)
             processes.append(proc)
             try:
@@ -128,24 +135,36 @@ def socket_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(params=haproxy_params())
+def haproxy_bin(request: pytest.FixtureRequest) -> HAProxyBinary:
+    """Each HAProxy binary found, in turn (ids haproxy2.6, haproxy3.2, ...)."""
+    return request.param  # type: ignore[no-any-return]
+
+
 HAProxyFactory = Callable[..., HAProxy]
 
 
 @pytest.fixture
 def haproxy_factory(
-    processes: list[ManagedProcess], tmp_path: Path, socket_dir: Path
+    processes: list[ManagedProcess], tmp_path: Path, socket_dir: Path, haproxy_bin: HAProxyBinary
 ) -> HAProxyFactory:
-    """Write haproxy.cfg + the SPOE file, check them (`haproxy -c`), start
-    HAProxy in the foreground and wait for its stats socket and listeners."""
-    if shutil.which(HAPROXY) is None:
-        pytest.skip("haproxy is not installed (make deps installs it)")
+    """Write haproxy.cfg + the SPOE file for `haproxy_bin`'s version, check
+    them (`haproxy -c`), start HAProxy in the foreground and wait for its
+    stats socket and listeners."""
 
-    def start(agent_port: int, form: SpoeForm, **settings: int) -> HAProxy:
+    def start(
+        agent_port: int,
+        form: SpoeForm,
+        config_class: type[HAProxyConfig] = HAProxyConfig,
+        **settings: int,
+    ) -> HAProxy:
         workdir = tmp_path / f"haproxy-{form.name.lower()}"
         workdir.mkdir(exist_ok=True)
-        config = HAProxyConfig(agent_port, form, workdir, socket_dir, **settings)
+        config = config_class(
+            agent_port, form, workdir, socket_dir, **settings, haproxy=haproxy_bin
+        )
         config.write()
-        checked = check_config(config.cfg_path)
+        checked = check_config(config.cfg_path, haproxy_bin)
         assert checked.returncode == 0, (
             f"haproxy -c -f {config.cfg_path} failed ({checked.returncode}):\n"
             f"{checked.stdout}{checked.stderr}\n{config.cfg_path.read_text()}"

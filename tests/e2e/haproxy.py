@@ -11,8 +11,12 @@ What is here:
 * `ManagedProcess`: Popen in a new session, logs to files, graceful stop
   (SIGTERM + wait) and a hard kill of the whole group.
 * `spoa_command`: the argv of `python -m spoa_mp` (the CLI contract).
-* `HAProxyConfig` / `render_haproxy_cfg` / `render_spoe_cfg`: the HAProxy
-  2.6 configuration of spop.md §9.5 in two forms (see `SpoeForm`).
+* `HAProxyBinary` / `haproxy_binaries` / `haproxy_params`: the HAProxy
+  binaries the e2e tests run against (Debian's 2.6, `../shared/bin/
+  haproxy-3.2.0`, any in `HAPROXY_BINS`), found once, each with its version.
+* `HAProxyConfig` / `render_haproxy_cfg` / `render_spoe_cfg`: the
+  configuration of spop.md §9.5 (2.6) / §9.6 (3.1+) in two forms (see
+  `SpoeForm`).
 * `HAProxy`: `haproxy -c` then `haproxy -f cfg -db`, plus a stats-socket
   client (`show stat`) to read the agent server's state.
 * `http_get`: a raw HTTP/1.0 GET from a chosen 127.x source address.
@@ -23,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import enum
+import functools
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,8 +40,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
 from server_helpers import HOST, accepting, free_port, wait_for
 
 HAPROXY = "haproxy"
@@ -215,6 +223,103 @@ class SpoaProcess(ManagedProcess):
         return wait_for(all_forked, timeout, f"{self.workers} workers of {self.name}")
 
 
+# ------------------------------------------------------------------ HAProxy binaries
+
+REPO = Path(__file__).resolve().parents[2]
+DEBIAN_HAPROXY = "/usr/sbin/haproxy"  # Debian 12's 2.6 (make deps)
+SHARED_HAPROXY = REPO.parent / "shared" / "bin" / "haproxy-3.2.0"
+# More binaries to test against, colon-separated: HAPROXY_BINS=/opt/haproxy-3.4/haproxy
+BINS_ENV = "HAPROXY_BINS"
+_VERSION = re.compile(r"HAProxy version (\d+)\.(\d+)(\S*)")
+
+
+@dataclass(frozen=True)
+class HAProxyBinary:
+    """One HAProxy executable and the version its `-v` printed."""
+
+    path: str
+    version: str  # "2.6.12-1+deb12u4", "3.2.0"
+
+    @property
+    def release(self) -> tuple[int, int]:
+        major, minor = self.version.split(".")[:2]
+        return int(major), int(re.match(r"\d+", minor)[0])  # type: ignore[index]
+
+    @property
+    def spop(self) -> bool:
+        """3.1 and later: the SPOP multiplexer, `mode spop` agents' backend
+        (spop.md §8.2); 2.6 to 3.0: the SPOE applets, `mode tcp`."""
+        return self.release >= (3, 1)
+
+    @property
+    def id(self) -> str:
+        return "haproxy{}.{}".format(*self.release)
+
+    @property
+    def generator_version(self) -> str:
+        """`spoa-mp haproxy-config --haproxy` for this binary."""
+        return "3.x" if self.spop else "2.6"
+
+
+# What the harness renders when a test names no binary (HAProxy 2.6 on PATH).
+DEFAULT_HAPROXY = HAProxyBinary(HAPROXY, "2.6")
+
+
+def read_version(path: str) -> str | None:
+    """The version `path -v` prints, None if it is not a runnable HAProxy."""
+    try:
+        out = subprocess.run(
+            [path, "-v"], capture_output=True, text=True, timeout=IO_TIMEOUT, check=False
+        )
+    except OSError:
+        return None
+    m = _VERSION.search(out.stdout)
+    return f"{m[1]}.{m[2]}{m[3]}" if m else None
+
+
+def candidate_paths() -> list[tuple[str, str]]:
+    """(path, what it should be) of every HAProxy the e2e tests look for."""
+    debian = shutil.which(HAPROXY) or DEBIAN_HAPROXY
+    found = [(debian, "haproxy2.6"), (str(SHARED_HAPROXY), "haproxy3.2")]
+    extra = [p for p in os.environ.get(BINS_ENV, "").split(":") if p]
+    found.extend((path, f"{BINS_ENV}:{Path(path).name}") for path in extra)
+    return found
+
+
+@functools.cache
+def haproxy_binaries() -> tuple[list[HAProxyBinary], list[tuple[str, str]]]:
+    """(the binaries found, (id, path) of those missing), each real file once."""
+    present: list[HAProxyBinary] = []
+    missing: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for path, label in candidate_paths():
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        version = read_version(path) if os.access(path, os.X_OK) else None
+        if version is None:
+            missing.append((label, path))
+        else:
+            present.append(HAProxyBinary(path, version))
+    return present, missing
+
+
+def haproxy_params() -> list[Any]:
+    """pytest params, one per HAProxy binary (ids `haproxy2.6`, `haproxy3.2`;
+    a second binary of the same release gets its full version); a missing
+    one is a skipped param whose reason names the path."""
+    present, missing = haproxy_binaries()
+    ids = [b.id for b in present]
+    params = [
+        pytest.param(b, id=b.id if ids.count(b.id) == 1 else f"haproxy{b.version}") for b in present
+    ]
+    for label, path in missing:
+        reason = f"HAProxy {path} not found or not runnable ({label} not tested)"
+        params.append(pytest.param(None, id=label, marks=pytest.mark.skip(reason=reason)))
+    return params
+
+
 # ------------------------------------------------------------------ HAProxy config
 
 
@@ -246,6 +351,7 @@ class HAProxyConfig:
     processing_timeout_ms: int = 1000
     hello_timeout_ms: int = 2000
     check_inter_ms: int = 500
+    haproxy: HAProxyBinary = DEFAULT_HAPROXY  # the syntax follows its version
 
     @property
     def cfg_path(self) -> Path:
@@ -270,15 +376,20 @@ SCORE_BODY = re.compile(r"^score=(?P<score>\S*) err=(?P<err>\S*)$")
 
 
 def render_spoe_cfg(c: HAProxyConfig) -> str:
-    """The SPOE file of spop.md §9.5 (HAProxy 2.6: hello/idle/processing)."""
+    """The SPOE file of spop.md §9.5 (HAProxy 2.6: hello/idle/processing) or
+    §9.6 (3.1+: processing only; hello and idle are ignored)."""
+    hello_idle = (
+        ""
+        if c.haproxy.spop
+        else f"    timeout hello      {c.hello_timeout_ms}ms\n    timeout idle       2m\n"
+    )
     return f"""\
 [iprep]
 spoe-agent iprep-agent
     messages check-client-ip
     option var-prefix iprep
     option set-on-error error
-    timeout hello      {c.hello_timeout_ms}ms
-    timeout idle       2m
+{hello_idle}\
     timeout processing {c.processing_timeout_ms}ms
     use-backend {AGENT_BACKEND}
     log global
@@ -289,9 +400,15 @@ spoe-message check-client-ip
 """
 
 
+def agent_backend_mode(haproxy: HAProxyBinary) -> str:
+    """The agents' backend's mode line (3.1+ converts `mode tcp` itself, but
+    `mode spop` is what its documentation asks for)."""
+    return "mode spop" if haproxy.spop else "mode tcp"
+
+
 def render_haproxy_cfg(c: HAProxyConfig) -> str:
     """haproxy.cfg: a frontend that returns the score, one that denies < 20,
-    and the agents' backend with `option spop-check`."""
+    and the agents' backend with `option spop-check` (`mode spop` for 3.1+)."""
     return f"""\
 global
     log stderr format raw local0 info
@@ -320,7 +437,7 @@ frontend guard
 "allowed score=%[var(sess.iprep.ip_score)]\\n"
 
 backend {AGENT_BACKEND}
-    mode tcp
+    {agent_backend_mode(c.haproxy)}
     timeout connect 5s
     timeout server  3m
     option spop-check
@@ -331,18 +448,12 @@ backend {AGENT_BACKEND}
 # ------------------------------------------------------------------ HAProxy process
 
 
-def haproxy_version() -> str:
-    out = subprocess.run(
-        [HAPROXY, "-v"], capture_output=True, text=True, timeout=IO_TIMEOUT, check=False
-    )
-    m = re.search(r"version (\S+)", out.stdout)
-    return m.group(1) if m else "unknown"
-
-
-def check_config(cfg: Path) -> subprocess.CompletedProcess[str]:
+def check_config(
+    cfg: Path, haproxy: HAProxyBinary = DEFAULT_HAPROXY
+) -> subprocess.CompletedProcess[str]:
     """`haproxy -c -f cfg` (the caller asserts returncode 0)."""
     return subprocess.run(
-        [HAPROXY, "-c", "-f", str(cfg)],
+        [haproxy.path, "-c", "-f", str(cfg)],
         capture_output=True,
         text=True,
         timeout=IO_TIMEOUT * 2,
@@ -355,7 +466,8 @@ class HAProxy(ManagedProcess):
 
     def __init__(self, config: HAProxyConfig, log_dir: Path) -> None:
         self.config = config
-        super().__init__("haproxy", [HAPROXY, "-f", str(config.cfg_path), "-db"], log_dir)
+        argv = [config.haproxy.path, "-f", str(config.cfg_path), "-db"]
+        super().__init__("haproxy", argv, log_dir)
 
     def command(self, line: str, timeout: float = IO_TIMEOUT) -> str:
         """One command on the admin stats socket; its whole answer."""

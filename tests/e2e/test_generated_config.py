@@ -1,4 +1,5 @@
-"""The configuration `spoa-mp haproxy-config` generates, run by a real HAProxy 2.6.
+"""The configuration `spoa-mp haproxy-config` generates, run by each real
+HAProxy found (`--haproxy 2.6` for 2.6 to 3.0, `--haproxy 3.x` for 3.1+).
 
 spoa-mp serves the e2e reputation file; `haproxy-config` gets the very same
 serve options (plus its own: the frontend's port, the application server)
@@ -12,7 +13,6 @@ scores below 20 get a 403, the others reach the application (200).
 from __future__ import annotations
 
 import http.server
-import shutil
 import socket
 import subprocess
 import threading
@@ -23,11 +23,11 @@ import pytest
 
 from .conftest import DENY_BELOW, EXPECTED_SCORES
 from .haproxy import (
-    HAPROXY,
     HOST,
     IO_TIMEOUT,
     START_TIMEOUT,
     HAProxy,
+    HAProxyBinary,
     HAProxyConfig,
     ManagedProcess,
     SpoaProcess,
@@ -101,16 +101,22 @@ def generate(
 
 
 def start_haproxy(
-    out_dir: Path, socket_dir: Path, tmp_path: Path, processes: list[ManagedProcess]
+    out_dir: Path,
+    socket_dir: Path,
+    tmp_path: Path,
+    processes: list[ManagedProcess],
+    haproxy_bin: HAProxyBinary,
 ) -> HAProxy:
     """HAProxy on the generated files (plus a stats socket), once its frontend is open."""
-    # The harness's HAProxy needs only cfg_path (out_dir/haproxy.cfg) and the
-    # stats socket path from this; the files are the generated ones.
-    harness = HAProxyConfig(0, SpoeForm.SESSION_POSITIONAL, out_dir, socket_dir)
+    # The harness's HAProxy needs only cfg_path (out_dir/haproxy.cfg), the
+    # stats socket path and the binary from this; the files are the generated ones.
+    harness = HAProxyConfig(
+        0, SpoeForm.SESSION_POSITIONAL, out_dir, socket_dir, haproxy=haproxy_bin
+    )
     assert harness.cfg_path == out_dir / "haproxy.cfg"
     with harness.cfg_path.open("a") as f:
         f.write(f"\nglobal\n    stats socket {harness.stats_socket} mode 600 level admin\n")
-    checked = check_config(harness.cfg_path)
+    checked = check_config(harness.cfg_path, haproxy_bin)
     assert checked.returncode == 0, (
         f"haproxy -c failed:\n{checked.stdout}{checked.stderr}\n{harness.cfg_path.read_text()}"
     )
@@ -141,19 +147,13 @@ def assert_deny_rule_works(haproxy: HAProxy, port: int) -> None:
             assert response.body == APP_BODY.decode()
 
 
-@pytest.fixture
-def haproxy_available() -> None:
-    if shutil.which(HAPROXY) is None:
-        pytest.skip("haproxy is not installed (make deps installs it)")
-
-
-@pytest.mark.usefixtures("haproxy_available")
 @pytest.mark.parametrize(
     "options",
     [(), ("--arg-name", "ip", "--event", "on-frontend-http-request")],
     ids=["args-src-session", "args-ip-http-request"],
 )
-def test_generated_26_config_denies_low_scores(
+def test_generated_config_denies_low_scores(
+    haproxy_bin: HAProxyBinary,
     spoa: SpoaProcess,
     app_server: int,
     socket_dir: Path,
@@ -169,7 +169,7 @@ def test_generated_26_config_denies_low_scores(
         prefix,
         serve_argv,
         out_dir,
-        "--haproxy", "2.6",
+        "--haproxy", haproxy_bin.generator_version,
         "--frontend-bind", f"{HOST}:{port}",
         "--upstream", f"{HOST}:{app_server}",
         "--processing-timeout", "1s",  # a loaded test machine; the rest is as generated
@@ -179,13 +179,14 @@ def test_generated_26_config_denies_low_scores(
     cfg = (out_dir / "haproxy.cfg").read_text()
     assert f"server agent1 {HOST}:{spoa.port} check inter 5s" in cfg
     assert f"config {out_dir}/spoe-iprep.conf" in cfg
+    assert ("    mode spop\n" in cfg) == haproxy_bin.spop, cfg
 
-    haproxy = start_haproxy(out_dir, socket_dir, tmp_path, processes)
+    haproxy = start_haproxy(out_dir, socket_dir, tmp_path, processes, haproxy_bin)
     assert_deny_rule_works(haproxy, port)
 
 
-@pytest.mark.usefixtures("haproxy_available")
-def test_generated_26_config_over_a_unix_socket(
+def test_generated_config_over_a_unix_socket(
+    haproxy_bin: HAProxyBinary,
     reputation_file: Path,
     app_server: int,
     socket_dir: Path,
@@ -211,6 +212,7 @@ def test_generated_26_config_over_a_unix_socket(
         prefix,
         serve_argv,
         out_dir,
+        "--haproxy", haproxy_bin.generator_version,
         "--frontend-bind", f"{HOST}:{port}",
         "--upstream", f"{HOST}:{app_server}",
         "--processing-timeout", "1s",
@@ -219,5 +221,5 @@ def test_generated_26_config_over_a_unix_socket(
         f"server agent1 unix@{agent_socket} check inter 5s" in (out_dir / "haproxy.cfg").read_text()
     )
 
-    haproxy = start_haproxy(out_dir, socket_dir, tmp_path, processes)
+    haproxy = start_haproxy(out_dir, socket_dir, tmp_path, processes, haproxy_bin)
     assert_deny_rule_works(haproxy, port)

@@ -1,6 +1,7 @@
 """spoa-mp against a scripted peer that behaves like HAProxy 3.x on the wire.
 
-No HAProxy 3.x binary here, so the peer reproduces what 3.1+ does (spop.md
+The real HAProxy 3.2 runs in the other e2e tests; this peer reproduces,
+exactly and on demand, what 3.1+ does (spop.md
 §5.3, §6, §8.2): HELLO offering only "pipelining" with one engine-id per
 agent; stream-ids allocated per connection 1, 3, 5, ... and restarting on
 each connection; frame-id always 1; up to 20 NOTIFYs in flight on one

@@ -1,4 +1,4 @@
-"""spoa-mp behind a real HAProxy (2.6 on Debian 12), both SPOE config forms.
+"""spoa-mp behind a real HAProxy (every binary found: 2.6, 3.2...), both SPOE forms.
 
 HAProxy gets two frontends: `score` returns `score=<sess.iprep.ip_score>
 err=<txn.iprep.error>` and `guard` denies scores below 20 (spop.md §9.5).
@@ -7,6 +7,8 @@ score) is known for every request.
 """
 
 from __future__ import annotations
+
+import signal
 
 import psutil
 import pytest
@@ -21,6 +23,7 @@ from .haproxy import (
     accepting,
     free_port,
     http_get,
+    wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -149,3 +152,31 @@ def test_haproxy_listens_on_loopback_only(
             for conn in p.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports:
                     assert conn.laddr.ip == HOST, conn
+
+
+def test_haproxy_soft_stop_closes_the_agent_connections_quietly(
+    spoa: SpoaProcess, haproxy_factory: HAProxyFactory, form: SpoeForm
+) -> None:
+    """HAProxy's soft stop (SIGUSR1) ends its SPOE connections: 2.6 with a
+    HAPROXY-DISCONNECT, 3.x with a TCP reset and no DISCONNECT (spop.md
+    §8.2). The agent closes every one without a warning and keeps serving."""
+    haproxy = started_pair(spoa, haproxy_factory, form)
+    for i in range(1, 41):
+        assert http_get(haproxy.config.score_port, f"127.1.0.{i}").score() == ("10", "")
+    workers = spoa.wait_workers()
+
+    def agent_connections() -> int:
+        return sum(
+            c.status == psutil.CONN_ESTABLISHED and c.laddr.port == spoa.port
+            for w in workers
+            for c in w.net_connections(kind="tcp")
+        )
+
+    assert agent_connections() > 0
+    haproxy.send_signal(signal.SIGUSR1)
+    assert haproxy.popen.wait(timeout=STOP_TIMEOUT) == 0
+    wait_for(lambda: agent_connections() == 0, STOP_TIMEOUT, "the agent to close them all")
+    noisy = [ln for ln in spoa.logs().splitlines() if " WARNING " in ln or " ERROR " in ln]
+    assert not noisy, noisy
+    spoa.check_alive()
+    assert accepting(spoa.port)
