@@ -181,6 +181,7 @@ class Dispatcher:
         # what asyncio.current_task() returns during eager steps; None outside _run
         self._proxy: EagerTask | None = None
         self._entered = False  # we set the current task (none was set: the usual case)
+        self._idle_proxy: EagerTask | None = None
 
     # ------------------------------------------------------------ life
 
@@ -409,7 +410,11 @@ class Dispatcher:
     def _enter(self) -> EagerTask:
         """The first eager step of a read: become the loop's current task."""
         loop = self._get_loop()
-        proxy = self._proxy = EagerTask()
+        # one proxy serves the reads until a coroutine suspends and keeps it
+        proxy = self._idle_proxy
+        if proxy is None or proxy.cancelling():
+            proxy = self._idle_proxy = EagerTask()
+        self._proxy = proxy
         # dispatch() called from inside a task (a test, an embedding): run under it
         self._entered = asyncio.current_task(loop) is None
         if self._entered:
@@ -420,7 +425,7 @@ class Dispatcher:
         """A new current task for the next eager step (the old one was adopted)."""
         assert self._loop is not None
         assert self._proxy is not None
-        proxy = EagerTask()
+        proxy = self._idle_proxy = EagerTask()
         if self._entered:
             leave_task(self._loop, self._proxy)
             enter_task(self._loop, proxy)
