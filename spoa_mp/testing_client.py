@@ -12,6 +12,7 @@ socket is missing; the event loop is real, so `timeout=0.05` waits 50 ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
@@ -105,8 +106,9 @@ def reply_actions(reply: Reply) -> list[Action]:
             continue
         sized = _INT_TYPES.get(type_)
         if sized is not None and isinstance(value, int) and not isinstance(value, bool):
-            value = sized(value)
-        out.append(set_var(Scope(scope), name, value))
+            out.append(set_var(Scope(scope), name, sized(value)))
+        else:
+            out.append(set_var(Scope(scope), name, value))
     return out
 
 
@@ -371,7 +373,7 @@ class AgentClient:
                 raise RuntimeError(f"the agent refused the frame: {ev.detail} (status {ev.status})")
         return notifies
 
-    def _on_progress(self, conn: object) -> None:
+    def _on_progress(self, _conn: object) -> None:
         assert self._progress is not None
         self._progress.set()
 
@@ -415,7 +417,5 @@ class AgentClient:
                     "is still running (give it a timeout=, or raise wait_timeout)"
                 )
             self._progress.clear()
-            try:
+            with contextlib.suppress(TimeoutError):  # the loop above says what was missing
                 await asyncio.wait_for(self._progress.wait(), left)
-            except TimeoutError:
-                pass
