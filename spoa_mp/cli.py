@@ -261,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"threads per worker for blocking=True handlers (default {_D.blocking_threads})",
     )
+    add(
+        "--hello-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"close a connection that sent no HELLO for this long (default {_D.hello_timeout:g})",
+    )
+    add(
+        "--max-connections",
+        type=_int,
+        metavar="N",
+        help=f"open connections per worker; more are closed at accept (default "
+        f"{_D.max_connections})",
+    )
     return p
 
 

@@ -104,6 +104,8 @@ class ServerConfig:
     max_pending: int = 4096  # NOTIFYs awaiting a handler, per worker, before reads pause
     handler_timeout: float | None = None  # seconds; for handlers registered without timeout=
     blocking_threads: int = 16  # threads per worker for blocking=True handlers
+    hello_timeout: float = 10.0  # seconds from accept to a complete HELLO, else closed
+    max_connections: int = 4096  # open connections per worker; more are closed at accept
     worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
     graceful_timeout: float = 30.0  # seconds workers get to finish when stopping
     reload_mode: str = "handover"  # SIGHUP: handover | rolling | drain (see supervisor.py)
@@ -150,6 +152,8 @@ _KINDS: dict[str, type] = {
     "max_pending": int,
     "handler_timeout": float,
     "blocking_threads": int,
+    "hello_timeout": float,
+    "max_connections": int,
     "worker_timeout": float,
     "graceful_timeout": float,
     "reload_mode": str,
@@ -372,6 +376,8 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_pending": _at_least_one,
     "handler_timeout": _seconds(zero_ok=False),
     "blocking_threads": _between(1, 1024),
+    "hello_timeout": _seconds(zero_ok=False),
+    "max_connections": _at_least_one,
     "worker_timeout": _seconds(zero_ok=False),
     "graceful_timeout": _seconds(zero_ok=True),
     "reload_mode": _one_of(RELOAD_MODES),

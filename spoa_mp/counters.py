@@ -18,6 +18,8 @@ class Counters:
         self.notifies = 0  # NOTIFY in and ACK out: counted in bulk by the dispatcher
         self.acks = 0
         self.connections_total = 0
+        self.connections_refused = 0  # closed at accept: --max-connections
+        self.hello_timeouts = 0  # closed: no HELLO within --hello-timeout
         self.protocol_errors = 0
         self.acks_cut = 0
         self.backpressure = 0  # times reads paused at --max-pending
@@ -39,6 +41,8 @@ class Counters:
             "frames_out": {**f.frames_out, "ack": self.acks},
             "disconnects": {"in": f.disconnects_in, "out": f.disconnects_out},
             "connections_total": self.connections_total,
+            "connections_refused": self.connections_refused,
+            "hello_timeouts": self.hello_timeouts,
             "protocol_errors": self.protocol_errors,
             "acks_cut": self.acks_cut,
             "backpressure": self.backpressure,

@@ -181,6 +181,7 @@ class Dispatcher:
         # what asyncio.current_task() returns during eager steps; None outside _run
         self._proxy: EagerTask | None = None
         self._entered = False  # we set the current task (none was set: the usual case)
+        self._idle_proxy: EagerTask | None = None
 
     # ------------------------------------------------------------ life
 
@@ -294,7 +295,8 @@ class Dispatcher:
                 add(self._call(reg, name, msg, (len(results),)))
         if batches is not None:
             for name, ks in batches.items():
-                self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results)
+                if self._run_batch(handlers[name], name, [msgs[k] for k in ks], tuple(ks), results):
+                    stamp(clock())  # one observation per batch call, as for late ones
         self.counters.latency.observe_stamps(stamps)
         if late or any_deferred:
             self._late = []
@@ -409,7 +411,11 @@ class Dispatcher:
     def _enter(self) -> EagerTask:
         """The first eager step of a read: become the loop's current task."""
         loop = self._get_loop()
-        proxy = self._proxy = EagerTask()
+        # one proxy serves the reads until a coroutine suspends and keeps it
+        proxy = self._idle_proxy
+        if proxy is None or proxy.cancelling():
+            proxy = self._idle_proxy = EagerTask()
+        self._proxy = proxy
         # dispatch() called from inside a task (a test, an embedding): run under it
         self._entered = asyncio.current_task(loop) is None
         if self._entered:
@@ -420,7 +426,7 @@ class Dispatcher:
         """A new current task for the next eager step (the old one was adopted)."""
         assert self._loop is not None
         assert self._proxy is not None
-        proxy = EagerTask()
+        proxy = self._idle_proxy = EagerTask()
         if self._entered:
             leave_task(self._loop, self._proxy)
             enter_task(self._loop, proxy)
@@ -441,7 +447,8 @@ class Dispatcher:
         msgs: list[Message],
         ks: tuple[int, ...],
         results: list[Any],
-    ) -> None:
+    ) -> bool:
+        """Run a batch call: True if its results are in `results` now."""
         n = len(msgs)
         if reg.blocking or reg.is_coroutine:
             got = self._call(reg, name, msgs, ks, n)
@@ -456,9 +463,10 @@ class Dispatcher:
                 else:
                     got = self._batch_results(reg, name, got, n)
         if got is PENDING:
-            return
+            return False
         for k, result in zip(ks, got, strict=True):
             results[k] = result
+        return True
 
     def _batch_results(self, reg: Registered, name: str, got: object, n: int) -> list[Result]:
         """A batch handler's results, checked: one per message."""
@@ -537,10 +545,12 @@ class Dispatcher:
 
     def _task_done(self, call: _Call, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
-        if call.settled:
-            return  # past its deadline, already ACKed: the late result is dropped
-        if task.cancelled():
-            self._settle(call, [self._failed(call.reg, call.name, call.n)] * call.n)
+        if call.settled:  # past its deadline, already ACKed: the late result is dropped
+            if not task.cancelled():
+                task.exception()  # retrieved, or asyncio logs it (every one: no rate limit)
+            return
+        if task.cancelled():  # not by a deadline: the handler cancelled itself
+            self._settle(call, self._error_of(call, asyncio.CancelledError("handler cancelled")))
             return
         exc = task.exception()
         if exc is not None:

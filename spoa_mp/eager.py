@@ -16,8 +16,7 @@ finishes at once never becomes a task.
 from __future__ import annotations
 
 import asyncio
-import types
-from collections.abc import Generator
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 # the hooks Python 3.12's eager tasks use too: current_task() during the step
@@ -64,31 +63,54 @@ class EagerTask:
             task.cancel()
 
 
-@types.coroutine
-def _resume(coro: Any, yielded: object) -> Generator[Any, Any, Any]:
-    """The rest of a coroutine whose first step ran eagerly: pass what it
-    waits on to the task, and what the task sends or throws back to it."""
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # cancellation: the coroutine decides what it means
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            yielded = coro.send(sent)
-        except StopIteration as stop:
-            return stop.value
+class _Resumed(Coroutine[Any, Any, Any]):
+    """The rest of a coroutine whose first step ran eagerly, as a task's
+    coroutine: the task's first send gets what the coroutine waits on; what
+    the task sends or throws later goes straight to the coroutine. A throw
+    before that first send (the task cancelled before it ever ran, e.g. by an
+    `asyncio.timeout(0)` entered in the eager step) reaches the coroutine too,
+    where an unstarted wrapper coroutine would end without it."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Any, yielded: object) -> None:
+        self._coro = coro
+        self._first: tuple[object] | None = (yielded,)
+
+    @property
+    def __name__(self) -> str:  # in the task's repr: the handler's coroutine
+        return str(self._coro.__name__)
+
+    def send(self, value: Any) -> Any:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first[0]
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._first = None
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._first = None
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self  # type: ignore[return-value]  # an iterator with send/throw: awaitable
+
+    def __iter__(self) -> _Resumed:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
 
 
-async def resume_task(coro: Any, yielded: object) -> Any:
-    """The task's coroutine for the rest of an eagerly started one."""
-    return await _resume(coro, yielded)
+def resume_task(coro: Any, yielded: object) -> Coroutine[Any, Any, Any]:
+    """What to give create_task() for a coroutine that suspended yielding `yielded`."""
+    return _Resumed(coro, yielded)
 
 
 async def wrap_awaitable(awaitable: Any) -> Any:

@@ -35,15 +35,16 @@ hello`` and ``timeout idle`` only for 2.6 (3.x ignores them).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from spoa_mp.agent import AppLoadError
+from spoa_mp.agent import AppLoadError, Registered
 from spoa_mp.cli import parse_serve_args
 from spoa_mp.config import ConfigError, ServerConfig
 
@@ -85,6 +86,7 @@ _VAR_PREFIX = re.compile(r"[A-Za-z0-9._]+\Z")  # HAProxy's variable name charact
 _ENGINE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
 _ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _TIMEOUT = re.compile(r"[0-9]+(?:us|ms|s|m|h|d)?\Z")
+DEFAULT_PROCESSING_TIMEOUT = "100ms"
 # A word in an HAProxy config line: no blanks, quotes, backslashes or comment signs.
 _WORD = re.compile(r"[^\s#'\"\\]+\Z")
 
@@ -101,7 +103,8 @@ class Options:
     event: str = "on-client-session"
     arg_name: str | None = None  # None: "args src"; "ip": "args ip=src"
     upstream: str = "127.0.0.1:8000"  # the application server behind the frontend
-    processing_timeout: str = "100ms"  # SPOE "timeout processing"
+    # SPOE "timeout processing"; None: above the handlers' longest deadline (100ms without)
+    processing_timeout: str | None = None
     output_dir: str | None = None  # where the files go (the cfg names the SPOE file there)
     messages: tuple[str, ...] | None = None  # None: from the agent (build_agent for --app)
 
@@ -139,7 +142,7 @@ class Options:
             raise ConfigError(f"--event must be one of {', '.join(EVENTS)}")
         if self.arg_name is not None and not _ARG_NAME.match(self.arg_name):
             raise ConfigError(f"--arg-name must be a name like 'ip', got {self.arg_name!r}")
-        if not _TIMEOUT.match(self.processing_timeout):
+        if self.processing_timeout is not None and not _TIMEOUT.match(self.processing_timeout):
             raise ConfigError(
                 f"--processing-timeout must be an HAProxy time (100ms, 1s), "
                 f"got {self.processing_timeout!r}"
@@ -178,10 +181,7 @@ def message_names(config: ServerConfig) -> tuple[str, ...]:
     """
     if not config.app:
         return (DEFAULT_MESSAGE,)
-    from spoa_mp.supervisor import build_agent  # noqa: PLC0415 - only for --app
-
-    agent = build_agent(config)
-    names = tuple(agent.handlers)
+    names = tuple(_app_handlers(config))
     if not names:
         raise ConfigError(
             f"app {config.app!r} registers no message handler (@agent.on_message(NAME))"
@@ -192,6 +192,41 @@ def message_names(config: ServerConfig) -> tuple[str, ...]:
                 f"app {config.app!r}: message name {name!r} cannot be used in HAProxy"
             )
     return names
+
+
+def _app_handlers(config: ServerConfig) -> Mapping[str, Registered]:
+    from spoa_mp.supervisor import build_agent  # noqa: PLC0415 - only for --app
+
+    return build_agent(config).handlers
+
+
+def handler_deadline(config: ServerConfig) -> float | None:
+    """The longest deadline of the agent's handlers (their own timeout, else
+    --handler-timeout), in seconds; None when some handler has none."""
+    if not config.app:
+        return config.handler_timeout
+    deadlines = [reg.timeout or config.handler_timeout for reg in _app_handlers(config).values()]
+    if not deadlines or None in deadlines:
+        return None
+    return max(d for d in deadlines if d is not None)
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def haproxy_seconds(text: str) -> float:
+    """An HAProxy time ("100ms", "1s", "250" = milliseconds) in seconds."""
+    digits = text.rstrip("usmhd")
+    return int(digits) * _UNITS.get(text[len(digits) :] or "ms", 1e-3)
+
+
+def processing_timeout(deadline: float | None) -> str:
+    """A `timeout processing` above a handler deadline: the fallback ACK sent
+    at the deadline must reach HAProxy before it gives up (a quarter more, at
+    least 50 ms, for the loop and the network)."""
+    if deadline is None:
+        return DEFAULT_PROCESSING_TIMEOUT
+    return f"{math.ceil(deadline * 1000 + max(50.0, deadline * 250))}ms"
 
 
 # ------------------------------------------------------------------ rendering
@@ -323,6 +358,15 @@ def render(config: ServerConfig, options: Options | None = None) -> dict[str, st
     messages = options.messages if options.messages is not None else message_names(config)
     if not messages:
         raise ConfigError("no SPOE message to send")
+    # explicit messages: the app is not imported, only --handler-timeout is known
+    deadline = handler_deadline(config) if options.messages is None else config.handler_timeout
+    if options.processing_timeout is None:
+        options = replace(options, processing_timeout=processing_timeout(deadline))
+    elif deadline is not None and haproxy_seconds(options.processing_timeout) <= deadline:
+        raise ConfigError(
+            f"--processing-timeout {options.processing_timeout} is not above the handlers' "
+            f"deadline of {deadline:g} s: HAProxy would give up before the fallback ACK"
+        )
     return {
         "haproxy.cfg": _render_cfg(config, options, app),
         options.spoe_filename: _render_spoe(config, options, tuple(messages), app),
@@ -419,9 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--processing-timeout",
-        default=d.processing_timeout,
+        default=None,
         metavar="TIME",
-        help="SPOE timeout processing (default %(default)s)",
+        help="SPOE timeout processing (default: above the handlers' longest deadline, "
+        f"--handler-timeout or timeout=; {DEFAULT_PROCESSING_TIMEOUT} without one)",
     )
     add(
         "--output-dir",

@@ -33,7 +33,11 @@ import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeAlias
+
+ExcInfo: TypeAlias = (
+    bool | BaseException | tuple[type[BaseException], BaseException, TracebackType | None]
+)
 
 __all__ = [
     "FORMAT",
@@ -192,7 +196,7 @@ class RateLimitedLog:
         return self._log(level, key, msg, args, exc_info=False)
 
     def _log(
-        self, level: int, key: object, msg: str, args: tuple[object, ...], *, exc_info: bool
+        self, level: int, key: object, msg: str, args: tuple[object, ...], *, exc_info: ExcInfo
     ) -> bool:
         if not self.logger.isEnabledFor(level):
             return False
@@ -232,8 +236,9 @@ class RateLimitedLog:
     def warning(self, key: object, msg: str, *args: object) -> bool:
         return self._log(logging.WARNING, key, msg, args, exc_info=False)
 
-    def error(self, key: object, msg: str, *args: object) -> bool:
-        return self._log(logging.ERROR, key, msg, args, exc_info=False)
+    def error(self, key: object, msg: str, *args: object, exc_info: ExcInfo = False) -> bool:
+        """exc_info: as logging's (an exception caught elsewhere, e.g. a task's)."""
+        return self._log(logging.ERROR, key, msg, args, exc_info=exc_info)
 
     def exception(self, key: object, msg: str, *args: object) -> bool:
         """error() with the current exception's traceback (call it from an except block)."""

@@ -90,6 +90,10 @@ LABELED_COUNTERS: tuple[Family, ...] = (
 )
 SCALAR_COUNTERS: tuple[Family, ...] = (
     Family("connections_total", "connections_accepted", "Connections accepted from HAProxy."),
+    Family("connections_refused", "connections_refused",
+           "Connections closed at accept: the worker had --max-connections open."),
+    Family("hello_timeouts", "hello_timeouts",
+           "Connections closed for sending no HELLO within --hello-timeout."),
     Family("protocol_errors", "protocol_errors", "Connections closed for a protocol error."),
     Family("acks_cut", "acks_cut",
            "ACKs whose actions were cut to fit the negotiated max-frame-size."),

@@ -46,7 +46,7 @@ from spoa_mp.dispatch import DispatchSettings
 from spoa_mp.metrics import Aggregator
 from spoa_mp.metrics_http import MetricsServer, exposition, registry_for
 from spoa_mp.protocol import AgentSettings
-from spoa_mp.worker import EXIT_BOOT_ERROR, worker_main
+from spoa_mp.worker import EXIT_BOOT_ERROR, ConnectionLimits, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -616,6 +616,7 @@ class Supervisor:
             index, self.listeners, self.agent, self.settings, control,
             self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
             recycle_after, dispatch,
+            ConnectionLimits(self.config.hello_timeout, self.config.max_connections),
         )  # fmt: skip
 
     def _read_control(self, proc: WorkerProcess) -> None:

@@ -47,6 +47,16 @@ from spoa_mp.protocol import (
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What a worker allows a client that may be hostile."""
+
+    hello_timeout: float = 10.0  # seconds from accept to a complete HAPROXY-HELLO
+    max_connections: int = 4096  # open connections per worker; beyond, closed at accept
+
+
 HEARTBEAT_INTERVAL = 1.0
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 
@@ -76,6 +86,7 @@ class Worker:
         debug: bool = False,
         recycle_after: int = 0,
         dispatch: DispatchSettings | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.index = index
         self.listeners = list(listeners)
@@ -87,6 +98,7 @@ class Worker:
         self.debug = debug
         self.recycle_after = recycle_after  # messages (0: never); asked once, from _beat
         self.counters = Counters()
+        self.limits = limits or ConnectionLimits()
         self.connections: dict[int, Connection] = {}
         self._handlers = dict(agent.handlers)
         # the decoder matches handler names in C: a message costs no name lookup
@@ -234,6 +246,16 @@ class Worker:
                 self._noisy.warning("accept", "accept failed: %s", e)
                 return
             raise
+        if len(self.connections) >= self.limits.max_connections:
+            # the ones already served are untouched; the newcomer is told nothing
+            self.counters.connections_refused += 1
+            self._noisy.warning(
+                "max-connections",
+                "refused a connection from %s: %d open, --max-connections %d",
+                _peer(addr), len(self.connections), self.limits.max_connections,
+            )  # fmt: skip
+            sock.close()
+            return
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # ACKs are small and latency-bound: no Nagle delay
@@ -250,8 +272,22 @@ class Worker:
         self.counters.connections_total += 1
         assert self._loop is not None
         self._loop.add_reader(conn.fd, self._readable, conn)
+        self._loop.call_later(self.limits.hello_timeout, self._hello_deadline, conn)
         if self.debug:
             log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
+
+    def _hello_deadline(self, conn: Connection) -> None:
+        """No complete HAPROXY-HELLO in --hello-timeout: a client that holds
+        a descriptor and does nothing (or a port scanner) is closed."""
+        if conn.closed or conn.proto.handshake is not None:
+            return
+        self.counters.hello_timeouts += 1
+        self._noisy.warning(
+            "hello-timeout",
+            "conn %d (%s): no HELLO within %g s: closed",
+            conn.fd, conn.peer, self.limits.hello_timeout,
+        )  # fmt: skip
+        self._close(conn)
 
     def _readable(self, conn: Connection) -> None:
         size = RECV_SIZE
@@ -520,12 +556,13 @@ def worker_main(
     debug: bool,
     recycle_after: int = 0,
     dispatch: DispatchSettings | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> int:
     """Entry point in the forked child (signals and title are set by the caller)."""
     started = time.monotonic()
     code = Worker(
         index, listeners, agent, settings, control, max_in_flight, graceful_timeout, debug,
-        recycle_after, dispatch,
+        recycle_after, dispatch, limits,
     ).run()  # fmt: skip
     log.debug("worker exits with %d after %.1f s", code, time.monotonic() - started)
     with contextlib.suppress(OSError):

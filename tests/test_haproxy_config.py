@@ -430,3 +430,70 @@ def test_haproxy_26_accepts_the_app_config(tmp_path: Path, monkeypatch: pytest.M
     out = tmp_path / "out"
     haproxy_config.write_files(render(ServerConfig(app=spec), Options(output_dir=str(out))), out)
     haproxy_check(out)
+
+
+# ------------------------------------------------------------ handler deadlines
+
+DEADLINES = """
+@agent.on_message("slow", timeout=0.2)
+async def slow(msg):
+    return None
+
+@agent.on_message("quick")
+def quick(msg):
+    return None
+"""
+
+
+def processing_line(spoe: list[str]) -> str:
+    (line,) = [x for x in spoe if x.startswith("timeout processing")]
+    return line
+
+
+@pytest.mark.parametrize(
+    ("handler_timeout", "expected"),
+    [(None, "timeout processing 100ms"), (0.05, "timeout processing 250ms")],
+)
+def test_processing_timeout_is_above_the_longest_deadline(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    handler_timeout: float | None,
+    expected: str,
+) -> None:
+    """Without --handler-timeout, "quick" has no deadline: the old default.
+    With it, the longest is slow's 0.2 s, plus a quarter (at least 50 ms)."""
+    app = make_app(tmp_path, monkeypatch, DEADLINES)
+    config = ServerConfig(app=app, handler_timeout=handler_timeout)
+    _, spoe = cfg_and_spoe(config)
+    assert processing_line(spoe) == expected
+
+
+@pytest.mark.parametrize(
+    ("deadline", "expected"), [(None, "100ms"), (0.01, "60ms"), (1.0, "1250ms"), (0.3, "375ms")]
+)
+def test_processing_timeout_margin(deadline: float | None, expected: str) -> None:
+    assert haproxy_config.processing_timeout(deadline) == expected
+
+
+def test_builtin_agent_uses_the_handler_timeout() -> None:
+    _, spoe = cfg_and_spoe(ServerConfig(port=1, handler_timeout=1.0))
+    assert processing_line(spoe) == "timeout processing 1250ms"
+
+
+@pytest.mark.parametrize("given", ["100ms", "200ms", "0s"])
+def test_processing_timeout_at_or_below_the_deadline_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    app = make_app(tmp_path, monkeypatch, DEADLINES)
+    with pytest.raises(ConfigError, match=r"not above the handlers' deadline of 0\.2 s"):
+        render(ServerConfig(app=app, handler_timeout=0.1), Options(processing_timeout=given))
+
+
+def test_explicit_processing_timeout_above_the_deadline_is_kept() -> None:
+    _, spoe = cfg_and_spoe(ServerConfig(port=1, handler_timeout=0.2), processing_timeout="1s")
+    assert processing_line(spoe) == "timeout processing 1s"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250", 0.25), ("1s", 1.0), ("500us", 5e-4)])
+def test_haproxy_seconds(text: str, seconds: float) -> None:
+    assert haproxy_config.haproxy_seconds(text) == pytest.approx(seconds)

@@ -211,6 +211,8 @@ EXPECTED = {
     "frames_out_total": "counter",
     "disconnects_total": "counter",
     "connections_accepted_total": "counter",
+    "connections_refused_total": "counter",
+    "hello_timeouts_total": "counter",
     "protocol_errors_total": "counter",
     "acks_cut_total": "counter",
     "connections_handed_over_total": "counter",

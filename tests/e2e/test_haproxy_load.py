@@ -147,7 +147,8 @@ async def check(msg):
 """
 
 LOG_LINE = re.compile(
-    r"^\S+ (\d\d):(\d\d):(\d\d),(\d{3}) (\d+) worker \d+ DEBUG spoa_mp\.worker: conn (\d+): "
+    r"^\S+ (\d\d):(\d\d):(\d\d),(\d{3}) (\d+) worker \d+ DEBUG "
+    r"spoa_mp\.(?:worker|dispatch): conn (\d+): "
     r"(?:(accepted)|(handshake)|NOTIFY sid=(\d+) fid=(\d+))",
     re.M,
 )
