@@ -212,6 +212,7 @@ class AgentClient:
         self._decoder: Decoder | None = None
         self._progress: asyncio.Event | None = None
         self._out = b""  # agent bytes not decoded yet
+        self._closed = False
 
     # ------------------------------------------------------------ life
 
@@ -230,6 +231,8 @@ class AgentClient:
 
     async def start(self) -> None:
         """Run the worker-start hooks and the handshake (done by the first send)."""
+        if self._closed:
+            raise RuntimeError("this AgentClient is closed")
         loop = asyncio.get_running_loop()
         if self._loop is not None:
             if loop is not self._loop:
@@ -264,6 +267,7 @@ class AgentClient:
 
     def close(self) -> None:
         """Stop the thread pool and timers; end the private loop, if any."""
+        self._closed = True
         if self._dispatcher is not None:
             self._dispatcher.close()
         loop, self._own_loop = self._own_loop, None
@@ -348,6 +352,9 @@ class AgentClient:
             coro.close()
             raise RuntimeError("an event loop is running here: use await client.asend(...)")
         if self._own_loop is None:
+            if self._closed:
+                coro.close()
+                raise RuntimeError("this AgentClient is closed")
             if self._loop is not None:
                 coro.close()
                 raise RuntimeError("this AgentClient was started on another event loop")

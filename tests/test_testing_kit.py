@@ -274,6 +274,14 @@ def test_the_spoa_client_fixture(spoa_client: Callable[..., AgentClient]) -> Non
     assert c.send("forever").timed_out is True
 
 
+def test_a_closed_client_says_so() -> None:
+    c = AgentClient(make_agent())
+    assert c.send("eager")["txn.task"] is True
+    c.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.send("eager")
+
+
 # ------------------------------------------------------------------ serve()
 
 APP = textwrap.dedent("""\
