@@ -69,7 +69,7 @@ from spoa_mp.model import (
     Value,
 )
 
-__all__ = ["TYPES", "Exchange", "exchange", "main", "parse_argument"]
+__all__ = ["TYPES", "Exchange", "Reply", "exchange", "main", "parse_argument", "parse_reply"]
 
 PROG = "spoa-mp send"
 EXIT_ACK, EXIT_NO_ACK, EXIT_USAGE = 0, 1, 2
@@ -244,20 +244,25 @@ class _Conn:
             self.buf += data
 
     def _reply(self, f: Any, items: list[Any]) -> Reply:
-        data = self.buf
-        r = Reply(f[F_TYPE], f[F_FLAGS], f[F_SID], f[F_FID])
-        if f[F_TYPE] in (FrameType.AGENT_HELLO, FrameType.AGENT_DISCONNECT):
-            r.kv = {k: item_value(data, it) for k, it in kv_items(data, f, items).items()}
-        elif f[F_TYPE] == FrameType.ACK:
-            for it in items[f[F_FIRST] : f[F_FIRST] + f[F_NITEMS]]:
-                if it[5] != ItemKind.ACTION:
-                    continue
-                name = item_name(data, it).decode("utf-8", "replace")
-                setvar = it[8] == ACTION_SET_VAR
-                value = item_value(data, it) if setvar else None
-                r.actions.append((it[8], it[9], name, it[6] if setvar else -1, value))
-        self.buf = data[f[F_OFFSET] + 4 + f[F_LENGTH] :]
+        r = parse_reply(self.buf, f, items)
+        self.buf = self.buf[f[F_OFFSET] + 4 + f[F_LENGTH] :]
         return r
+
+
+def parse_reply(data: bytes, f: Any, items: list[Any]) -> Reply:
+    """One decoded agent frame (a Decoder's frame record and items) as a Reply."""
+    r = Reply(f[F_TYPE], f[F_FLAGS], f[F_SID], f[F_FID])
+    if f[F_TYPE] in (FrameType.AGENT_HELLO, FrameType.AGENT_DISCONNECT):
+        r.kv = {k: item_value(data, it) for k, it in kv_items(data, f, items).items()}
+    elif f[F_TYPE] == FrameType.ACK:
+        for it in items[f[F_FIRST] : f[F_FIRST] + f[F_NITEMS]]:
+            if it[5] != ItemKind.ACTION:
+                continue
+            name = item_name(data, it).decode("utf-8", "replace")
+            setvar = it[8] == ACTION_SET_VAR
+            value = item_value(data, it) if setvar else None
+            r.actions.append((it[8], it[9], name, it[6] if setvar else -1, value))
+    return r
 
 
 def hello_frame(encoder: Encoder, *, healthcheck: bool) -> bytes:
