@@ -65,7 +65,8 @@ def _gone(p: psutil.Process) -> bool:
 class Proc:
     """A child in its own session, output appended to `<log_dir>/<name>.log`."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, **popen: Any) -> None:
+        """`popen`: more Popen arguments (cwd, env)."""
         self.name = name
         self.argv = list(argv)
         self.log = log_dir / f"{name}.log"
@@ -76,6 +77,7 @@ class Proc:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                **popen,
             )
         self.pid = self.popen.pid
         self.ps = psutil.Process(self.pid)

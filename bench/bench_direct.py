@@ -30,19 +30,16 @@ import argparse
 import json
 import platform
 import re
-import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _procs as P  # noqa: N812  (bench/ is not a package)
+import _report as R  # noqa: N812
 
 DEFAULT_LOADS = "1x1,4x1,64x1,8x16"
 
@@ -269,15 +266,9 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
             )
 
 
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
-    log = sys.stderr if args.json else sys.stdout
+    command, log = R.start(argv, args.json)
     info = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -296,35 +287,28 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     runs: list[Run] = []
-    tmp = Path(tempfile.mkdtemp(prefix="bench-direct-"))
-    try:
+
+    def rounds(tmp: Path) -> None:
         for rnd in range(1, args.repeat + 1):
             for conns, in_flight in args.loads:
                 runs.extend(
                     measure(args, agent, conns, in_flight, rnd, tmp, log) for agent in args.agents
                 )
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+
+    if not R.run_rounds("bench-direct-", rounds):
         return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     rows = summarize(args, runs)
-    if args.json:
-        json.dump(
-            {"info": info, "summary": rows, "runs": [asdict(r) for r in runs]}, sys.stdout, indent=2
-        )
-        print()
-    else:
-        print()
-        print_table(args, rows)
-        print()
-        print(
-            "msg/s, p50, p99: medians over the rounds; errors: generator errors + connections"
-            " without pipelining; cores, us/msg: the agent's CPU (all its processes) during"
-            " the generator run, per ACK (warm-up included); ratio: spoa-mp/example medians;"
-            " paired: median of per-round ratios."
-        )
-        print(f"command: {command}")
+    R.report(
+        args.json,
+        info,
+        rows,
+        runs,
+        lambda: print_table(args, rows),
+        "msg/s, p50, p99: medians over the rounds; errors: generator errors + connections"
+        " without pipelining; cores, us/msg: the agent's CPU (all its processes) during"
+        " the generator run, per ACK (warm-up included); ratio: spoa-mp/example medians;"
+        " paired: median of per-round ratios.",
+    )
     bad = any(r.errors or r.no_pipelining for r in runs)
     return 1 if bad else 0
 

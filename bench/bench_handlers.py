@@ -36,26 +36,23 @@ Everything listens on 127.0.0.1; every process started is stopped by its pid
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 
-HOST = "127.0.0.1"
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _procs as P  # noqa: N812  (bench/ is not a package)
+from _procs import HOST, START_TIMEOUT, Proc, cpu_seconds, free_port, machine_busy, wait_for
+
 KINDS = {
     "sync": "handler_kinds:sync",
     "eager": "handler_kinds:eager",
@@ -65,76 +62,7 @@ KINDS = {
     "redis-batched": "redis_scores:batched",
 }
 SHAPES = ("4x1", "8x16")
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 READY = re.compile(r"worker \d+ ready \(pid (\d+)\)")
-
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def cpu_seconds(ps: Sequence[psutil.Process]) -> float:
-    total = 0.0
-    for p in ps:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-def machine_busy() -> float:
-    """CPU seconds the machine has been busy, summed over CPUs."""
-    t = psutil.cpu_times()._asdict()
-    return sum(v for k, v in t.items() if k not in ("idle", "iowait", "guest", "guest_nice"))
-
-
-class Proc:
-    """A child in its own session; stop(): SIGTERM, a bounded wait, then
-    SIGKILL to its process group."""
-
-    def __init__(self, argv: Sequence[str], log: Path, **popen: Any) -> None:
-        self.log = log
-        with log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **popen,
-            )
-        self.ps = psutil.Process(self.popen.pid)
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            tail = self.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{self.popen.args[0]} exited with {self.popen.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=STOP_TIMEOUT)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)  # session leader: pgid == pid
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=STOP_TIMEOUT)
 
 
 def start_redis(tmp: Path) -> tuple[Proc, str]:
@@ -145,7 +73,7 @@ def start_redis(tmp: Path) -> tuple[Proc, str]:
 
     port = free_port()
     argv = [redis_server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-    proc = Proc([*argv, "--dir", str(tmp)], tmp / "redis.log")
+    proc = Proc("redis", [*argv, "--dir", str(tmp)], tmp)
     url = f"redis://{HOST}:{port}/0"
     client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
@@ -166,13 +94,13 @@ def start_redis(tmp: Path) -> tuple[Proc, str]:
 def start_agent(kind: str, workers: int, tmp: Path, redis_url: str) -> tuple[Proc, int, list]:
     port = free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = f"{ROOT / 'bench'}{os.pathsep}{ROOT / 'examples'}"
+    env["PYTHONPATH"] = f"{P.REPO / 'bench'}{os.pathsep}{P.REPO / 'examples'}"
     env["SPOA_REDIS_URL"] = redis_url
     env["SPOA_REDIS_TIMEOUT"] = "1"
     argv = [sys.executable, "-m", "spoa_mp", "-p", str(port), "-n", str(workers)]
-    log = tmp / f"agent-{kind}.log"
-    log.unlink(missing_ok=True)
-    proc = Proc([*argv, "--app", KINDS[kind]], log, cwd=tmp, env=env)
+    (tmp / f"agent-{kind}.log").unlink(missing_ok=True)
+    proc = Proc(f"agent-{kind}", [*argv, "--app", KINDS[kind]], tmp, cwd=tmp, env=env)
+    log = proc.log
 
     def ready() -> list[int] | None:
         proc.check_alive()

@@ -43,21 +43,19 @@ noisy the runs were. Every process started is stopped by its pid at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _procs as P  # noqa: N812  (bench/ is not a package)
+import _report as R  # noqa: N812
 from _haproxy import (
     AGENT_SERVER,
     HAPROXY_CANDIDATES,
@@ -374,15 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
-    log = sys.stderr if args.json else sys.stdout
+    command, log = R.start(argv, args.json)
     info = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -407,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: list[Run] = []
     failures: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="bench-haproxy-"))
-    try:
+
+    def rounds(tmp: Path) -> None:
         for rnd in range(1, args.repeat + 1):
             for hap in args.haproxies:
                 for agent in ["none", *args.agents]:
@@ -417,29 +409,22 @@ def main(argv: list[str] | None = None) -> int:
                         failures.append(f"{hap.label} {agent}")
                     else:
                         runs.append(r)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+
+    if not R.run_rounds("bench-haproxy-", rounds):
         return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     rows = summarize(args.haproxies, args.agents, runs, failures)
-    if args.json:
-        json.dump(
-            {"info": info, "summary": rows, "runs": [asdict(r) for r in runs]}, sys.stdout, indent=2
-        )
-        print()
-    else:
-        print()
-        print_table(args.agents, rows)
-        print()
-        print(
-            "req/s, p50, p99: medians over the rounds; failed: non-2xx + socket errors of wrk,"
-            " measured runs, all rounds; vs none: req/s over the no-filter baseline; ratio:"
-            " spoa-mp/example medians; paired: median of per-round ratios; us/req h/a/all: CPU"
-            " us per request of HAProxy / the agent / the whole machine; others: cores used by"
-            " the rest of the machine during the runs (noise)."
-        )
-        print(f"command: {command}")
+    R.report(
+        args.json,
+        info,
+        rows,
+        runs,
+        lambda: print_table(args.agents, rows),
+        "req/s, p50, p99: medians over the rounds; failed: non-2xx + socket errors of wrk,"
+        " measured runs, all rounds; vs none: req/s over the no-filter baseline; ratio:"
+        " spoa-mp/example medians; paired: median of per-round ratios; us/req h/a/all: CPU"
+        " us per request of HAProxy / the agent / the whole machine; others: cores used by"
+        " the rest of the machine during the runs (noise).",
+    )
     bad = failures or any(r.failed or r.samples_problem for r in runs)
     return 1 if bad else 0
 
