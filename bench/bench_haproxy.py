@@ -336,7 +336,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pipelining", action="store_true", help="no option pipelining")
     p.add_argument("--threads", "-t", type=int, default=1, help="wrk -t")
     p.add_argument("--connections", "-c", type=int, default=32, help="wrk -c")
-    p.add_argument("--duration", "-d", type=float, default=10.0, help="wrk -d, seconds")
+    p.add_argument(
+        "--duration",
+        "-d",
+        type=int,
+        default=10,
+        help="wrk -d, whole seconds (wrk takes no fractions)",
+    )
     p.add_argument("--warmup", type=float, default=2.0, help="wrk warm-up, seconds")
     p.add_argument("--repeat", type=int, default=3, help="rounds; figures are medians")
     p.add_argument("--processing-ms", type=int, default=1000, help="SPOE timeout processing")
@@ -354,8 +360,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("repeat", "threads", "connections", "workers", "example_threads", "nbthread"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.duration <= 1:
-        p.error("--duration must be > 1")
+    if args.duration < 2:
+        p.error("--duration must be at least 2 (whole seconds)")
     if shutil.which(args.wrk) is None:
         p.error(f"{args.wrk} not found (apt-get install -y wrk)")
     if "example" in args.agents and not P.EXAMPLE_AGENT.exists():
