@@ -1,4 +1,4 @@
-from spoa_mp.cli import main
+from spoa_mp.entry import main
 
 if __name__ == "__main__":
     raise SystemExit(main())
