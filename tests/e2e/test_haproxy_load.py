@@ -126,8 +126,12 @@ def test_killed_worker_fails_only_its_in_flight_streams(
         f"non-2xx {result.non_2xx} (bound {bound}), socket errors {result.socket_errors}; "
         f"2xx after the kill {served_after_kill}, frontend 5xx {after['hrsp_5xx']}"
     )
-    assert result.socket_errors == dict.fromkeys(result.socket_errors, 0), result.text
-    assert result.non_2xx <= bound, result.text
+    # HAProxy 2.6 does not always see at once that an agent connection died:
+    # a stream it had sent there then waits its `timeout processing` (2 s,
+    # wrk's own timeout), so wrk counts a timeout besides the 5xx
+    errors = {k: v for k, v in result.socket_errors.items() if k != "timeout"}
+    assert errors == dict.fromkeys(errors, 0), result.text
+    assert result.non_2xx + result.socket_errors.get("timeout", 0) <= bound, result.text
     assert int(after["hrsp_5xx"]) == result.non_2xx, after
     assert served_after_kill > 100, (before, after)  # the others carried on
     assert re.search(rf"\(pid {victim}\) was killed by SIGKILL", spoa.logs()), spoa.logs()
