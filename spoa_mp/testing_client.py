@@ -24,6 +24,7 @@ from spoa_mp.agent import Agent, load_app
 from spoa_mp.codec import Decoder, Encoder, FrameType, status_reason
 from spoa_mp.counters import Counters
 from spoa_mp.dispatch import Dispatcher, DispatchSettings
+from spoa_mp.exchange import Reply, hello_frame, parse_reply
 from spoa_mp.model import (
     ACTION_SET_VAR,
     Action,
@@ -39,7 +40,6 @@ from spoa_mp.model import (
     unset_var,
 )
 from spoa_mp.protocol import AgentConnection, AgentSettings, ProtocolError
-from spoa_mp.send import Reply, hello_frame, parse_reply
 
 __all__ = ["AgentClient", "Msg", "Result", "notify_args", "reply_actions"]
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import psutil
 
-from spoa_mp.send import exchange, health_text, report_text
+from spoa_mp.exchange import exchange
+from spoa_mp.send import health_text, report_text
 from spoa_mp.testing_client import Result, notify_args, reply_actions
 
 __all__ = ["RunningAgent", "SpoaError", "serve"]
