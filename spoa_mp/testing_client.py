@@ -39,7 +39,7 @@ from spoa_mp.model import (
     set_var,
     unset_var,
 )
-from spoa_mp.protocol import AgentConnection, AgentSettings, ProtocolError
+from spoa_mp.protocol import AgentConnection, AgentSettings, Notifies, ProtocolError
 
 __all__ = ["AgentClient", "Msg", "Result", "notify_args", "reply_actions"]
 
@@ -372,7 +372,7 @@ class AgentClient:
                     f"(it handles: {known}); AgentClient(strict=False) sends it anyway"
                 )
 
-    def _feed(self, data: bytes) -> Any:
+    def _feed(self, data: bytes) -> Notifies:
         assert self._conn is not None
         proto = self._conn.proto
         notifies = proto.feed(data)
