@@ -21,7 +21,7 @@ What follows the agent's settings (spop.md §9):
 * ``no option pipelining`` with ``--no-pipelining``;
 * the messages: ``check-client-ip`` with its ``args`` for the built-in agent,
   or the message names an ``--app`` agent registers (imported as the server
-  would, :func:`spoa_mp.supervisor.build_agent`), each with a commented
+  would, :func:`spoa_mp.loader.build_agent`), each with a commented
   ``args`` line to fill in.
 
 HAProxy 2.6 (and up to 3.0) and 3.1+ differ in two places: the agents'
@@ -47,6 +47,8 @@ from typing import NoReturn
 from spoa_mp.agent import AppLoadError, Registered
 from spoa_mp.cli import parse_serve_args
 from spoa_mp.config import ConfigError, ServerConfig
+from spoa_mp.limits import DEFAULT_FRAME_SIZE
+from spoa_mp.loader import build_agent
 
 __all__ = [
     "DEFAULT_MESSAGE",
@@ -69,7 +71,7 @@ HAPROXY_VERSIONS = ("2.6", "3.x")
 EVENTS = ("on-client-session", "on-frontend-http-request")
 DEFAULT_MESSAGE = "check-client-ip"  # spoa_mp.apps.iprep.MESSAGE (not imported: no table load)
 # HAProxy's SPOE max-frame-size default: tune.bufsize (16384) - 4 (spop.md §4.3).
-HAPROXY_DEFAULT_MAX_FRAME_SIZE = 16380
+HAPROXY_DEFAULT_MAX_FRAME_SIZE = DEFAULT_FRAME_SIZE
 MAX_SCORE = 100  # spoa_mp.reputation.MAX_SCORE: scores are 0..100
 # Where the printed haproxy.cfg says the SPOE file is, when --output-dir is not given.
 DEFAULT_SPOE_DIR = "/etc/haproxy"
@@ -195,8 +197,6 @@ def message_names(config: ServerConfig) -> tuple[str, ...]:
 
 
 def _app_handlers(config: ServerConfig) -> Mapping[str, Registered]:
-    from spoa_mp.supervisor import build_agent  # noqa: PLC0415 - only for --app
-
     return build_agent(config).handlers
 
 

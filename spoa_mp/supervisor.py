@@ -23,42 +23,46 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import grp
 import logging
 import os
-import pwd
 import random
 import selectors
 import signal
 import socket
-import stat
 import sys
 import time
 from dataclasses import dataclass
 
-import psutil
-
 from spoa_mp import health, logs, systemd
-from spoa_mp.agent import Agent, AppLoadError, load_app
+from spoa_mp.agent import Agent, AppLoadError
 from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ConfigError, ServerConfig, reload_config
 from spoa_mp.dispatch import DispatchSettings
+from spoa_mp.loader import build_agent, watched_files
 from spoa_mp.metrics import Aggregator
 from spoa_mp.metrics_http import MetricsServer, exposition, registry_for
+from spoa_mp.process import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    SUPERVISOR_SIGNALS,
+    describe,
+    describe_status,
+    drop_privileges,
+    kill,
+    open_listener,
+    remove_pidfile,
+    rss,
+    set_title,
+    write_pidfile,
+)
 from spoa_mp.protocol import AgentSettings
-from spoa_mp.worker import EXIT_BOOT_ERROR, ConnectionLimits, worker_main
+from spoa_mp.worker import ConnectionLimits, worker_main
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 RESPAWN_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # per worker slot, reset once it is ready
 MAX_BOOT_FAILURES = 5  # consecutive workers dying before ready, with none ever ready
-HANDLED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
-    signal.SIGTTIN, signal.SIGTTOU,
-)  # fmt: skip
 RSS_CHECK_INTERVAL = 5.0
 
 
@@ -96,74 +100,6 @@ class Reload:
     deadline: float  # the new workers must be ready by then
     previous: tuple[ServerConfig, Agent, AgentSettings]  # what to go back to
     slots: list[int]  # rolling: slots still to replace, in order
-
-
-def build_agent(config: ServerConfig, reload: bool = False) -> Agent:
-    """The user's agent (--app) or the default IP-reputation agent. On a
-    reload the --app module (and its submodules) is imported again, so
-    changed code takes effect; packages above it are not."""
-    if config.app and reload:
-        module = config.app.partition(":")[0]
-        for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
-            del sys.modules[name]
-    if config.app:
-        # like gunicorn and uvicorn: --app myapp:agent finds ./myapp.py even when
-        # started through the console script (which does not put . on sys.path)
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        return load_app(config.app)
-    from spoa_mp.apps.iprep import make_agent  # noqa: PLC0415 - only when it is the job
-
-    return make_agent(
-        config.reputation_file, default_score=config.default_score, blocklists=config.blocklist
-    )
-
-
-def watched_files(config: ServerConfig) -> tuple[str, ...]:
-    """The blocklists of the built-in agent: a change reloads (spoa_mp.blocklist).
-    (The --reputation-file is read again on SIGHUP only, as before.)"""
-    return () if config.app else tuple(path for path, _ in config.blocklist)
-
-
-def open_listener(config: ServerConfig) -> socket.socket:
-    """Bind the one listening socket the workers will share."""
-    if config.unix:
-        path = config.unix
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(path).st_mode) and not _in_use(path):
-                os.unlink(path)  # a stale socket left by a crash
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-    else:
-        info = socket.getaddrinfo(
-            config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, type_, proto, _, addr = info[0]
-        sock = socket.socket(family, type_, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-    sock.listen(config.backlog)
-    sock.setblocking(False)
-    return sock
-
-
-def _in_use(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def describe(sock: socket.socket) -> str:
-    addr = sock.getsockname()
-    if isinstance(addr, tuple):
-        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-        return f"{host}:{addr[1]}"
-    return f"unix:{addr}"
 
 
 class Supervisor:
@@ -325,7 +261,7 @@ class Supervisor:
         if self.metrics_server is not None:
             self.metrics_server.register(self.selector)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
+        for sig in SUPERVISOR_SIGNALS:
             # the C-level handler writes the number to the wakeup socket;
             # the Python one does nothing, so no work ever runs in a handler
             signal.signal(sig, _record_only)
@@ -474,9 +410,9 @@ class Supervisor:
     def _retire(self, proc: WorkerProcess, mode: str) -> None:
         proc.retiring = True
         if mode == "drain" or proc.control is None:
-            _kill(proc.pid, signal.SIGTERM)
+            kill(proc.pid, signal.SIGTERM)
         elif not health.send(proc.control, health.HANDOVER):
-            _kill(proc.pid, signal.SIGTERM)  # its channel is gone: drain it instead
+            kill(proc.pid, signal.SIGTERM)  # its channel is gone: drain it instead
 
     def _abort_reload(self, why: str) -> None:
         r = self._reload
@@ -496,7 +432,7 @@ class Supervisor:
                 self._retire(proc, "handover")
             else:
                 proc.retiring = True
-                _kill(proc.pid, signal.SIGKILL)
+                kill(proc.pid, signal.SIGKILL)
         # slots whose old worker already left (rolling) get a new one
         live = {p.index for p in self._current() if not p.retiring}
         now = time.monotonic()
@@ -524,9 +460,9 @@ class Supervisor:
             self._next_rss_check = now + RSS_CHECK_INTERVAL
             limit = self.config.max_rss << 20
             for proc in list(self.workers.values()):
-                rss = _rss(proc.pid)
-                if rss > limit and proc.ready:
-                    self._recycle(proc, f"uses {rss >> 20} MiB (--max-rss {self.config.max_rss})")
+                used = rss(proc.pid)
+                if used > limit and proc.ready:
+                    self._recycle(proc, f"uses {used >> 20} MiB (--max-rss {self.config.max_rss})")
         for proc in list(self.workers.values()):
             if not proc.successor or proc.retiring:
                 continue
@@ -587,7 +523,7 @@ class Supervisor:
 
     def _child(self, index: int, control: socket.socket) -> int:
         signal.set_wakeup_fd(-1)
-        for sig in HANDLED_SIGNALS:
+        for sig in SUPERVISOR_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches us via the supervisor
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -600,7 +536,7 @@ class Supervisor:
         for other in self.workers.values():
             if other.control is not None:
                 other.control.close()
-        _set_title(f"spoa-mp: worker {index}")
+        set_title(f"spoa-mp: worker {index}")
         logs.set_role(f"worker {index}")
         recycle_after = 0
         if self.config.max_requests:
@@ -704,7 +640,7 @@ class Supervisor:
             self._worker_died(proc, status)
 
     def _worker_died(self, proc: WorkerProcess, status: int) -> None:
-        how = _describe_status(status)
+        how = describe_status(status)
         if self._stopping or proc.retiring:
             log.debug("worker %d (pid %d) %s", proc.index, proc.pid, how)
             return
@@ -761,11 +697,11 @@ class Supervisor:
                     proc.index, proc.pid, now - proc.last_beat,
                 )  # fmt: skip
                 proc.killed = True
-                _kill(proc.pid, signal.SIGKILL)
+                kill(proc.pid, signal.SIGKILL)
 
     def _kill_all(self, sig: signal.Signals) -> None:
         for pid in list(self.workers):
-            _kill(pid, sig)
+            kill(pid, sig)
 
     def _reap_all(self) -> None:
         deadline = time.monotonic() + 5.0
@@ -796,13 +732,6 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _rss(pid: int) -> int:
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return 0
-
-
 def settings_for(config: ServerConfig) -> AgentSettings:
     return AgentSettings(
         max_frame_size=config.max_frame_size,
@@ -815,32 +744,6 @@ def _record_only(signum: int, frame: object) -> None:
     """Python-level signal handler: the wakeup fd already carries the signal."""
 
 
-def _kill(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        extra = " (perhaps out of memory)" if sig == signal.SIGKILL else ""
-        return f"was killed by {name}{extra}"
-    code = os.WEXITSTATUS(status)
-    if code == EXIT_BOOT_ERROR:
-        return "failed to boot"
-    return f"exited with code {code}"
-
-
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle  # noqa: PLC0415 - optional at import time for tooling
-
-        setproctitle.setproctitle(title)
-    except ImportError:  # pragma: no cover - a declared dependency
-        pass
-
-
 def _version() -> str:
     from spoa_mp import __version__  # noqa: PLC0415
 
@@ -851,7 +754,7 @@ def serve(config: ServerConfig) -> int:
     """Run the server until it is stopped; returns the exit code."""
     # the title first: setproctitle stops working if the environment changes
     # before its first use (gunicorn #3430), and systemd.py edits it
-    _set_title("spoa-mp: supervisor")
+    set_title("spoa-mp: supervisor")
     notifier = systemd.Notifier.from_environment()
     try:
         inherited = systemd.listen_fds()  # before the user's app can see LISTEN_*
@@ -906,66 +809,3 @@ def serve(config: ServerConfig) -> int:
     finally:
         if config.pidfile:
             remove_pidfile(config.pidfile)
-
-
-def write_pidfile(path: str) -> None:
-    """Write our pid; refuse when the file names a spoa-mp that still runs
-    (a pid reused by another program does not count)."""
-    other = 0
-    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
-        other = int(f.read().strip() or 0)
-    if other and other != os.getpid() and _is_spoa_mp(other):
-        raise ValueError(f"{path}: spoa-mp already runs as pid {other}")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)  # never a half-written pidfile
-
-
-def remove_pidfile(path: str) -> None:
-    """Remove our pidfile; after --user the directory may not let us, so at
-    least empty it: an empty pidfile names nobody."""
-    try:
-        os.unlink(path)
-    except PermissionError:
-        with contextlib.suppress(OSError), open(path, "w"):
-            pass
-    except OSError:
-        pass
-
-
-def _is_spoa_mp(pid: int) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return any("spoa" in part for part in [proc.name(), *proc.cmdline()])
-    except psutil.Error:
-        return False
-
-
-def drop_privileges(
-    user: str | None,
-    group: str | None,
-    listener: socket.socket | None,
-    pidfile: str | None = None,
-) -> None:
-    """Switch to --user/--group once the socket is bound (workers inherit it)."""
-    if not user and not group:
-        return
-    pw = pwd.getpwnam(user) if user else None
-    gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
-    uid = pw.pw_uid if pw else os.getuid()
-    if (uid, gid) == (os.getuid(), os.getgid()):
-        return
-    if os.geteuid() != 0:
-        raise PermissionError("--user/--group need the server to start as root")
-    if listener is not None and listener.family == socket.AF_UNIX:
-        # the socket file stays usable by (and removable for) the new identity
-        os.chown(listener.getsockname(), uid, gid)
-    if pidfile:
-        os.chown(pidfile, uid, gid)  # so that we can at least empty it on exit
-    os.setgroups([])
-    if pw is not None:
-        os.initgroups(pw.pw_name, gid)
-    os.setgid(gid)
-    os.setuid(uid)
-    log.info("running as uid %d gid %d", uid, gid)

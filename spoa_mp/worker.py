@@ -34,6 +34,7 @@ from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.counters import Counters
 from spoa_mp.dispatch import Dispatcher, DispatchSettings
 from spoa_mp.logs import RateLimitedLog
+from spoa_mp.process import EXIT_BOOT_ERROR
 from spoa_mp.protocol import (
     AgentConnection,
     AgentSettings,
@@ -58,7 +59,6 @@ class ConnectionLimits:
 
 
 HEARTBEAT_INTERVAL = 1.0
-EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 
 
 @dataclass(eq=False, slots=True)

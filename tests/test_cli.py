@@ -349,7 +349,7 @@ def test_app_is_found_in_the_current_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """--app myapp:agent finds ./myapp.py, even from the console script."""
-    from spoa_mp.supervisor import build_agent
+    from spoa_mp.loader import build_agent
 
     (tmp_path / "cwd_app_probe.py").write_text(
         "from spoa_mp.agent import Agent\nagent = Agent('probe')\n"
