@@ -335,9 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.debug, log_format=config.log_format)
     set_role("supervisor")
     try:
-        from spoa_mp.supervisor import serve  # noqa: PLC0415 - --help must work without it
+        from spoa_mp.server import serve  # noqa: PLC0415 - --help must work without it
     except ModuleNotFoundError as e:
-        if e.name != "spoa_mp.supervisor":
+        if e.name != "spoa_mp.server":
             raise
-        return _error("the server is not available (spoa_mp.supervisor is missing)")
+        return _error("the server is not available (spoa_mp.server is missing)")
     return serve(config)

@@ -1,4 +1,4 @@
-"""What a worker counts and reports in every heartbeat (health.py),
+"""What a worker counts and reports in every heartbeat (control.py),
 cumulative since it started; the supervisor sums them over
 workers alive and gone (see metrics.py)."""
 

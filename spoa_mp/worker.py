@@ -10,7 +10,10 @@ a handler, per connection (--max-in-flight) and per worker (--max-pending),
 stop reading until the handlers catch up.
 
 The worker is the only process that touches connection sockets; it reports
-to the supervisor over its health pipe (see health.py).
+to the supervisor over its control channel (control.py). `Worker.__init__`
+changes nothing process-wide; `init_process()`, run in the forked child,
+does the after-fork setup (signals, title, log role, the parent's
+descriptors) and then serves, as gunicorn's Worker.init_process does.
 """
 
 from __future__ import annotations
@@ -24,38 +27,29 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from spoa_mp import health
-from spoa_mp.agent import Agent
+from spoa_mp import control, logs
 from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.counters import Counters
-from spoa_mp.dispatch import Dispatcher, DispatchSettings
+from spoa_mp.dispatch import Dispatcher
 from spoa_mp.logs import RateLimitedLog
-from spoa_mp.process import EXIT_BOOT_ERROR
+from spoa_mp.process import EXIT_BOOT_ERROR, EXIT_OK, SUPERVISOR_SIGNALS, set_title
 from spoa_mp.protocol import (
     AgentConnection,
-    AgentSettings,
     FrameCounts,
     HandshakeDone,
     HealthCheck,
     PeerDisconnected,
     ProtocolError,
 )
+from spoa_mp.worker_options import WorkerOptions
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionLimits:
-    """What a worker allows a client that may be hostile."""
-
-    hello_timeout: float = 10.0  # seconds from accept to a complete HAPROXY-HELLO
-    max_connections: int = 4096  # open connections per worker; beyond, closed at accept
 
 
 HEARTBEAT_INTERVAL = 1.0
@@ -74,40 +68,28 @@ class Connection:
 
 
 class Worker:
-    def __init__(
-        self,
-        index: int,
-        listeners: Sequence[socket.socket],
-        agent: Agent,
-        settings: AgentSettings,
-        control: socket.socket,
-        max_in_flight: int = 256,
-        graceful_timeout: float = 30.0,
-        debug: bool = False,
-        recycle_after: int = 0,
-        dispatch: DispatchSettings | None = None,
-        limits: ConnectionLimits | None = None,
-    ) -> None:
+    def __init__(self, index: int, options: WorkerOptions, channel: socket.socket) -> None:
         self.index = index
-        self.listeners = list(listeners)
-        self.agent = agent
-        self.settings = settings
-        self.control = control  # to the supervisor (health.py)
-        self.max_in_flight = max_in_flight
-        self.graceful_timeout = graceful_timeout
-        self.debug = debug
-        self.recycle_after = recycle_after  # messages (0: never); asked once, from _beat
+        self.options = options
+        self.listeners = list(options.listeners)
+        self.agent = agent = options.agent
+        self.settings = settings = options.settings
+        self.channel = channel  # to the supervisor (control.py)
+        self.max_in_flight = options.dispatch.max_in_flight
+        self.graceful_timeout = options.graceful_timeout
+        self.debug = debug = options.debug
+        self.recycle_after = 0  # messages (0: never); drawn in init_process, asked from _beat
         self.counters = Counters()
-        self.limits = limits or ConnectionLimits()
+        self.limits = options.limits
         self.connections: dict[int, Connection] = {}
         self._handlers = dict(agent.handlers)
         # the decoder matches handler names in C: a message costs no name lookup
-        self._decoder = Decoder(max_frame_size=settings.max_frame_size, names=self._handlers)
+        self._decoder = Decoder(max_frame_size=settings.max_frame_size, names=tuple(self._handlers))
         self._encoder = Encoder()
         self.dispatcher = Dispatcher(
             self._handlers,
             self.counters,
-            replace(dispatch or DispatchSettings(), max_in_flight=max_in_flight),
+            options.dispatch,
             on_progress=self._progress,
             on_capacity=self._resume_reading,
             debug=debug,
@@ -123,13 +105,31 @@ class Worker:
 
     # ---------------------------------------------------------------- life
 
+    def init_process(self, release_parent: Iterable[Callable[[], None]] = ()) -> int:
+        """In the forked child: make this process a worker, then serve.
+        `release_parent` closes what the supervisor held (its selector,
+        wake-up socket, other workers' channels): nothing of it is ours."""
+        signal.set_wakeup_fd(-1)
+        for sig in SUPERVISOR_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches us via the supervisor
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_OK))
+        for release in release_parent:
+            release()
+        set_title(f"spoa-mp: worker {self.index}")
+        logs.set_role(f"worker {self.index}")
+        self.recycle_after = self.options.recycle_after()
+        self._parent = os.getppid()
+        return self.run()
+
     def run(self) -> int:
         """Serve until told to stop; returns the process exit code."""
         try:
             return asyncio.run(self._main())
         except BootError as e:
             # the supervisor reports it, once for all workers
-            health.send(self.control, health.BOOT_ERROR, error=str(e))
+            control.send(self.channel, control.BOOT_ERROR, error=str(e))
             log.debug("cannot start: %s", e)
             return EXIT_BOOT_ERROR
 
@@ -146,15 +146,15 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         for sock in self.listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
-        loop.add_reader(self.control.fileno(), self._control_readable)
-        health.send(self.control, health.READY)
+        loop.add_reader(self.channel.fileno(), self._control_readable)
+        control.send(self.channel, control.READY)
         self._beat()
         await self._done
         self.dispatcher.close()
         # a last beat: what was counted since the previous one (handovers
         # included) reaches the supervisor's totals before we are reaped
-        health.send(
-            self.control, health.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
+        control.send(
+            self.channel, control.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
         )
         return 0
 
@@ -195,7 +195,7 @@ class Worker:
             return
         if self._done and not self._done.done():
             if self._handing_over:
-                health.send(self.control, health.HANDED_OVER, moved=self.counters.handed_over)
+                control.send(self.channel, control.HANDED_OVER, moved=self.counters.handed_over)
             self._done.set_result(None)
 
     def _beat(self) -> None:
@@ -207,9 +207,9 @@ class Worker:
         handled = self.counters.messages_total
         if self.recycle_after and handled >= self.recycle_after:
             self.recycle_after = 0
-            health.send(self.control, health.RECYCLE, messages=handled)
-        health.send(
-            self.control, health.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
+            control.send(self.channel, control.RECYCLE, messages=handled)
+        control.send(
+            self.channel, control.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
         )
         assert self._loop is not None
         self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
@@ -441,41 +441,41 @@ class Worker:
     def _control_readable(self) -> None:
         while True:
             try:
-                got = health.receive(self.control)
+                got = control.receive(self.channel)
             except EOFError:  # the supervisor is gone
                 assert self._loop is not None
-                self._loop.remove_reader(self.control.fileno())
+                self._loop.remove_reader(self.channel.fileno())
                 self.stop()
                 return
             if got is None:
                 return
             msg, fds = got
-            if msg["kind"] == health.ADOPT and len(fds) == 1:
+            if msg["kind"] == control.ADOPT and len(fds) == 1:
                 self._adopt(msg, fds[0])
                 continue
             for fd in fds:  # not for us: never leak a descriptor
                 os.close(fd)
-            if msg["kind"] == health.HANDOVER:
+            if msg["kind"] == control.HAND_OVER:
                 self._begin_handover()
 
-    def _adopt(self, msg: dict[str, Any], fd: int) -> None:
+    def _adopt(self, msg: control.Message, fd: int) -> None:
         """Carry on a connection an old worker passed on (reload)."""
         sock = socket.socket(fileno=fd)
         try:
             sock.setblocking(False)
-            state = msg["state"]
-            size = int(state["max_frame_size"])
+            passed = control.PassedConnection.from_message(msg)
+            size = passed.state["max_frame_size"]
             decoder = self._decoder
             if size > self.settings.max_frame_size:  # negotiated before a smaller limit
-                decoder = Decoder(max_frame_size=size, names=self._handlers)
+                decoder = Decoder(max_frame_size=size, names=tuple(self._handlers))
             proto = AgentConnection.adopt(
-                state, self.settings, decoder, self._encoder, self.counters.frames
+                dict(passed.state), self.settings, decoder, self._encoder, self.counters.frames
             )
         except (KeyError, TypeError, ValueError, OSError) as e:
             log.error("cannot adopt a connection: %s", e)
             sock.close()
             return
-        conn = Connection(sock=sock, fd=sock.fileno(), peer=str(msg.get("peer", "")), proto=proto)
+        conn = Connection(sock=sock, fd=sock.fileno(), peer=passed.peer, proto=proto)
         self.connections[conn.fd] = conn
         self.counters.adopted += 1
         assert self._loop is not None
@@ -502,10 +502,10 @@ class Worker:
             return
         if conn.proto.closing or not conn.proto.at_frame_boundary:
             return
-        state = conn.proto.handover_state()
-        if not health.send(
-            self.control, health.HANDOVER, fds=(conn.fd,), state=state, peer=conn.peer
-        ):
+        passed = control.PassedConnection(
+            conn.peer, control.handover_state(conn.proto.handover_state())
+        )
+        if not control.send(self.channel, control.CONNECTION, fds=(conn.fd,), **passed.fields()):
             assert self._loop is not None  # the channel is full: try again soon
             self._loop.call_later(0.005, self._try_handover, conn)
             return
@@ -547,24 +547,14 @@ def _one_line(e: BaseException) -> str:
 
 def worker_main(
     index: int,
-    listeners: Sequence[socket.socket],
-    agent: Agent,
-    settings: AgentSettings,
-    control: socket.socket,
-    max_in_flight: int,
-    graceful_timeout: float,
-    debug: bool,
-    recycle_after: int = 0,
-    dispatch: DispatchSettings | None = None,
-    limits: ConnectionLimits | None = None,
+    options: WorkerOptions,
+    channel: socket.socket,
+    release_parent: Iterable[Callable[[], None]] = (),
 ) -> int:
-    """Entry point in the forked child (signals and title are set by the caller)."""
+    """Entry point in the forked child: set the process up, serve, exit code."""
     started = time.monotonic()
-    code = Worker(
-        index, listeners, agent, settings, control, max_in_flight, graceful_timeout, debug,
-        recycle_after, dispatch, limits,
-    ).run()  # fmt: skip
+    code = Worker(index, options, channel).init_process(release_parent)
     log.debug("worker exits with %d after %.1f s", code, time.monotonic() - started)
     with contextlib.suppress(OSError):
-        control.close()
+        channel.close()
     return code
