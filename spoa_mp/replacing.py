@@ -23,7 +23,7 @@ from spoa_mp.process import kill, rss
 from spoa_mp.worker_options import WorkerOptions, options_for
 from spoa_mp.worker_process import WorkerProcess
 
-log = logging.getLogger("spoa_mp.supervisor")  # one logger for the supervisor's lines
+log = logging.getLogger(__name__)
 
 RSS_CHECK_INTERVAL = 5.0
 

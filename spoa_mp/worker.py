@@ -9,18 +9,16 @@ the ACKs ready at the end of the read leave in one encode call and one
 a handler, per connection (--max-in-flight) and per worker (--max-pending),
 stop reading until the handlers catch up.
 
-The worker is the only process that touches connection sockets; it reports
-to the supervisor over its control channel (control.py). `Worker.__init__`
-changes nothing process-wide; `init_process()`, run in the forked child,
-does the after-fork setup (signals, title, log role, the parent's
-descriptors) and then serves, as gunicorn's Worker.init_process does.
+Only workers touch connection sockets; they report to the supervisor over
+the control channel (control.py). As in gunicorn, `Worker.__init__` changes
+nothing process-wide; `init_process()`, in the forked child, does the
+after-fork setup (signals, title, log role, the parent's fds), then serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import inspect
 import logging
 import os
@@ -29,17 +27,16 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from spoa_mp import control, logs
+from spoa_mp.admission import Admission
 from spoa_mp.codec import Decoder, Encoder
-from spoa_mp.counters import Counters
+from spoa_mp.counters import Counters, gauges
 from spoa_mp.dispatch import Dispatcher
 from spoa_mp.logs import RateLimitedLog
 from spoa_mp.process import EXIT_BOOT_ERROR, EXIT_OK, SUPERVISOR_SIGNALS, set_title
 from spoa_mp.protocol import (
     AgentConnection,
-    FrameCounts,
     HandshakeDone,
     HealthCheck,
     PeerDisconnected,
@@ -48,6 +45,7 @@ from spoa_mp.protocol import (
 from spoa_mp.worker_options import WorkerOptions
 
 log = logging.getLogger(__name__)
+Releases = Iterable[Callable[[], None]]  # what the parent held, to close after the fork
 
 RECV_SIZE = 256 * 1024
 
@@ -97,6 +95,7 @@ class Worker:
         self._recv_buf = bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
         self._noisy = RateLimitedLog(log, interval=10.0)
+        self._admission = Admission(self.limits, self.counters, self._noisy)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parent = os.getppid()
         self._stopping = False
@@ -105,7 +104,7 @@ class Worker:
 
     # ---------------------------------------------------------------- life
 
-    def init_process(self, release_parent: Iterable[Callable[[], None]] = ()) -> int:
+    def init_process(self, release_parent: Releases = ()) -> int:
         """In the forked child: make this process a worker, then serve.
         `release_parent` closes what the supervisor held (its selector,
         wake-up socket, other workers' channels): nothing of it is ours."""
@@ -215,61 +214,19 @@ class Worker:
         self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
 
     def _gauges(self) -> dict[str, object]:
-        sizes: dict[str, int] = {}
-        caps: dict[str, int] = {}
-        for conn in self.connections.values():
-            hs = conn.proto.handshake
-            if hs is not None and not hs.healthcheck:
-                FrameCounts.add(sizes, str(hs.max_frame_size))
-                names = [n for n, on in (("pipelining", hs.pipelining),
-                                         ("fragmentation", hs.fragmentation)) if on]  # fmt: skip
-                FrameCounts.add(caps, ",".join(names))
-        return {
-            "connections": len(self.connections),
-            "in_flight": self.dispatcher.pending,
-            "negotiated": {"max_frame_size": sizes, "capabilities": caps},
-        }
+        handshakes = (c.proto.handshake for c in self.connections.values())
+        return gauges(len(self.connections), self.dispatcher.pending, handshakes)
 
     # ---------------------------------------------------------------- sockets
 
     def _accept(self, listener: socket.socket) -> None:
-        # Every worker is woken for a new connection; the losers get EAGAIN.
-        # One accept per wake-up: HAProxy opens connections in bursts, and a
-        # worker draining the backlog would take them all while the others
-        # sleep; the socket stays readable, so the next one is contested again.
-        try:
-            sock, addr = listener.accept()
-        except (BlockingIOError, InterruptedError):
+        got = self._admission.accept(listener, len(self.connections))
+        if got is None:
             return
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self._noisy.warning("accept", "accept failed: %s", e)
-                return
-            raise
-        if len(self.connections) >= self.limits.max_connections:
-            # the ones already served are untouched; the newcomer is told nothing
-            self.counters.connections_refused += 1
-            self._noisy.warning(
-                "max-connections",
-                "refused a connection from %s: %d open, --max-connections %d",
-                _peer(addr), len(self.connections), self.limits.max_connections,
-            )  # fmt: skip
-            sock.close()
-            return
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # ACKs are small and latency-bound: no Nagle delay
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(
-            sock=sock,
-            fd=sock.fileno(),
-            peer=_peer(addr),
-            proto=AgentConnection(
-                self.settings, self._decoder, self._encoder, self.counters.frames
-            ),
-        )
+        sock, peer = got
+        proto = AgentConnection(self.settings, self._decoder, self._encoder, self.counters.frames)
+        conn = Connection(sock=sock, fd=sock.fileno(), peer=peer, proto=proto)
         self.connections[conn.fd] = conn
-        self.counters.connections_total += 1
         assert self._loop is not None
         self._loop.add_reader(conn.fd, self._readable, conn)
         self._loop.call_later(self.limits.hello_timeout, self._hello_deadline, conn)
@@ -277,17 +234,9 @@ class Worker:
             log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
 
     def _hello_deadline(self, conn: Connection) -> None:
-        """No complete HAPROXY-HELLO in --hello-timeout: a client that holds
-        a descriptor and does nothing (or a port scanner) is closed."""
-        if conn.closed or conn.proto.handshake is not None:
-            return
-        self.counters.hello_timeouts += 1
-        self._noisy.warning(
-            "hello-timeout",
-            "conn %d (%s): no HELLO within %g s: closed",
-            conn.fd, conn.peer, self.limits.hello_timeout,
-        )  # fmt: skip
-        self._close(conn)
+        if not conn.closed and conn.proto.handshake is None:
+            self._admission.hello_missed(conn.fd, conn.peer)
+            self._close(conn)
 
     def _readable(self, conn: Connection) -> None:
         size = RECV_SIZE
@@ -530,12 +479,6 @@ class BootError(Exception):
     """The worker cannot start serving (reported to the supervisor)."""
 
 
-def _peer(addr: Any) -> str:
-    if isinstance(addr, tuple):
-        return f"{addr[0]}:{addr[1]}"
-    return str(addr) or "unix"
-
-
 def _name(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
@@ -546,10 +489,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def worker_main(
-    index: int,
-    options: WorkerOptions,
-    channel: socket.socket,
-    release_parent: Iterable[Callable[[], None]] = (),
+    index: int, options: WorkerOptions, channel: socket.socket, release_parent: Releases = ()
 ) -> int:
     """Entry point in the forked child: set the process up, serve, exit code."""
     started = time.monotonic()
