@@ -57,6 +57,7 @@ from spoa_mp.haproxy_agent import (
     processing_timeout,
 )
 from spoa_mp.limits import DEFAULT_FRAME_SIZE
+from spoa_mp.reputation import MAX_SCORE  # scores are 0..100
 
 __all__ = [
     "DEFAULT_MESSAGE",
@@ -82,7 +83,6 @@ HAPROXY_VERSIONS = ("2.6", "3.x")
 EVENTS = ("on-client-session", "on-frontend-http-request")
 # HAProxy's SPOE max-frame-size default: tune.bufsize (16384) - 4 (spop.md §4.3).
 HAPROXY_DEFAULT_MAX_FRAME_SIZE = DEFAULT_FRAME_SIZE
-MAX_SCORE = 100  # spoa_mp.reputation.MAX_SCORE: scores are 0..100
 # Where the printed haproxy.cfg says the SPOE file is, when --output-dir is not given.
 DEFAULT_SPOE_DIR = "/etc/haproxy"
 

@@ -16,7 +16,10 @@ once all of it is ready, the old workers hand their HAProxy connections
 over, between two frames, through the supervisor (which relays the sockets
 and never reads them), and exit. If the new generation cannot start, the old
 one keeps serving. --reload-mode rolling does it one worker at a time;
-drain lets the old workers finish and close instead.
+drain lets the old workers finish and close instead (replacing.py).
+
+Start-up is server.py; each worker's state is a WorkerProcess
+(worker_process.py), and what it is given one WorkerOptions.
 """
 
 from __future__ import annotations
