@@ -684,15 +684,17 @@ class AgentConnection:
         self._out.append(data)
         return cut
 
-    def ack_for(self, ids: bytes | array[int], results: Sequence[Sequence[Action]]) -> list[int]:
+    def ack_for(
+        self, ids: bytes | array[int], results: Sequence[Action | Sequence[Action] | None]
+    ) -> list[int]:
         """ack() column-wise: `ids` as in Notifies.ids, one actions sequence
         per NOTIFY in `results`. Returns the indexes of cut ACKs."""
         if self._phase != _READY or not results:
             return []
         if len(results) == 1 and ids.__class__ is array:  # one NOTIFY per read
             action = results[0]
-            if action.__class__ is Action and action.wire is not None:  # type: ignore[attr-defined]
-                one = self._one_ack(ids, action.wire, self.max_frame_size)  # type: ignore[attr-defined]
+            if action.__class__ is Action and action.wire is not None:
+                one = self._one_ack(ids, action.wire, self.max_frame_size)
                 if one is not None:
                     self._out.append(one)
                     return []
