@@ -320,6 +320,12 @@ def item_value(data: bytes, item: ItemRecord) -> Value:
     return typed_value(item[I_TYPE], item[I_NUM], raw)
 
 
+def item_bytes(data: bytes, item: ItemRecord) -> bytes:
+    """The payload of a STRING or BINARY record, as bytes (the caller checked
+    its type): what bytes(item_value()) gives, without the value object."""
+    return bytes(data[item[I_VAL_OFF] : item[I_VAL_OFF] + item[I_VAL_LEN]])
+
+
 def item_name(data: bytes, item: ItemRecord) -> bytes:
     return data[item[I_NAME_OFF] : item[I_NAME_OFF] + item[I_NAME_LEN]]
 

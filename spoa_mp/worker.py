@@ -418,7 +418,7 @@ class Worker:
             if size > self.settings.max_frame_size:  # negotiated before a smaller limit
                 decoder = Decoder(max_frame_size=size, names=tuple(self._handlers))
             proto = AgentConnection.adopt(
-                dict(passed.state), self.settings, decoder, self._encoder, self.counters.frames
+                passed.state, self.settings, decoder, self._encoder, self.counters.frames
             )
         except (KeyError, TypeError, ValueError, OSError) as e:
             log.error("cannot adopt a connection: %s", e)
