@@ -451,9 +451,7 @@ class Worker:
             return
         if conn.proto.closing or not conn.proto.at_frame_boundary:
             return
-        passed = control.PassedConnection(
-            conn.peer, control.handover_state(conn.proto.handover_state())
-        )
+        passed = control.PassedConnection(conn.peer, conn.proto.handover_state())
         if not control.send(self.channel, control.CONNECTION, fds=(conn.fd,), **passed.fields()):
             assert self._loop is not None  # the channel is full: try again soon
             self._loop.call_later(0.005, self._try_handover, conn)
