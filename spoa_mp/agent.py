@@ -344,16 +344,11 @@ def normalize_actions(result: object) -> tuple[Action, ...]:
     # narrows it.)
     if result is None:
         return ()
-    if type(result) is tuple:
+    if type(result) is tuple or type(result) is list:
         for a in result:
             if a.__class__ is not Action:
                 return _normalize_slow(result)
-        return result
-    if type(result) is list:
-        for a in result:
-            if a.__class__ is not Action:
-                return _normalize_slow(result)
-        return tuple(result)
+        return result if type(result) is tuple else tuple(result)
     if type(result) is Action:
         return (result,)
     return _normalize_slow(result)
