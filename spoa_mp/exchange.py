@@ -136,16 +136,7 @@ class FrameReader:
                 return self._reply(frames[0], items)
             if error:
                 raise ConnectionError(f"malformed frame from the agent ({status_reason(error)})")
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no answer from the agent in time")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                raise TimeoutError("no answer from the agent in time") from None
-            except ConnectionResetError:
-                data = b""
+            data = recv_before(self.sock, self.deadline)
             if not data:
                 raise ConnectionError("the agent closed the connection")
             self.buf += data
@@ -246,3 +237,18 @@ def exchange(
         result.elapsed = time.monotonic() - start
         sock.close()
     return result
+
+
+def recv_before(sock: socket.socket, deadline: float) -> bytes:
+    """One recv before `deadline` (time.monotonic()); b"" when the peer closed
+    or reset the connection. TimeoutError past the deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no answer from the agent in time")
+    sock.settimeout(left)
+    try:
+        return sock.recv(65536)
+    except TimeoutError:
+        raise TimeoutError("no answer from the agent in time") from None
+    except ConnectionResetError:
+        return b""
