@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.server import SpoaProcess
+from support.waits import HOST, IO_TIMEOUT, STOP_TIMEOUT
 
 from spoa_mp.codec import (
     F_FID,
@@ -41,7 +43,6 @@ from spoa_mp.codec import (
 from spoa_mp.model import DataType, Scope, String, Value
 
 from .conftest import DEFAULT_SCORE, EXPECTED_SCORES, SpoaFactory
-from .haproxy import HOST, IO_TIMEOUT, STOP_TIMEOUT, SpoaProcess
 
 pytestmark = pytest.mark.e2e
 
