@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from spoa_mp import control, systemd
+from spoa_mp import control, event_loop, systemd
 from spoa_mp.agent import Agent
 from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ServerConfig
@@ -123,11 +123,12 @@ class Supervisor(Replacing):
             caps = [name for name, on in offered if on]
             log.info(
                 "spoa-mp %s (pid %d): %d worker(s) on %s; SPOP 2.0, max-frame-size %d, "
-                "capabilities offered: %s; reload mode %s; agent %s",
+                "capabilities offered: %s; reload mode %s; event loop %s; agent %s",
                 _version(), os.getpid(), self.config.workers,
                 ", ".join(describe(s) for s in self.listeners),
                 self.config.max_frame_size, ",".join(caps) or "none",
-                self.config.reload_mode, self.config.app or "built-in IP reputation",
+                self.config.reload_mode, event_loop.describe(self.config.loop),
+                self.config.app or "built-in IP reputation",
             )  # fmt: skip
             for index in range(1, self.config.workers + 1):
                 self._spawn(index)
