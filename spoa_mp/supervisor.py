@@ -55,6 +55,7 @@ from spoa_mp.worker import worker_main
 from spoa_mp.worker_options import options_for
 from spoa_mp.worker_process import Death, WorkerProcess
 
+CAPABILITIES = ("pipelining", "fragmentation")  # what the HELLO may offer
 log = logging.getLogger(__name__)
 
 RESPAWN_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # per worker slot, reset once it is ready
@@ -116,11 +117,8 @@ class Supervisor(Replacing):
     def run(self) -> int:
         self._install_signals()
         try:
-            offered = (
-                ("pipelining", self.config.pipelining),
-                ("fragmentation", self.config.fragmentation),
-            )
-            caps = [name for name, on in offered if on]
+            c = self.config
+            caps = [n for n, on in zip(CAPABILITIES, (c.pipelining, c.fragmentation), strict=True) if on]
             log.info(
                 "spoa-mp %s (pid %d): %d worker(s) on %s; SPOP 2.0, max-frame-size %d, "
                 "capabilities offered: %s; reload mode %s; event loop %s; agent %s",
