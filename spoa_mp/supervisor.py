@@ -118,7 +118,8 @@ class Supervisor(Replacing):
         self._install_signals()
         try:
             c = self.config
-            caps = [n for n, on in zip(CAPABILITIES, (c.pipelining, c.fragmentation), strict=True) if on]
+            offered = zip(CAPABILITIES, (c.pipelining, c.fragmentation), strict=True)
+            caps = [name for name, on in offered if on]
             log.info(
                 "spoa-mp %s (pid %d): %d worker(s) on %s; SPOP 2.0, max-frame-size %d, "
                 "capabilities offered: %s; reload mode %s; event loop %s; agent %s",
