@@ -123,11 +123,9 @@ class Supervisor(Replacing):
             log.info(
                 "spoa-mp %s (pid %d): %d worker(s) on %s; SPOP 2.0, max-frame-size %d, "
                 "capabilities offered: %s; reload mode %s; event loop %s; agent %s",
-                _version(), os.getpid(), self.config.workers,
-                ", ".join(describe(s) for s in self.listeners),
-                self.config.max_frame_size, ",".join(caps) or "none",
-                self.config.reload_mode, event_loop.describe(self.config.loop),
-                self.config.app or "built-in IP reputation",
+                _version(), os.getpid(), c.workers, ", ".join(describe(s) for s in self.listeners),
+                c.max_frame_size, ",".join(caps) or "none", c.reload_mode,
+                event_loop.describe(c.loop), c.app or "built-in IP reputation",
             )  # fmt: skip
             for index in range(1, self.config.workers + 1):
                 self._spawn(index)
