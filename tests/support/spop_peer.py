@@ -32,6 +32,7 @@ from spoa_mp.codec import (
     item_value,
     kv_items,
 )
+from spoa_mp.exchange import recv_before
 from spoa_mp.model import Value
 from support.waits import HOST, IO_TIMEOUT, WAIT_TIMEOUT
 
@@ -142,16 +143,7 @@ class SpopClient:
 
     def _recv(self, deadline: float) -> bool:
         """Read once; False at EOF. TimeoutError past the deadline."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no data from the agent before the deadline")
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            raise TimeoutError("no data from the agent before the deadline") from None
-        except ConnectionResetError:
-            data = b""
+        data = recv_before(self.sock, deadline)
         if not data:
             self.eof = True
             return False
