@@ -9,7 +9,10 @@
 * `server`: `Server`, `python -m spoa_mp` as a context manager.
 * `haproxy`: the HAProxy binaries, their configuration and `HAProxy`, the
   one HAProxy runner.
-* `load`: load generators (`spoa-mp bench`, wrk) and their output.
+* `load`: load generators (`spoa-mp bench`, wrk) and their output, and
+  `LoadDriver`, SPOP connections in threads that time every ACK.
+* `redis_server`: `RedisServer`, a real redis-server (the bench scripts use
+  it too).
 
 Shared fixtures are in tests/conftest.py.
 """
