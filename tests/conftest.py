@@ -6,14 +6,18 @@
 * `processes`, `servers`, `clients`: what a test starts or opens, killed or
   closed at teardown; when a test fails, the output of its `processes` is
   appended to the report.
+* `sockdir`: a directory short enough for Unix sockets.
 
 The tools behind them are in tests/support/.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +62,19 @@ def servers() -> Iterator[list[Server]]:
     for srv in started:
         srv.kill()
         print(f"----- {srv.name} output ({srv.stderr_path}) -----\n{srv.log()}")
+
+
+@pytest.fixture
+def sockdir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for Unix sockets (sun_path holds 107 bytes: keep it short)."""
+    if len(str(tmp_path)) < 80:
+        yield tmp_path
+        return
+    short = Path(tempfile.mkdtemp(prefix="spoa-sock-", dir="/tmp"))
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture
