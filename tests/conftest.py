@@ -3,9 +3,9 @@
 * The SPOP vectors of tests/data/spop-vectors.json (spop.md §12): tests that
   take a `frame_vector`, `varint_vector` or `truncated_varint_hex` argument
   are parametrized over every vector of that kind, one test id each.
-* `processes`, `servers`, `clients`: what a test starts or opens, killed or
-  closed at teardown; when a test fails, the output of its `processes` is
-  appended to the report.
+* `processes`, `servers`, `clients` (and `client(port)`, which opens one):
+  what a test starts or opens, killed or closed at teardown; when a test
+  fails, the output of its `processes` is appended to the report.
 * `sockdir`: a directory short enough for Unix sockets.
 
 The tools behind them are in tests/support/.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,18 @@ def clients() -> Iterator[list[SpopClient]]:
     yield made
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def client(clients: list[SpopClient]) -> Callable[[int], SpopClient]:
+    """client(port): a SpopClient connected to 127.0.0.1:port, closed at teardown."""
+
+    def _client(port: int) -> SpopClient:
+        c = SpopClient(port)
+        clients.append(c)
+        return c
+
+    return _client
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -41,11 +41,12 @@ from reload_helpers import (
     rx_queue,
     write_app,
 )
+from support.apps import Messages, slow_msg
 from support.haproxy import HAProxy, HAProxyBinary, SpoeForm, haproxy_params, http_get
 from support.load import bench, bench_result, parse_wrk, start_wrk
 from support.processes import Process, owner_of
 from support.server import Server, started
-from support.spop_peer import Frame, SpopClient
+from support.spop_peer import Frame, SpopClient, handshaken
 from support.waits import HOST, wait_for
 
 from spoa_mp.codec import F_PLEN, F_POFF, Decoder, FrameType, Status
@@ -59,7 +60,6 @@ APP = ("--app", "reloadapp:agent")
 
 StartServer = Callable[..., Server]
 MakeClient = Callable[[int], SpopClient]
-Messages = list[tuple[str, list[tuple[str, object]]]]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -79,17 +79,9 @@ def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servers: list[Server]
 
 
 @pytest.fixture
-def client(clients: list[SpopClient]) -> MakeClient:
-    """client(port): a SpopClient whose HAProxy 2.6 handshake is done."""
-
-    def _client(port: int) -> SpopClient:
-        c = SpopClient(port)
-        clients.append(c)
-        hello = c.hello("haproxy-hello 2.6")
-        assert hello.type == FrameType.AGENT_HELLO, hello
-        return c
-
-    return _client
+def client(client: MakeClient) -> MakeClient:
+    """client(port): conftest's client, its HAProxy 2.6 handshake done."""
+    return lambda port: handshaken(client(port))
 
 
 # ------------------------------------------------------------------ helpers
@@ -97,10 +89,6 @@ def client(clients: list[SpopClient]) -> MakeClient:
 
 def ver_msg(n: int = 0) -> Messages:
     return [("ver", [("n", n)])]
-
-
-def slow_msg(n: int, ms: int) -> Messages:
-    return [("slow", [("n", n), ("ms", ms)])]
 
 
 def ip_msg(ip: str) -> Messages:

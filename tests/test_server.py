@@ -4,7 +4,8 @@ process tree, driven over TCP on 127.0.0.1 by a small SPOP client.
 Every wait is bounded and polls a condition (tests/support/server.py); every
 server runs in its own session and is killed with its whole process group at
 teardown, and its stderr is printed then (pytest shows it when a test fails).
-Test apps are written to tmp_path, which is the server's working directory.
+Test apps (tests/support/apps.py and two here) are written to tmp_path, which
+is the server's working directory.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.apps import TEST_APP, slow_msg
 from support.processes import gone, owner_of, title
 from support.server import SUPERVISOR_TITLE, Server, started
-from support.spop_peer import Frame, SpopClient, vector
+from support.spop_peer import Frame, SpopClient, handshaken, vector
 from support.waits import HOST, connect_refused, wait_for
 
 from spoa_mp.codec import FrameType, Status
@@ -33,43 +35,6 @@ pytestmark = pytest.mark.e2e
 
 SET_VAR = 1
 SESS, TXN = 1, 2
-
-# Handlers of the tests. `slow` logs "slow start N" once it runs (the tests
-# wait for that line instead of sleeping), then sleeps MS milliseconds.
-TEST_APP = """
-import asyncio
-import logging
-import time
-
-from spoa_mp.agent import Agent
-from spoa_mp.model import set_var
-
-log = logging.getLogger("testapp")
-agent = Agent("testapp")
-
-
-@agent.on_message("fast")
-def fast(msg):
-    return set_var("txn", "fast", 1)
-
-
-@agent.on_message("boom")
-def boom(msg):
-    raise ValueError("kaboom from the boom handler")
-
-
-@agent.on_message("hang")
-def hang(msg):
-    time.sleep(3600)
-
-
-@agent.on_message("slow")
-async def slow(msg):
-    n = msg[0]
-    log.info("slow start %s", n)
-    await asyncio.sleep(msg[1] / 1000)
-    return set_var("txn", "slow", n)
-"""
 
 BOOT_FAIL_APP = """
 from spoa_mp.agent import Agent
@@ -110,32 +75,13 @@ def start(app_dir: Path, servers: list[Server]) -> StartServer:
     return _start
 
 
-@pytest.fixture
-def client(clients: list[SpopClient]) -> MakeClient:
-    """client(port): a connected SpopClient, closed at teardown."""
-
-    def _client(port: int) -> SpopClient:
-        c = SpopClient(port)
-        clients.append(c)
-        return c
-
-    return _client
-
-
 def ready_client(make: MakeClient, port: int) -> SpopClient:
     """A client whose HAProxy 2.6 handshake is done."""
-    c = make(port)
-    hello = c.hello("haproxy-hello 2.6")
-    assert hello.type == FrameType.AGENT_HELLO, hello
-    return c
+    return handshaken(make(port))
 
 
 def ip_msg(i: int) -> list[tuple[str, list[tuple[str, object]]]]:
     return [("check-client-ip", [("", IPv4Address(0x0A000000 + i % 2**24))])]
-
-
-def slow_msg(n: int, ms: int) -> list[tuple[str, list[tuple[str, object]]]]:
-    return [("slow", [("n", n), ("ms", ms)])]
 
 
 def assert_ip_score_ack(ack: Frame) -> None:

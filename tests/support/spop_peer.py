@@ -187,3 +187,10 @@ class SpopClient:
                 continue
             if self.eof or not self._recv(deadline):
                 return frames
+
+
+def handshaken(c: SpopClient) -> SpopClient:
+    """`c` once its HAProxy 2.6 handshake is done (the answer must be AGENT-HELLO)."""
+    hello = c.hello("haproxy-hello 2.6")
+    assert hello.type == FrameType.AGENT_HELLO, hello
+    return c
