@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.logging_state import restored_logging
 
 from spoa_mp import __version__, cli, logs
 from spoa_mp.config import ServerConfig
@@ -24,16 +25,8 @@ from spoa_mp.logs import RateLimitedLog
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """main() and setup_logging() change the root logger and the role: undo it."""
-    root = logging.getLogger()
-    handlers, level, role = root.handlers[:], root.level, logs.get_role()
-    yield
-    if logs._handler is not None and logs._handler not in handlers:
-        root.removeHandler(logs._handler)
-        logs._handler.close()
-    logs._handler = None
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logs.set_role(role)
+    with restored_logging():
+        yield
 
 
 def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
