@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,25 @@ def frame_meaning(data: bytes, frame: tuple, items: list) -> dict[str, Any]:
                 actions.append(["set-var", it[9], name, it[6], codec.item_value(data, it)])
         m["actions"] = actions
     return m
+
+
+def notes_meaning(notes: Iterable[tuple[int, int, Iterable[Any]]]) -> Any:
+    """Notifications (sid, fid, messages), as protocol.py hands them over, in
+    the form [[sid, fid, [[name, [[arg, type_code, value], ...]], ...]], ...],
+    tagged (see `tagged()`)."""
+    return tagged(
+        [
+            [
+                sid,
+                fid,
+                [
+                    [m.name, [[a, int(m.type_of(i)), v] for i, (a, v) in enumerate(m.items())]]
+                    for m in msgs
+                ],
+            ]
+            for sid, fid, msgs in notes
+        ]
+    )
 
 
 _DECODERS: dict[int, Decoder] = {}  # decoders keep no state between calls
