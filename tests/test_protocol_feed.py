@@ -14,11 +14,11 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import VECTORS, encode_meaning, notes_meaning, tagged
+from conftest import encode_meaning, notes_meaning, tagged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_codec import values
-from test_protocol import disconnect_status
+from test_protocol import MAX, V, disconnect_status
 
 from spoa_mp.codec import F_PLEN, F_POFF, Decoder, Encoder, FrameType, Status
 from spoa_mp.model import Action, DataType, String, UInt32, set_var, unset_var
@@ -31,8 +31,6 @@ from spoa_mp.protocol import (
     ProtocolError,
 )
 
-MAX = 16380
-V = {f["name"]: bytes.fromhex(f["hex"]) for f in VECTORS["frames"]}
 HELLO = V["haproxy-hello 2.6"]
 ENC = Encoder()
 NAMES = ("check-client-ip", "ip", "a")
