@@ -367,16 +367,24 @@ def receiver(request: pytest.FixtureRequest, sockdir: Path) -> Iterator[tuple[st
         yield address, sock
 
 
+Notified = tuple[Notifier, str, socket.socket]
+
+
+@pytest.fixture
+def notified(monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]) -> Notified:
+    """(Notifier.from_environment() with NOTIFY_SOCKET naming the receiver,
+    that address, the receiver's socket)."""
+    address, sock = receiver
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    return Notifier.from_environment(), address, sock
+
+
 def _no_datagram(sock: socket.socket) -> bool:
     return not select.select([sock], [], [], 0.05)[0]
 
 
-def test_notifier_sends_one_datagram_per_call(
-    monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]
-) -> None:
-    address, sock = receiver
-    monkeypatch.setenv("NOTIFY_SOCKET", address)
-    notifier = Notifier.from_environment()
+def test_notifier_sends_one_datagram_per_call(notified: Notified) -> None:
+    notifier, address, sock = notified
     assert notifier.enabled
     assert notifier.address == address
     assert "NOTIFY_SOCKET" not in os.environ  # workers must not notify
@@ -400,12 +408,8 @@ def test_notifier_sends_one_datagram_per_call(
     assert _no_datagram(sock)
 
 
-def test_notifier_reloading_carries_the_monotonic_clock(
-    monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]
-) -> None:
-    address, sock = receiver
-    monkeypatch.setenv("NOTIFY_SOCKET", address)
-    notifier = Notifier.from_environment()
+def test_notifier_reloading_carries_the_monotonic_clock(notified: Notified) -> None:
+    notifier, _, sock = notified
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert notifier.reloading()
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -499,12 +503,8 @@ def test_vanished_notify_socket_never_raises(
     assert all(r.levelname == "DEBUG" for r in failures)
 
 
-def test_closed_receiver_never_raises(
-    monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]
-) -> None:
-    address, sock = receiver
-    monkeypatch.setenv("NOTIFY_SOCKET", address)
-    notifier = Notifier.from_environment()
+def test_closed_receiver_never_raises(notified: Notified) -> None:
+    notifier, _, sock = notified
     sock.close()  # the manager went away (abstract name released, path left dangling)
     assert notifier.ready() is False
 
