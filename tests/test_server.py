@@ -402,16 +402,25 @@ def test_garbage_never_kills_a_worker(start: StartServer, client: MakeClient) ->
 # ------------------------------------------------------------------ 8. stopping
 
 
+def slow_in_flight(
+    start: StartServer, make: MakeClient, sid: int, fid: int, n: int, ms: int
+) -> tuple[Server, SpopClient, list[psutil.Process]]:
+    """(a server of 2 workers with --graceful-timeout 5, a client whose
+    NOTIFY sid/fid of slow_msg(n, ms) is running, the server's processes)."""
+    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
+    srv.wait_workers(lambda w: len(w) == 2)
+    procs = [srv.ps, *srv.children()]
+    c = ready_client(make, srv.port)
+    c.notify(sid, fid, slow_msg(n, ms))
+    srv.wait_log(rf"slow start {n}")
+    return srv, c, procs
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_graceful_stop_finishes_in_flight_work(
     start: StartServer, client: MakeClient, signum: int
 ) -> None:
-    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
-    srv.wait_workers(lambda w: len(w) == 2)
-    procs = [srv.ps, *srv.children()]
-    c = ready_client(client, srv.port)
-    c.notify(3, 4, slow_msg(7, 1000))
-    srv.wait_log(r"slow start 7")
+    srv, c, procs = slow_in_flight(start, client, 3, 4, 7, 1000)
 
     t0 = time.monotonic()
     srv.signal(signum)
@@ -433,10 +442,7 @@ def test_graceful_stop_finishes_in_flight_work(
 def test_graceful_stop_refuses_new_connections_at_once(
     start: StartServer, client: MakeClient
 ) -> None:
-    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
-    c = ready_client(client, srv.port)
-    c.notify(3, 4, slow_msg(8, 1500))
-    srv.wait_log(r"slow start 8")
+    srv, c, _ = slow_in_flight(start, client, 3, 4, 8, 1500)
     srv.signal(signal.SIGTERM)
     t0 = time.monotonic()
 
@@ -464,12 +470,7 @@ def test_graceful_stop_refuses_new_connections_at_once(
 
 
 def test_sigquit_stops_at_once(start: StartServer, client: MakeClient) -> None:
-    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
-    srv.wait_workers(lambda w: len(w) == 2)
-    procs = [srv.ps, *srv.children()]
-    c = ready_client(client, srv.port)
-    c.notify(1, 1, slow_msg(9, 30_000))
-    srv.wait_log(r"slow start 9")
+    srv, c, procs = slow_in_flight(start, client, 1, 1, 9, 30_000)
     t0 = time.monotonic()
     srv.signal(signal.SIGQUIT)
     code = srv.wait_exit(5)

@@ -1,6 +1,6 @@
 """The test apps that servers load (`--app testapp:agent`): module text that
 a test writes into the server's working directory, and the messages that
-drive it.
+drive it; and `importable_app`, an app module that this process imports.
 
 `TEST_APP`'s handlers: `fast` answers txn.fast = 1; `boom` raises
 ValueError("kaboom from the boom handler"); `hang` blocks its worker;
@@ -10,6 +10,12 @@ milliseconds and answers txn.slow = N.
 """
 
 from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
 
 Messages = list[tuple[str, list[tuple[str, object]]]]
 
@@ -57,3 +63,21 @@ def hang(msg):
 def slow_msg(n: int, ms: int) -> Messages:
     """One `slow` message: answers txn.slow = n after ms milliseconds."""
     return [("slow", [("n", n), ("ms", ms)])]
+
+
+_module_ids = itertools.count()
+
+
+def importable_app(
+    directory: Path, monkeypatch: pytest.MonkeyPatch, body: str, agent_name: str = "x"
+) -> str:
+    """A module `tapp_N` in `directory` (put on sys.path until the test's
+    monkeypatch is undone) defining `agent = Agent(agent_name)`, then `body`;
+    returns its app spec `tapp_N:agent`. N is new for every call, so that no
+    module imported by an earlier test is reused."""
+    name = f"tapp_{next(_module_ids)}"
+    source = f"from spoa_mp.agent import Agent\nagent = Agent({agent_name!r})\n" + body
+    (directory / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(directory))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return f"{name}:agent"
