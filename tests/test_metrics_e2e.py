@@ -30,7 +30,7 @@ from support.apps import TEST_APP, slow_msg
 from support.apps import Messages as Message
 from support.processes import gone, owner_of
 from support.server import Server
-from support.spop_peer import ConnectionClosedError, Frame, SpopClient, vector
+from support.spop_peer import ConnectionClosedError, Frame, SpopClient, handshaken, vector
 from support.waits import HOST, wait_for
 from test_metrics import EXPECTED, Family, Labels, counter_series, parse_exposition
 
@@ -137,12 +137,13 @@ class Metrics:
             text = last[0].text if last else "(no scrape)"
             raise TimeoutError(f"{e}\n--- last /metrics ---\n{text}") from None
 
+    def wait_fast(self, n: int, what: str, timeout: float = WAIT) -> Scrape:
+        """Scrape until exactly `n` "fast" messages are counted."""
+        return self.wait(lambda s: s("messages_total", message="fast") == n, what, timeout)
+
     def client(self) -> SpopClient:
         """A connection whose HAProxy 2.6 handshake is done."""
-        c = SpopClient(self.srv.port)
-        hello = c.hello("haproxy-hello 2.6")
-        assert hello.type == FrameType.AGENT_HELLO, hello
-        return c
+        return handshaken(SpopClient(self.srv.port))
 
     def pids(self) -> set[int]:
         return set(self.srv.workers_by_index().values())
@@ -167,6 +168,13 @@ def metrics(tmp_path: Path) -> Iterator[Metrics]:
 def open_client(mx: Metrics, clients: list[SpopClient]) -> SpopClient:
     c = mx.client()
     clients.append(c)
+    return c
+
+
+def fast_traffic(mx: Metrics, clients: list[SpopClient], n: int) -> SpopClient:
+    """A new connection (closed at teardown) that sent n "fast" NOTIFYs, all ACKed."""
+    c = open_client(mx, clients)
+    send_fast(c, n)
     return c
 
 
@@ -228,9 +236,8 @@ def test_every_family_is_served_and_changes_with_traffic(
         (("type", t),): 0 for t in ("haproxy-disconnect", "haproxy-hello", "notify")
     }
 
-    c = open_client(metrics, clients)
-    send_fast(c, 1)
-    after = metrics.wait(lambda s: s("messages_total", message="fast") == 1, "the first message")
+    fast_traffic(metrics, clients, 1)
+    after = metrics.wait_fast(1, "the first message")
     assert after.families.keys() == s.families.keys()
     assert {n: (f.help, f.type) for n, f in after.families.items()} == {
         n: (f.help, f.type) for n, f in s.families.items()
@@ -463,9 +470,8 @@ def test_counters_survive_a_killed_worker(metrics: Metrics, clients: list[SpopCl
     with pytest.raises(ConnectionClosedError):
         c1.read_frame(5)
 
-    c3 = open_client(metrics, clients)
-    send_fast(c3, 5)
-    after = metrics.wait(lambda s: s("messages_total", message="fast") == n + 5, "new traffic")
+    fast_traffic(metrics, clients, 5)
+    after = metrics.wait_fast(n + 5, "new traffic")
     assert after("frames_in_total", type="notify") == n + 5
     assert after("handler_latency_seconds", "_count") == n + 5
     assert after("worker_restarts_total") == 1
@@ -478,8 +484,7 @@ def test_counters_survive_a_killed_worker(metrics: Metrics, clients: list[SpopCl
 def test_counters_survive_reloads_and_failed_reloads(
     metrics: Metrics, clients: list[SpopClient]
 ) -> None:
-    c = open_client(metrics, clients)
-    send_fast(c, 20)
+    c = fast_traffic(metrics, clients, 20)
     c.close()
     before = metrics.wait(
         lambda s: s("messages_total", message="fast") == 20 and s("connections_open") == 0,
@@ -499,9 +504,8 @@ def test_counters_survive_reloads_and_failed_reloads(
     assert s("messages_total", message="fast") == 20
     assert s("worker_restarts_total") == 0
 
-    c = open_client(metrics, clients)
-    send_fast(c, 7)
-    s = metrics.wait(lambda s: s("messages_total", message="fast") == 27, "new traffic on top")
+    c = fast_traffic(metrics, clients, 7)
+    s = metrics.wait_fast(27, "new traffic on top")
     assert s("frames_in_total", type="haproxy-hello") == 2
     assert s("handler_latency_seconds", "_count") == 27
     assert_not_down(seen[-1], s)
@@ -516,7 +520,7 @@ def test_counters_survive_reloads_and_failed_reloads(
     assert failed("workers_alive") == 2
     assert metrics.pids() == pids
     send_fast(c, 3, first_sid=100)  # the running workers keep serving and counting
-    s2 = metrics.wait(lambda s: s("messages_total", message="fast") == 30, "traffic after it")
+    s2 = metrics.wait_fast(30, "traffic after it")
     assert s2("reloads_failed_total") == 1
     assert s2("generation") == 2
     assert_not_down(s, s2)
@@ -539,7 +543,7 @@ def open_three(mx: Metrics, clients: list[SpopClient]) -> list[SpopClient]:
 def still_serving(mx: Metrics, conns: list[SpopClient]) -> None:
     for c in conns:
         send_fast(c, 2, first_sid=50)
-    mx.wait(lambda s: s("messages_total", message="fast") == 6 + 2 * len(conns), "more traffic")
+    mx.wait_fast(6 + 2 * len(conns), "more traffic")
 
 
 def test_connections_adopted_across_a_reload(metrics: Metrics, clients: list[SpopClient]) -> None:
@@ -576,16 +580,13 @@ def test_connections_handed_over_across_a_reload(
 def test_messages_just_before_a_reload_are_counted(
     metrics: Metrics, clients: list[SpopClient]
 ) -> None:
-    c = open_client(metrics, clients)
-    send_fast(c, 1)
+    c = fast_traffic(metrics, clients, 1)
     # polled fast: the scrape that first shows it follows that worker's heartbeat
     # closely, and the next one is about a second away
-    metrics.wait(lambda s: s("messages_total", message="fast") == 1, "the first message")
+    metrics.wait_fast(1, "the first message")
     send_fast(c, 20, first_sid=2)
     reload_and_wait(metrics, 2, lambda s: None)  # the old workers are reaped
-    metrics.wait(
-        lambda s: s("messages_total", message="fast") == 21, "all 21 messages counted", 1.5
-    )
+    metrics.wait_fast(21, "all 21 messages counted", 1.5)
 
 
 # ------------------------------------------------------------------ 9. HTTP
@@ -608,8 +609,8 @@ def test_http_through_the_real_server(metrics: Metrics, clients: list[SpopClient
     assert headers["Content-Type"].startswith("text/plain; version=")
 
     # the answers follow the traffic; a 404 in between changes nothing
-    send_fast(open_client(metrics, clients), 3)
+    fast_traffic(metrics, clients, 3)
     assert http_get(metrics.port, "/nope")[0] == 404
-    s = metrics.wait(lambda s: s("messages_total", message="fast") == 3, "3 messages")
+    s = metrics.wait_fast(3, "3 messages")
     assert s.text != first.text
     assert_not_down(first, s)
