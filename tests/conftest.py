@@ -3,17 +3,21 @@
 * The SPOP vectors of tests/data/spop-vectors.json (spop.md §12): tests that
   take a `frame_vector`, `varint_vector` or `truncated_varint_hex` argument
   are parametrized over every vector of that kind, one test id each.
-* `processes`, `servers`, `clients`: what a test starts or opens, killed or
-  closed at teardown; when a test fails, the output of its `processes` is
-  appended to the report.
+* `processes`, `servers`, `clients` (and `client(port)`, which opens one):
+  what a test starts or opens, killed or closed at teardown; when a test
+  fails, the output of its `processes` is appended to the report.
+* `sockdir`: a directory short enough for Unix sockets.
 
 The tools behind them are in tests/support/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,12 +65,37 @@ def servers() -> Iterator[list[Server]]:
 
 
 @pytest.fixture
+def sockdir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for Unix sockets (sun_path holds 107 bytes: keep it short)."""
+    if len(str(tmp_path)) < 80:
+        yield tmp_path
+        return
+    short = Path(tempfile.mkdtemp(prefix="spoa-sock-", dir="/tmp"))
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
 def clients() -> Iterator[list[SpopClient]]:
     """Clients appended here are closed at teardown."""
     made: list[SpopClient] = []
     yield made
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def client(clients: list[SpopClient]) -> Callable[[int], SpopClient]:
+    """client(port): a SpopClient connected to 127.0.0.1:port, closed at teardown."""
+
+    def _client(port: int) -> SpopClient:
+        c = SpopClient(port)
+        clients.append(c)
+        return c
+
+    return _client
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -189,6 +218,25 @@ def frame_meaning(data: bytes, frame: tuple, items: list) -> dict[str, Any]:
                 actions.append(["set-var", it[9], name, it[6], codec.item_value(data, it)])
         m["actions"] = actions
     return m
+
+
+def notes_meaning(notes: Iterable[tuple[int, int, Iterable[Any]]]) -> Any:
+    """Notifications (sid, fid, messages), as protocol.py hands them over, in
+    the form [[sid, fid, [[name, [[arg, type_code, value], ...]], ...]], ...],
+    tagged (see `tagged()`)."""
+    return tagged(
+        [
+            [
+                sid,
+                fid,
+                [
+                    [m.name, [[a, int(m.type_of(i)), v] for i, (a, v) in enumerate(m.items())]]
+                    for m in msgs
+                ],
+            ]
+            for sid, fid, msgs in notes
+        ]
+    )
 
 
 _DECODERS: dict[int, Decoder] = {}  # decoders keep no state between calls

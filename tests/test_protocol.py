@@ -6,7 +6,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import VECTORS, decode_meanings, json_meaning, tagged
+from conftest import VECTORS, decode_meanings, json_meaning, notes_meaning, tagged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,22 +97,6 @@ def assert_failed(conn: AgentConnection, status: int) -> None:
     assert conn.data_to_send() == b""
     assert not conn.take_events()
     assert conn.closing
-
-
-def notes_meaning(notes: list) -> list:
-    return tagged(
-        [
-            [
-                sid,
-                fid,
-                [
-                    [m.name, [[a, int(m.type_of(i)), v] for i, (a, v) in enumerate(m.items())]]
-                    for m in msgs
-                ],
-            ]
-            for sid, fid, msgs in notes
-        ]
-    )
 
 
 def vector_notes(name: str) -> list:
