@@ -24,7 +24,9 @@ from spoa_mp.agent import Agent, load_app
 from spoa_mp.codec import Decoder, Encoder, FrameType, status_reason
 from spoa_mp.counters import Counters
 from spoa_mp.dispatch import Dispatcher, DispatchSettings
+from spoa_mp.events import ProtocolError
 from spoa_mp.exchange import Reply, hello_frame, parse_reply
+from spoa_mp.handshake import AgentSettings
 from spoa_mp.model import (
     ACTION_SET_VAR,
     Action,
@@ -39,7 +41,8 @@ from spoa_mp.model import (
     set_var,
     unset_var,
 )
-from spoa_mp.protocol import AgentConnection, AgentSettings, Notifies, ProtocolError
+from spoa_mp.notifies import Notifies
+from spoa_mp.protocol import AgentConnection
 
 __all__ = ["AgentClient", "Msg", "Result", "notify_args", "reply_actions"]
 
