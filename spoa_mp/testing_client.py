@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
 
@@ -179,11 +179,14 @@ class AgentClient:
     `asend_many` on the running loop instead (one loop per client). The
     agent's `on_worker_start` hooks run once, before the first message (as
     in a worker after the fork), unless `worker_start=False`. The agent is
-    not frozen. `handler_timeout`, `blocking_threads` and `max_in_flight`
-    are the server's options of those names. A message no handler takes
-    raises KeyError (a typo, most likely) unless `strict=False`, which
-    sends it as HAProxy would (an empty ACK comes back). Each ACK is waited
-    for at most `wait_timeout` seconds (TimeoutError).
+    not frozen. `dispatch` holds the server's handler options
+    (--handler-timeout, --max-in-flight, --max-pending, --blocking-threads;
+    by default the server's, with 4 blocking threads); `handler_timeout`,
+    the one a test sets most, replaces its handler_timeout. A message no
+    handler takes raises KeyError (a typo, most likely) unless
+    `strict=False`, which sends it as HAProxy would (an empty ACK comes
+    back). Each ACK is waited for at most `wait_timeout` seconds
+    (TimeoutError).
     """
 
     def __init__(
@@ -191,8 +194,7 @@ class AgentClient:
         agent: Agent | str,
         *,
         handler_timeout: float | None = None,
-        blocking_threads: int = 4,
-        max_in_flight: int = 256,
+        dispatch: DispatchSettings | None = None,
         worker_start: bool = True,
         strict: bool = True,
         wait_timeout: float = WAIT_TIMEOUT,
@@ -200,11 +202,10 @@ class AgentClient:
         self.agent = load_app(agent) if isinstance(agent, str) else agent
         self.counters = Counters()
         self.wait_timeout = wait_timeout
-        self._settings = DispatchSettings(
-            handler_timeout=handler_timeout,
-            max_in_flight=max_in_flight,
-            blocking_threads=blocking_threads,
-        )
+        settings = DispatchSettings(blocking_threads=4) if dispatch is None else dispatch
+        if handler_timeout is not None:
+            settings = replace(settings, handler_timeout=handler_timeout)
+        self._settings = settings
         self._worker_start = worker_start
         self._strict = strict
         self._encoder = Encoder()
