@@ -26,7 +26,7 @@ def read_disconnect(data: bytes, f: FrameRecord, items: list[ItemRecord]) -> tup
 def agent_disconnect(encoder: Encoder, status: int, message: str) -> bytes:
     """The AGENT-DISCONNECT frame; the message is cut to 255 bytes (HAProxy 2.6
     discards a longer one and waits for its idle timeout)."""
-    return encoder.frame(
+    return encoder.kv_frame(
         FrameType.AGENT_DISCONNECT, 0, 0,
         kv=[
             ("status-code", (DataType.UINT32, status & 0xFFFFFFFF, b"")),

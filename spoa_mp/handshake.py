@@ -158,7 +158,7 @@ def agent_hello(encoder: Encoder, hs: Handshake) -> bytes:
     ours = [
         c for c, on in (("pipelining", hs.pipelining), ("fragmentation", hs.fragmentation)) if on
     ]
-    return encoder.frame(
+    return encoder.kv_frame(
         FrameType.AGENT_HELLO, 0, 0,
         kv=[
             ("version", String(SPOP_VERSION.encode())),

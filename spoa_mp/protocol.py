@@ -325,7 +325,7 @@ class AgentConnection:
             self._hello(data, f, items)
         elif type_ in (FrameType.NOTIFY, FrameType.UNSET):
             announced = self.handshake is not None and self.handshake.fragmentation
-            note = self._reassembly.frame(data, f, announced)
+            note = self._reassembly.take(data, f, announced)
             if note is not None:
                 out.add(*note)
         elif type_ in (FrameType.HAPROXY_HELLO, FrameType.HAPROXY_DISCONNECT):

@@ -42,7 +42,7 @@ class Reassembly:
     def under_way(self) -> bool:
         return self._fragment is not None
 
-    def frame(self, data: bytes, f: FrameRecord, announced: bool) -> Notification | None:
+    def take(self, data: bytes, f: FrameRecord, announced: bool) -> Notification | None:
         """Take one NOTIFY-without-FIN, UNSET or ABORT frame (record `f` of
         `data`); returns the NOTIFY once its last fragment is in. `announced`:
         we offered fragmentation in the handshake."""

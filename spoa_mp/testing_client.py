@@ -332,12 +332,8 @@ class AgentClient:
         groups = [msgs] if one_notify else [[m] for m in msgs]
         sids = [next(self._sids) for _ in groups]
         data = b"".join(
-            self._encoder.frame(
-                FrameType.NOTIFY,
-                sid,
-                1,
-                messages=[(m.name, m.args) for m in group],
-                max_frame_size=size,
+            self._encoder.notify_frame(
+                sid, 1, messages=[(m.name, m.args) for m in group], max_frame_size=size
             )
             for sid, group in zip(sids, groups, strict=True)
         )
