@@ -273,18 +273,20 @@ def action_of(a: list[Any]) -> Any:
 
 
 def encode_meaning(m: dict[str, Any], encoder: Any = None, **kw: Any) -> bytes:
-    """Encoder.frame(...) of a meaning (values forced to their exact types)."""
-    return (encoder or _ENCODER).frame(
-        m["type"],
-        m["sid"],
-        m["fid"],
-        kv=[(k, typed_encoding(t, v)) for k, t, v in m.get("kv", ())],
-        messages=[
-            (name, [(a, typed_encoding(t, v)) for a, t, v in args])
-            for name, args in m.get("messages", ())
-        ],
-        actions=[action_of(a) for a in m.get("actions", ())],
-        raw=m.get("raw", b""),
-        flags=m["flags"],
-        **kw,
-    )
+    """The Encoder's *_frame(...) of a meaning (values forced to their exact types)."""
+    enc = encoder or _ENCODER
+    kw["flags"] = m["flags"]
+    if "raw" in m:
+        return enc.raw_frame(m["type"], m["sid"], m["fid"], payload=m["raw"], **kw)
+    if "messages" in m:
+        assert m["type"] == 3
+        msgs = [
+            (name, [(a, typed_encoding(t, v)) for a, t, v in args]) for name, args in m["messages"]
+        ]
+        return enc.notify_frame(m["sid"], m["fid"], messages=msgs, **kw)
+    if "actions" in m:
+        assert m["type"] == 103
+        actions = [action_of(a) for a in m["actions"]]
+        return enc.ack_frame(m["sid"], m["fid"], actions=actions, **kw)
+    kv = [(k, typed_encoding(t, v)) for k, t, v in m.get("kv", ())]
+    return enc.kv_frame(m["type"], m["sid"], m["fid"], kv=kv, **kw)

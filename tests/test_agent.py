@@ -68,6 +68,25 @@ def test_add_handler_is_the_non_decorator_form() -> None:
     }
 
 
+def test_add_batch_handler_is_the_non_decorator_form_of_on_batch() -> None:
+    agent = Agent("t")
+    fallback = set_var("txn", "fallback", 1)
+    agent.add_batch_handler("b", sync_handler, timeout=0.5, on_error=fallback)
+    assert agent.handlers["b"] == Registered(
+        sync_handler, False, batch=True, timeout=0.5, on_error=(fallback,)
+    )
+
+
+def test_decorator_fallbacks_may_be_one_shot_iterables() -> None:
+    # checked once at the decorator line: the iterator is read once, not twice
+    agent = Agent("t")
+    fallback = set_var("txn", "fallback", 1)
+    agent.on_message("m", on_error=iter([fallback]))(sync_handler)
+    agent.on_batch("b", on_timeout=iter([fallback]), timeout=1)(sync_handler)
+    assert agent.handlers["m"].on_error == (fallback,)
+    assert agent.handlers["b"].on_timeout == (fallback,)
+
+
 def test_agent_name_defaults_to_agent() -> None:
     assert Agent().name == "agent"
     assert Agent("iprep").name == "iprep"
@@ -147,9 +166,16 @@ def test_freeze() -> None:
         ("on_message", lambda agent: agent.on_message("b")),
         ("on_message", lambda agent: agent.on_message("b")(sync_handler)),
         ("add_handler", lambda agent: agent.add_handler("b", sync_handler)),
+        ("add_batch_handler", lambda agent: agent.add_batch_handler("b", sync_handler)),
         ("on_worker_start", lambda agent: agent.on_worker_start(sync_handler)),
     ],
-    ids=["on_message", "on_message-decorate", "add_handler", "on_worker_start"],
+    ids=[
+        "on_message",
+        "on_message-decorate",
+        "add_handler",
+        "add_batch_handler",
+        "on_worker_start",
+    ],
 )
 def test_freeze_blocks_every_registration_method(method: str, register: Any) -> None:
     agent = Agent("frozen-one")

@@ -51,7 +51,7 @@ def test_a_batch_call_is_one_latency_observation(kind: str) -> None:
     def sync(msgs: list[Any]) -> list[None]:
         return [None] * len(msgs)
 
-    agent.add_handler("b", {"sync": sync, "eager": eager, "suspended": suspended}[kind], batch=True)
+    agent.add_batch_handler("b", {"sync": sync, "eager": eager, "suspended": suspended}[kind])
 
     async def main() -> None:
         h = Harness(agent)

@@ -68,10 +68,10 @@ class Stream:
         payload = payload_of(whole)
         bounds = [0, *sorted(min(c, len(payload)) for c in cuts), len(payload)]
         parts = [payload[a:b] for a, b in pairwise(bounds)]
-        self.data += ENC.frame(FrameType.NOTIFY, sid, fid, raw=parts[0], flags=0)
+        self.data += ENC.raw_frame(FrameType.NOTIFY, sid, fid, payload=parts[0], flags=0)
         for i, part in enumerate(parts[1:], start=2):
             flags = 1 if i == len(parts) else 0
-            self.data += ENC.frame(FrameType.UNSET, sid, fid, raw=part, flags=flags)
+            self.data += ENC.raw_frame(FrameType.UNSET, sid, fid, payload=part, flags=flags)
         self.expected.append([sid, fid, msgs])
         return self
 
@@ -220,7 +220,7 @@ def mixed_stream() -> Stream:
         .notify(1, 1, [ip_message(1)])
         .notify(3, 1, [ip_message(3), ["ip", [["x", STRING, String(b"y")]]]])
         .notify(5, 1, [])
-        .skipped(ENC.frame(50, 7, 7, raw=b"\x01\x02", flags=1))
+        .skipped(ENC.raw_frame(50, 7, 7, payload=b"\x01\x02", flags=1))
         .fragmented(7, 2, [ip_message(7), ["a", [["", BINARY, b"\x00" * 40]]]], [3, 30])
         .skipped(V["unset fragment fin+abort"])  # an ABORT with nothing in progress
         .notify(9, 1, [ip_message(9)])
@@ -293,7 +293,7 @@ def test_a_zero_message_notify_early_in_a_long_pipelined_read_loses_nothing() ->
 
 
 def test_hello_with_a_smaller_max_frame_size_then_notifies_in_one_read() -> None:
-    hello = ENC.frame(
+    hello = ENC.kv_frame(
         1,
         0,
         0,
@@ -347,7 +347,7 @@ def build(parts: list[tuple[Any, ...]]) -> Stream:
         elif kind == "fragmented":
             stream.fragmented(sid, 2, rest[0], rest[1])
         else:
-            stream.skipped(ENC.frame(rest[0], sid, 1, raw=b"\xff\x00", flags=1))
+            stream.skipped(ENC.raw_frame(rest[0], sid, 1, payload=b"\xff\x00", flags=1))
     return stream
 
 
@@ -414,11 +414,11 @@ def test_ack_for_writes_what_ack_writes(kind: str) -> None:
     assert by_tuples.ack(replies) == []
     data = by_columns.data_to_send()
     assert data == by_tuples.data_to_send()
-    assert data == b"".join(ENC.frame(FrameType.ACK, s, f, actions=a) for s, f, a in replies)
+    assert data == b"".join(ENC.ack_frame(s, f, actions=a) for s, f, a in replies)
 
 
 def test_ack_for_cuts_like_ack_at_the_negotiated_size() -> None:
-    hello = ENC.frame(
+    hello = ENC.kv_frame(
         1, 0, 0, kv=[("supported-versions", String(b"2.0")), ("max-frame-size", UInt32(256))]
     )
     many = [set_var("txn", f"v{i}", i) for i in range(60)]
@@ -575,7 +575,7 @@ def test_ack_for_one_notify_takes_one_call_and_still_refuses_narrow_ids() -> Non
     wires = Encoder()
     wires.action_wire(SCORE)
     assert conn.ack_for(array("Q", [1000, 1]), [SCORE]) == []
-    assert conn.data_to_send() == ENC.frame(FrameType.ACK, 1000, 1, actions=[SCORE])
+    assert conn.data_to_send() == ENC.ack_frame(1000, 1, actions=[SCORE])
     with pytest.raises(TypeError, match="array\\('Q'\\)"):
         conn.ack_for(array("I", [1000, 1]), [SCORE])
     assert conn.data_to_send() == b""

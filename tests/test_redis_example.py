@@ -105,7 +105,7 @@ def redis_unix() -> Iterator[RedisServer]:
 
 
 def message(name: str, *args: tuple[str, object]) -> Message:
-    frame = Encoder().frame(3, 1, 1, messages=[(name, list(args))])
+    frame = Encoder().notify_frame(1, 1, messages=[(name, list(args))])
     decoded = Decoder().decode(frame, 16380)
     return messages(frame, decoded.frames[0], decoded.items)[0]
 

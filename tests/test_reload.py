@@ -571,13 +571,13 @@ def test_fragmented_notify_under_way_at_the_reload(start: StartServer, client: M
     frames, _, _, _ = Decoder().decode(full, 16380)
     payload = full[frames[0][F_POFF] : frames[0][F_POFF] + frames[0][F_PLEN]]
     enc = c._encoder
-    c.send(enc.frame(FrameType.NOTIFY, 1, 1, raw=payload[:4], flags=0))  # FIN clear
+    c.send(enc.raw_frame(FrameType.NOTIFY, 1, 1, payload=payload[:4], flags=0))  # FIN clear
     client_port = c.sock.getsockname()[1]
     wait_for(lambda: rx_queue(srv.port, client_port) == 0, what="the first fragment read")
     with ExitWatcher(old.values()) as watcher:
         reload_and_wait(srv, 2)
         srv.wait_log(HANDING, count=2)
-        c.send(enc.frame(FrameType.UNSET, 1, 1, raw=payload[4:], flags=1))  # the rest, FIN
+        c.send(enc.raw_frame(FrameType.UNSET, 1, 1, payload=payload[4:], flags=1))  # the rest, FIN
         assert_ack(c.read_frame(3.0), 1, 1, (SET_VAR, TXN, "ver", 1))
         wait_for(watcher.all_gone, 5.0, "the old workers to exit")
     c.notify(2, 1, ver_msg())

@@ -206,7 +206,7 @@ def refusing_peer() -> Iterator[int]:
     """Answers any HELLO with AGENT-DISCONNECT status 8 (bad version), then closes."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
-    frame = Encoder().frame(
+    frame = Encoder().kv_frame(
         FrameType.AGENT_DISCONNECT, 0, 0,
         kv=[("status-code", UInt32(Status.BAD_VERSION)), ("message", "unsupported version")],
     )  # fmt: skip

@@ -96,7 +96,7 @@ class SpopClient:
     def notify_bytes(
         self, sid: int, fid: int, messages: Sequence[tuple[str, Sequence[tuple[str, Any]]]]
     ) -> bytes:
-        return self._encoder.frame(FrameType.NOTIFY, sid, fid, messages=messages)
+        return self._encoder.notify_frame(sid, fid, messages=messages)
 
     def notify(
         self, sid: int, fid: int, messages: Sequence[tuple[str, Sequence[tuple[str, Any]]]]
