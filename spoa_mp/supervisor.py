@@ -18,8 +18,7 @@ and never reads them), and exit. If the new generation cannot start, the old
 one keeps serving. --reload-mode rolling does it one worker at a time;
 drain lets the old workers finish and close instead (replacing.py).
 
-Start-up is server.py; each worker's state is a WorkerProcess
-(worker_process.py), and what it is given one WorkerOptions.
+Start-up is server.py; each worker is a WorkerProcess (worker_process.py) given a WorkerOptions.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from spoa_mp.agent import Agent
 from spoa_mp.config import ServerConfig
 from spoa_mp.dispatch import DispatchSettings
-from spoa_mp.protocol import AgentSettings
+from spoa_mp.handshake import AgentSettings
 
 
 @dataclass(frozen=True, slots=True)
