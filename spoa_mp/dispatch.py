@@ -30,7 +30,6 @@ import asyncio
 import logging
 import time
 import types
-from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import Context, copy_context
@@ -252,7 +251,12 @@ class Dispatcher:
         self.counters.latency.observe_stamps(stamps)
         if late or any_deferred:
             self._late = []
-            ids, results = self._hold(conn, notifies, results, late)
+            # the NOTIFYs that wait become streams; those ready now are ACKed below
+            ids, results, held = hold(conn, notifies, results, late, self._deferred)
+            self.pending += held
+            if self.pending >= self.settings.max_pending and not self.paused:
+                self.paused = True  # the owner stops reading until on_capacity()
+                self.counters.backpressure += 1
         else:
             ids = notifies.ids
             if notifies.counts is not None:
@@ -424,22 +428,6 @@ class Dispatcher:
             return normalize_actions(value)
         except TypeError:
             return self._failed_call(reg, name, n)
-
-    def _hold(
-        self,
-        conn: Conn,
-        notifies: Notifies,
-        results: list[Any],
-        late: list[tuple[tuple[int, ...], Call]],
-    ) -> tuple[array[int], list[Result]]:
-        """Split a read (inflight.hold): the ids and results of the NOTIFYs
-        ready now; the rest wait, counted against --max-pending."""
-        now_ids, now_results, held = hold(conn, notifies, results, late, self._deferred)
-        self.pending += held
-        if self.pending >= self.settings.max_pending and not self.paused:
-            self.paused = True  # the owner stops reading until on_capacity()
-            self.counters.backpressure += 1
-        return now_ids, now_results
 
     # ------------------------------------------------------------ late ACKs
 

@@ -89,7 +89,9 @@ class InFlight:
         call.task = task
         self.tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(call, t))
-        self._watch(call)
+        timeout = call.reg.timeout  # inline, not a helper: once per suspended coroutine
+        if timeout is not None:
+            self._deadlines.add(call, timeout)
         return task
 
     def thread(self, call: Call, arg: Any) -> None:
@@ -101,9 +103,6 @@ class InFlight:
         fut = loop.run_in_executor(self._pool, call.reg.fn, arg)
         call.task = fut
         fut.add_done_callback(lambda f: self._thread_done(call, f))
-        self._watch(call)
-
-    def _watch(self, call: Call) -> None:
         timeout = call.reg.timeout
         if timeout is not None:
             self._deadlines.add(call, timeout)
