@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from spoa_mp import control, logs
+from spoa_mp import control, event_loop, logs
 from spoa_mp.admission import Admission
 from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.counters import Counters, gauges
@@ -120,7 +120,7 @@ class Worker:
     def run(self) -> int:
         """Serve until told to stop; returns the process exit code."""
         try:
-            return asyncio.run(self._main())
+            return event_loop.run(self._main(), self.options.loop)
         except BootError as e:
             # the supervisor reports it, once for all workers
             control.send(self.channel, control.BOOT_ERROR, error=str(e))
