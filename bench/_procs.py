@@ -66,11 +66,22 @@ class Procs:
 # ------------------------------------------------------------------ the agents
 
 
+# spoa-mp on its default loop or on one asked for, the same command from another
+# checkout's python (--baseline-python: old against new), HAProxy's example agent
+AGENTS = ("spoa-mp", "spoa-mp:asyncio", "spoa-mp:uvloop", "baseline", "example")
+
+
+def is_spoa(kind: str) -> bool:
+    return kind != "example"
+
+
 def agent_argv(kind: str, port: int, workers: int, threads: int, python: str) -> list[str]:
-    """spoa-mp `-n workers` or the example agent `-n threads -c pipelining`."""
-    if kind == "spoa-mp":
+    """spoa-mp `-n workers` (`spoa-mp:LOOP`: with `--loop LOOP`; `baseline`: run by
+    the baseline's python) or the example agent `-n threads -c pipelining`."""
+    if is_spoa(kind) and kind in AGENTS:
         argv = [python, "-m", "spoa_mp", "-p", str(port), "-n", str(workers), "--host", HOST]
-        return [*argv, "--graceful-timeout", "3"]
+        loop = ["--loop", kind.partition(":")[2]] if ":" in kind else []
+        return [*argv, "--graceful-timeout", "3", *loop]
     if kind == "example":
         # binds every address (no option): the port is a free loopback test port
         return [str(EXAMPLE_AGENT), "-p", str(port), "-n", str(threads), "-c", "pipelining"]
@@ -85,7 +96,7 @@ def start_agent(
 
     def ready() -> bool:
         agent.check_alive()
-        if kind == "spoa-mp" and len(agent.tree()) != workers + 1:
+        if is_spoa(kind) and len(agent.tree()) != workers + 1:
             return False
         return accepting(port)
 
@@ -96,9 +107,9 @@ def start_agent(
 def parse_agents(text: str) -> list[str]:
     """'spoa-mp,example' -> ['spoa-mp', 'example']; ValueError on anything else."""
     agents = [a.strip() for a in text.split(",") if a.strip()]
-    bad = [a for a in agents if a not in ("spoa-mp", "example")]
+    bad = [a for a in agents if a not in AGENTS]
     if bad or not agents:
-        raise ValueError(f"--agents takes spoa-mp and/or example, comma-separated: {text!r}")
+        raise ValueError(f"--agents takes {', '.join(AGENTS)}, comma-separated: {text!r}")
     return list(dict.fromkeys(agents))
 
 
