@@ -116,6 +116,10 @@ class ServerConfig:
     max_requests_jitter: int = 0  # plus a random 0..N, so workers do not recycle together
     max_rss: int = 0  # recycle a worker whose resident memory exceeds this many MiB (0 = never)
     metrics: str | None = None  # HOST:PORT serving Prometheus /metrics from the supervisor
+    tls_cert: str | None = None  # PEM certificate (chain): the listeners speak TLS (tls.py)
+    tls_key: str | None = None  # its PEM private key
+    tls_client_ca: str | None = None  # PEM CA(s): clients must present a certificate it signed
+    allow: tuple[str, ...] = ()  # CIDRs TCP peers must be in (access.py); () = everyone
     debug: bool = False
     log_format: str = "text"  # text | json (spoa_mp.logs)
     config_file: str | None = None  # absolute path of the TOML file read, if any
@@ -164,14 +168,21 @@ _KINDS: dict[str, type] = {
     "max_requests_jitter": int,
     "max_rss": int,
     "metrics": str,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_client_ca": str,
+    "allow": tuple,
     "debug": bool,
     "log_format": str,
 }
 # may be None (not from TOML)
 _OPTIONAL = frozenset(
-    {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout"}
+    {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout",
+     "tls_cert", "tls_key", "tls_client_ca"}
+)  # fmt: skip
+_PATH_KEYS = frozenset(
+    {"unix", "reputation_file", "pidfile", "tls_cert", "tls_key", "tls_client_ca"}
 )
-_PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile"})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
 _EXPECTED = {
@@ -203,6 +214,8 @@ def _coerce(name: str, value: object, where: str) -> object:
         return None
     if kind is float and type(value) is int:
         return float(value)
+    if name == "allow":
+        return _networks(value, where)
     if kind is tuple:
         return _blocklists(value, where)
     if type(value) is not kind:  # not isinstance: True is no integer here
@@ -226,6 +239,24 @@ def _blocklists(value: object, where: str) -> tuple[tuple[str, int], ...]:
             raise ConfigError(f"{where} must be {_EXPECTED[tuple]}, got {_type_name(item)}")
         try:
             out.append(parse_blocklist_arg(item))
+        except ValueError as e:
+            raise ConfigError(f"{where} {e}") from None
+    return tuple(out)
+
+
+def _networks(value: object, where: str) -> tuple[str, ...]:
+    """CIDR strings (a list, or one) normalised ('10.1.2.3' -> '10.1.2.3/32')."""
+    from spoa_mp.access import parse_network  # noqa: PLC0415 - only when used
+
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{where} must be a list of CIDR strings, got {_type_name(value)}")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where} must be a list of CIDR strings, got {_type_name(item)}")
+        try:
+            out.append(str(parse_network(item)))
         except ValueError as e:
             raise ConfigError(f"{where} {e}") from None
     return tuple(out)
@@ -387,6 +418,9 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_requests_jitter": _between(0, 1 << 62),
     "max_rss": _between(0, 1 << 40),
     "metrics": _check_metrics_address,
+    "tls_cert": _check_readable_file,
+    "tls_key": _check_readable_file,
+    "tls_client_ca": _check_readable_file,
     "log_format": _one_of(("text", "json")),
 }
 
@@ -470,12 +504,32 @@ def load_config(cli_values: Mapping[str, object], config_file: str | None = None
         reason = check(value) if check else None
         if reason:
             raise ConfigError(f"{origin[name]} {reason}")
+    _check_tls(merged, origin)
 
     return ServerConfig(
         **merged,  # type: ignore[arg-type]  # each value checked against _KINDS above
         config_file=config_path,
         cli_values=tuple(given.items()),
     )
+
+
+def _check_tls(merged: Mapping[str, object], origin: Mapping[str, str]) -> None:
+    """The TLS keys go together, and their files make a context (tls.py)."""
+    cert, key, ca = (merged.get(k) for k in ("tls_cert", "tls_key", "tls_client_ca"))
+    if bool(cert) != bool(key):
+        given, missing = ("tls_cert", "--tls-key") if cert else ("tls_key", "--tls-cert")
+        raise ConfigError(f"{origin[given]} needs {missing} too")
+    if ca and not cert:
+        raise ConfigError(f"{origin['tls_client_ca']} needs --tls-cert and --tls-key")
+    if not cert:
+        return
+    from spoa_mp.tls import TLSFiles, file_problems  # noqa: PLC0415 - only with TLS
+
+    assert isinstance(cert, str)
+    assert isinstance(key, str)
+    files = TLSFiles(cert, key, ca if isinstance(ca, str) else None)
+    for which, reason in file_problems(files)[:1]:
+        raise ConfigError(f"{origin['tls_' + which]} {reason}")
 
 
 def reload_config(config: ServerConfig) -> ServerConfig:

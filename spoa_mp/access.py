@@ -1,0 +1,59 @@
+"""The address allow-list (``--allow CIDR``, repeatable).
+
+With no ``--allow`` every peer is let in. With some, a TCP peer whose address
+is in none of the networks is closed at accept. Unix-socket peers are always
+let in: who may connect is decided by the socket file's permissions. An
+IPv4 peer reaching an IPv6 socket (``::ffff:10.0.0.1``) is matched as IPv4.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import TypeAlias
+
+__all__ = ["AllowList", "parse_network"]
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_network(text: str) -> Network:
+    """'10.0.0.0/8', '2001:db8::/32' or a bare address (a /32 or /128).
+
+    Raises ValueError with a one-line reason (host bits set: '10.0.0.1/8').
+    """
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as e:
+        raise ValueError(f"must be an address or CIDR network, got {text!r}: {e}") from None
+
+
+class AllowList:
+    """Networks a TCP peer must be in; empty: everyone."""
+
+    __slots__ = ("_v4", "_v6", "networks")
+
+    def __init__(self, networks: Iterable[str | Network] = ()) -> None:
+        self.networks: tuple[Network, ...] = tuple(
+            parse_network(n) if isinstance(n, str) else n for n in networks
+        )
+        self._v4 = tuple(n for n in self.networks if n.version == 4)
+        self._v6 = tuple(n for n in self.networks if n.version == 6)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def allows(self, peer: object) -> bool:
+        """`peer` is what ``accept()`` returned as the address: a tuple for
+        TCP (v4 or v6), a str (or bytes) for a Unix socket."""
+        if not self.networks or not isinstance(peer, tuple):
+            return True
+        try:
+            address: Address = ipaddress.ip_address(str(peer[0]).partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        nets = self._v4 if address.version == 4 else self._v6
+        return any(address in n for n in nets)
