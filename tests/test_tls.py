@@ -218,3 +218,56 @@ def test_bad_flags_one_line_exit_2(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"spoa-mp: error: {message}")
+
+
+# ------------------------------------------------------------------ check-config, haproxy-config
+
+
+def test_check_config_reports_every_tls_problem(
+    pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spoa_mp.check_config import main as check_main  # noqa: PLC0415
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(
+        f'tls-cert = "{pki.server_cert}"\ntls-key = "{pki.server_key}"\n'
+        f'tls-client-ca = "{pki.ca}"\n'
+    )
+    assert check_main([str(conf)]) == 0
+    assert "TLS agent.pem, client certificates required" in capsys.readouterr().out
+    conf.write_text(
+        f'tls-cert = "{pki.server_cert}"\ntls-key = "{pki.client_key}"\n'
+        f'tls-client-ca = "{tmp_path / "nope.pem"}"\n'
+    )
+    assert check_main([str(conf)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{conf}: 'tls-client-ca' cannot be read: {tmp_path / 'nope.pem'}: "
+                   "No such file or directory"]  # fmt: skip
+    conf.write_text(f'tls-cert = "{pki.server_cert}"\ntls-key = "{pki.client_key}"\n')
+    assert check_main([str(conf)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{conf}: 'tls-key' {pki.client_key} does not match the certificate {pki.server_cert}"
+    ]
+    conf.write_text(f'tls-cert = "{pki.server_cert}"\n')
+    assert check_main([str(conf)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"{conf}: 'tls-cert' needs --tls-key too"]
+
+
+def test_haproxy_config_server_line_with_tls(pki: PKI) -> None:
+    from spoa_mp.haproxy_config import Options, render  # noqa: PLC0415
+
+    base = ["-p", "12345", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    options = Options(ca_file="/etc/haproxy/ca.pem", crt="/etc/haproxy/me.pem")
+    cfg = render(parse_serve_args(base), options)["haproxy.cfg"]
+    line = next(x for x in cfg.splitlines() if x.strip().startswith("server agent1"))
+    assert line.endswith("check-ssl ssl verify required ca-file /etc/haproxy/ca.pem")
+    mutual = parse_serve_args([*base, "--tls-client-ca", str(pki.ca)])
+    for version in ("2.6", "3.x"):
+        cfg = render(mutual, Options(haproxy=version, ca_file="/c.pem", crt="/me.pem"))
+        line = next(x for x in cfg["haproxy.cfg"].splitlines() if "server agent1" in x)
+        assert "option spop-check" in cfg["haproxy.cfg"]
+        assert line.endswith(
+            "check inter 5s check-ssl ssl verify required ca-file /c.pem crt /me.pem"
+        )
+    plain = render(parse_serve_args(["-p", "12345"]))["haproxy.cfg"]
+    assert " ssl " not in plain
