@@ -11,7 +11,7 @@ It checks, and reports every problem it finds rather than the first one:
 * the TOML file, key by key, with the rules of :func:`spoa_mp.config.load_config`
   (unknown keys, types, ranges, paths relative to the file);
 * the app (the file's ``app`` or ``--app``): imported as the server would
-  (:func:`spoa_mp.supervisor.build_agent`: the current directory is on the
+  (:func:`spoa_mp.loader.build_agent`: the current directory is on the
   import path), and it must register at least one message handler;
 * the TLS files (``tls-cert``, ``tls-key``, ``tls-client-ca``): readable PEM,
   the key matching the certificate, every certificate within its dates;
@@ -38,6 +38,7 @@ from typing import NoReturn
 
 from spoa_mp.agent import AppLoadError
 from spoa_mp.config import _PATH_KEYS, TOML_KEYS, ConfigError, ServerConfig, load_config
+from spoa_mp.loader import build_agent
 from spoa_mp.reputation import ReputationFileError, ReputationTable
 from spoa_mp.tls import TLSFiles, file_problems
 
@@ -112,8 +113,6 @@ def _check_file(path: str, report: Report) -> dict[str, object]:
 
 
 def _check_app(spec: str, where: str, report: Report) -> None:
-    from spoa_mp.supervisor import build_agent  # noqa: PLC0415 - only with an app
-
     try:
         agent = build_agent(ServerConfig(app=spec, workers=1))
     except AppLoadError as e:

@@ -44,8 +44,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
-# the frame-size limits have one definition, csrc/spop.h (through the codec)
-from spoa_mp.codec import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+from spoa_mp.addresses import parse_address
+from spoa_mp.limits import DEFAULT_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
 
 __all__ = [
     "MAX_FRAME_SIZE",
@@ -97,7 +97,7 @@ class ServerConfig:
     reputation_file: str | None = None
     default_score: int = 100  # for addresses the reputation file does not list
     blocklist: tuple[tuple[str, int], ...] = ()  # (file, score) pairs, spoa_mp.blocklist
-    max_frame_size: int = 16380  # MIN_FRAME_SIZE..MAX_FRAME_SIZE
+    max_frame_size: int = DEFAULT_FRAME_SIZE  # MIN_FRAME_SIZE..MAX_FRAME_SIZE
     pipelining: bool = True
     fragmentation: bool = True
     max_in_flight: int = 256  # messages in flight per connection before reads pause
@@ -358,8 +358,6 @@ RELOAD_MODES = ("handover", "rolling", "drain")
 
 
 def _check_metrics_address(value: object) -> str | None:
-    from spoa_mp.metrics_http import parse_address  # noqa: PLC0415 - only when asked for
-
     try:
         parse_address(str(value))
     except ValueError as e:

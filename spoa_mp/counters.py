@@ -1,11 +1,13 @@
-"""What a worker counts and reports in every heartbeat (health.py),
+"""What a worker counts and reports in every heartbeat (control.py),
 cumulative since it started; the supervisor sums them over
 workers alive and gone (see metrics.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from spoa_mp.metrics import LatencyHistogram
-from spoa_mp.protocol import FrameCounts
+from spoa_mp.protocol import FrameCounts, Handshake
 
 
 class Counters:
@@ -49,3 +51,23 @@ class Counters:
             "handed_over": self.handed_over,
             "adopted": self.adopted,
         }
+
+
+def gauges(
+    connections: int, in_flight: int, handshakes: Iterable[Handshake | None]
+) -> dict[str, object]:
+    """A worker's gauges for its heartbeat: what is open now, and what its
+    connections negotiated (health checks and handshakes under way left out)."""
+    sizes: dict[str, int] = {}
+    caps: dict[str, int] = {}
+    for hs in handshakes:
+        if hs is not None and not hs.healthcheck:
+            FrameCounts.add(sizes, str(hs.max_frame_size))
+            names = [n for n, on in (("pipelining", hs.pipelining),
+                                     ("fragmentation", hs.fragmentation)) if on]  # fmt: skip
+            FrameCounts.add(caps, ",".join(names))
+    return {
+        "connections": connections,
+        "in_flight": in_flight,
+        "negotiated": {"max_frame_size": sizes, "capabilities": caps},
+    }

@@ -1,7 +1,7 @@
 """``spoa-mp haproxy-config``: the HAProxy configuration for the agent as configured.
 
 It takes the serve command's flags and ``--config FILE`` (parsed by
-:func:`spoa_mp.cli.parse_serve_args`, so the result is the very ServerConfig
+:func:`spoa_mp.flags.parse_serve_args`, so the result is the very ServerConfig
 the server would run with) plus a few options of its own, and prints two
 files: ``haproxy.cfg`` (a frontend with the SPOE filter and an example deny
 rule, the application backend, the agents' backend) and the SPOE file
@@ -24,7 +24,7 @@ What follows the agent's settings (spop.md §9):
   ``--tls-client-ca``; the files are ``--ca-file`` and ``--crt``;
 * the messages: ``check-client-ip`` with its ``args`` for the built-in agent,
   or the message names an ``--app`` agent registers (imported as the server
-  would, :func:`spoa_mp.supervisor.build_agent`), each with a commented
+  would, :func:`spoa_mp.loader.build_agent`), each with a commented
   ``args`` line to fill in.
 
 HAProxy 2.6 (and up to 3.0) and 3.1+ differ in two places: the agents'
@@ -38,18 +38,29 @@ hello`` and ``timeout idle`` only for 2.6 (3.x ignores them).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from spoa_mp.agent import AppLoadError, Registered
-from spoa_mp.cli import parse_serve_args
+from spoa_mp.agent import AppLoadError
 from spoa_mp.config import ConfigError, ServerConfig
+from spoa_mp.flags import parse_serve_args
+from spoa_mp.haproxy_agent import (
+    DEFAULT_MESSAGE,
+    DEFAULT_PROCESSING_TIMEOUT,
+    WORD,
+    agent_server_address,
+    handler_deadline,
+    haproxy_seconds,
+    message_names,
+    processing_timeout,
+)
+from spoa_mp.limits import DEFAULT_FRAME_SIZE
+from spoa_mp.reputation import MAX_SCORE  # scores are 0..100
 
 __all__ = [
     "DEFAULT_MESSAGE",
@@ -59,8 +70,11 @@ __all__ = [
     "Options",
     "agent_server_address",
     "build_parser",
+    "handler_deadline",
+    "haproxy_seconds",
     "main",
     "message_names",
+    "processing_timeout",
     "render",
     "write_files",
 ]
@@ -70,10 +84,8 @@ EXIT_USAGE = 2
 
 HAPROXY_VERSIONS = ("2.6", "3.x")
 EVENTS = ("on-client-session", "on-frontend-http-request")
-DEFAULT_MESSAGE = "check-client-ip"  # spoa_mp.apps.iprep.MESSAGE (not imported: no table load)
 # HAProxy's SPOE max-frame-size default: tune.bufsize (16384) - 4 (spop.md §4.3).
-HAPROXY_DEFAULT_MAX_FRAME_SIZE = 16380
-MAX_SCORE = 100  # spoa_mp.reputation.MAX_SCORE: scores are 0..100
+HAPROXY_DEFAULT_MAX_FRAME_SIZE = DEFAULT_FRAME_SIZE
 # Where the printed haproxy.cfg says the SPOE file is, when --output-dir is not given.
 DEFAULT_SPOE_DIR = "/etc/haproxy"
 
@@ -89,11 +101,8 @@ _VAR_PREFIX = re.compile(r"[A-Za-z0-9._]+\Z")  # HAProxy's variable name charact
 _ENGINE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
 _ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _TIMEOUT = re.compile(r"[0-9]+(?:us|ms|s|m|h|d)?\Z")
-DEFAULT_PROCESSING_TIMEOUT = "100ms"
 DEFAULT_CA_FILE = "/etc/haproxy/spoa-ca.pem"
 DEFAULT_CRT = "/etc/haproxy/spoa-client.pem"
-# A word in an HAProxy config line: no blanks, quotes, backslashes or comment signs.
-_WORD = re.compile(r"[^\s#'\"\\]+\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +148,12 @@ class Options:
             raise ConfigError(f"--engine must match [A-Za-z0-9._-]+, got {self.engine!r}")
         if not _VAR_PREFIX.match(self.var_prefix):
             raise ConfigError(f"--var-prefix must match [A-Za-z0-9._]+, got {self.var_prefix!r}")
-        if not _WORD.match(self.frontend_bind):
+        if not WORD.match(self.frontend_bind):
             raise ConfigError(f"--frontend-bind must be an address, got {self.frontend_bind!r}")
-        if not _WORD.match(self.upstream):
+        if not WORD.match(self.upstream):
             raise ConfigError(f"--upstream must be an address, got {self.upstream!r}")
         for flag, path in (("--ca-file", self.ca_file), ("--crt", self.crt)):
-            if not _WORD.match(path):
+            if not WORD.match(path):
                 raise ConfigError(f"{flag} must be a path without blanks or quotes, got {path!r}")
         if not 0 <= self.threshold <= MAX_SCORE:
             raise ConfigError(
@@ -159,86 +168,6 @@ class Options:
                 f"--processing-timeout must be an HAProxy time (100ms, 1s), "
                 f"got {self.processing_timeout!r}"
             )
-
-
-# ------------------------------------------------------------------ the agent
-
-
-def agent_server_address(config: ServerConfig) -> tuple[str, str | None]:
-    """The address of the agents' ``server`` line, and a comment when it had
-    to be chosen (a wildcard listen address)."""
-    if config.unix:
-        return f"unix@{config.unix}", None
-    if config.port == 0:
-        raise ConfigError(
-            "the agent's port is 0 (any free port): give the port it listens on (-p PORT)"
-        )
-    host, note = config.host, None
-    if host == "0.0.0.0":
-        host, note = "127.0.0.1", "the agent listens on 0.0.0.0: use an address of its machine"
-    elif host in ("::", "[::]"):
-        host, note = "::1", "the agent listens on ::: use an address of its machine"
-    host = host.strip("[]")
-    if ":" in host:
-        return f"[{host}]:{config.port}", note
-    return f"{host}:{config.port}", note
-
-
-def message_names(config: ServerConfig) -> tuple[str, ...]:
-    """The SPOE messages the agent answers: check-client-ip for the built-in
-    agent, else the names the --app agent registers, in registration order.
-
-    Raises AppLoadError when the app cannot be loaded, ConfigError when it
-    has no handlers or a name HAProxy cannot take.
-    """
-    if not config.app:
-        return (DEFAULT_MESSAGE,)
-    names = tuple(_app_handlers(config))
-    if not names:
-        raise ConfigError(
-            f"app {config.app!r} registers no message handler (@agent.on_message(NAME))"
-        )
-    for name in names:
-        if not _WORD.match(name):
-            raise ConfigError(
-                f"app {config.app!r}: message name {name!r} cannot be used in HAProxy"
-            )
-    return names
-
-
-def _app_handlers(config: ServerConfig) -> Mapping[str, Registered]:
-    from spoa_mp.supervisor import build_agent  # noqa: PLC0415 - only for --app
-
-    return build_agent(config).handlers
-
-
-def handler_deadline(config: ServerConfig) -> float | None:
-    """The longest deadline of the agent's handlers (their own timeout, else
-    --handler-timeout), in seconds; None when some handler has none."""
-    if not config.app:
-        return config.handler_timeout
-    deadlines = [reg.timeout or config.handler_timeout for reg in _app_handlers(config).values()]
-    if not deadlines or None in deadlines:
-        return None
-    return max(d for d in deadlines if d is not None)
-
-
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def haproxy_seconds(text: str) -> float:
-    """An HAProxy time ("100ms", "1s", "250" = milliseconds) in seconds."""
-    digits = text.rstrip("usmhd")
-    return int(digits) * _UNITS.get(text[len(digits) :] or "ms", 1e-3)
-
-
-def processing_timeout(deadline: float | None) -> str:
-    """A `timeout processing` above a handler deadline: the fallback ACK sent
-    at the deadline must reach HAProxy before it gives up (a quarter more, at
-    least 50 ms, for the loop and the network)."""
-    if deadline is None:
-        return DEFAULT_PROCESSING_TIMEOUT
-    return f"{math.ceil(deadline * 1000 + max(50.0, deadline * 250))}ms"
 
 
 # ------------------------------------------------------------------ rendering

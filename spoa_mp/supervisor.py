@@ -2,7 +2,7 @@
 watches them, and stops them.
 
 Signal handlers only record: `signal.set_wakeup_fd` writes each signal
-number to a socket that sits in the same selector as every worker's health
+number to a socket that sits in the same selector as every worker's control
 pipe, and the loop does the work. Children are reaped without blocking.
 A worker that stops beating for --worker-timeout is killed and replaced;
 dead workers are respawned with a growing delay; workers that cannot boot
@@ -16,50 +16,48 @@ once all of it is ready, the old workers hand their HAProxy connections
 over, between two frames, through the supervisor (which relays the sockets
 and never reads them), and exit. If the new generation cannot start, the old
 one keeps serving. --reload-mode rolling does it one worker at a time;
-drain lets the old workers finish and close instead.
+drain lets the old workers finish and close instead (replacing.py).
+
+Start-up is server.py; each worker's state is a WorkerProcess
+(worker_process.py), and what it is given one WorkerOptions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import grp
 import logging
 import os
-import pwd
-import random
 import selectors
 import signal
 import socket
-import stat
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import psutil
-
-from spoa_mp import health, logs, systemd
-from spoa_mp.agent import Agent, AppLoadError, load_app
+from spoa_mp import control, systemd
+from spoa_mp.agent import Agent
 from spoa_mp.blocklist import FileWatcher
-from spoa_mp.config import ConfigError, ServerConfig, reload_config
-from spoa_mp.dispatch import DispatchSettings
+from spoa_mp.config import ServerConfig
+from spoa_mp.loader import watched_files
 from spoa_mp.metrics import Aggregator
 from spoa_mp.metrics_http import MetricsServer, exposition, registry_for
-from spoa_mp.protocol import AgentSettings
-from spoa_mp.worker import EXIT_BOOT_ERROR, ConnectionLimits, worker_main
+from spoa_mp.process import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    SUPERVISOR_SIGNALS,
+    describe,
+    describe_status,
+    kill,
+)
+from spoa_mp.replacing import RSS_CHECK_INTERVAL, Reload, Replacing
+from spoa_mp.worker import worker_main
+from spoa_mp.worker_options import options_for
+from spoa_mp.worker_process import Death, WorkerProcess
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 RESPAWN_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # per worker slot, reset once it is ready
 MAX_BOOT_FAILURES = 5  # consecutive workers dying before ready, with none ever ready
-HANDLED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
-    signal.SIGTTIN, signal.SIGTTOU,
-)  # fmt: skip
-RSS_CHECK_INTERVAL = 5.0
 
 
 class HaltError(Exception):
@@ -71,102 +69,7 @@ class HaltError(Exception):
         self.code = code
 
 
-@dataclass(eq=False, slots=True)
-class WorkerProcess:
-    index: int
-    generation: int
-    pid: int
-    control: socket.socket | None  # our end of its control channel (health.py)
-    started: float
-    last_beat: float
-    ready: bool = False
-    boot_error: str | None = None
-    connections: int = 0
-    killed: bool = False
-    retiring: bool = False  # told to hand over or stop after a reload
-    successor: int = 0  # recycling: pid of the worker that will take over
-
-
-@dataclass(slots=True)
-class Reload:
-    """A reload under way: the new generation is starting."""
-
-    generation: int
-    mode: str
-    deadline: float  # the new workers must be ready by then
-    previous: tuple[ServerConfig, Agent, AgentSettings]  # what to go back to
-    slots: list[int]  # rolling: slots still to replace, in order
-
-
-def build_agent(config: ServerConfig, reload: bool = False) -> Agent:
-    """The user's agent (--app) or the default IP-reputation agent. On a
-    reload the --app module (and its submodules) is imported again, so
-    changed code takes effect; packages above it are not."""
-    if config.app and reload:
-        module = config.app.partition(":")[0]
-        for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
-            del sys.modules[name]
-    if config.app:
-        # like gunicorn and uvicorn: --app myapp:agent finds ./myapp.py even when
-        # started through the console script (which does not put . on sys.path)
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        return load_app(config.app)
-    from spoa_mp.apps.iprep import make_agent  # noqa: PLC0415 - only when it is the job
-
-    return make_agent(
-        config.reputation_file, default_score=config.default_score, blocklists=config.blocklist
-    )
-
-
-def watched_files(config: ServerConfig) -> tuple[str, ...]:
-    """The blocklists of the built-in agent: a change reloads (spoa_mp.blocklist).
-    (The --reputation-file is read again on SIGHUP only, as before.)"""
-    return () if config.app else tuple(path for path, _ in config.blocklist)
-
-
-def open_listener(config: ServerConfig) -> socket.socket:
-    """Bind the one listening socket the workers will share."""
-    if config.unix:
-        path = config.unix
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(path).st_mode) and not _in_use(path):
-                os.unlink(path)  # a stale socket left by a crash
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-    else:
-        info = socket.getaddrinfo(
-            config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, type_, proto, _, addr = info[0]
-        sock = socket.socket(family, type_, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-    sock.listen(config.backlog)
-    sock.setblocking(False)
-    return sock
-
-
-def _in_use(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def describe(sock: socket.socket) -> str:
-    addr = sock.getsockname()
-    if isinstance(addr, tuple):
-        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-        return f"{host}:{addr[1]}"
-    return f"unix:{addr}"
-
-
-class Supervisor:
+class Supervisor(Replacing):
     def __init__(
         self,
         config: ServerConfig,
@@ -177,7 +80,6 @@ class Supervisor:
         metrics_server: MetricsServer | None = None,
     ) -> None:
         self.config = config
-        self.agent = agent
         self.listeners = listeners
         self.notifier = notifier or systemd.Notifier(None)
         self.own_socket_file = own_socket_file  # never unlink a socket systemd created
@@ -191,7 +93,7 @@ class Supervisor:
         self._restarts = 0
         self._reloads = 0
         self._reloads_failed = 0
-        self.settings = settings_for(config)
+        self.options = options_for(config, agent, tuple(listeners))
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.generation = 1
         self.selector = selectors.DefaultSelector()
@@ -257,7 +159,7 @@ class Supervisor:
         now = time.monotonic()
         if not self._announced_ready and not self._stopping:
             current = self._current()
-            if current and all(p.ready for p in current):
+            if current and all(p.served for p in current):
                 self._announced_ready = True
                 n.ready(self._status())
         if n.watchdog_interval and now >= self._next_watchdog:
@@ -273,7 +175,7 @@ class Supervisor:
     def render_metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The /metrics body and its content type (OpenMetrics if `accept` asks)."""
         self.aggregator.set_supervisor(
-            workers_alive=sum(1 for p in self.workers.values() if p.ready and not p.retiring),
+            workers_alive=sum(1 for p in self.workers.values() if p.serving),
             worker_restarts=self._restarts,
             reloads=self._reloads,
             reloads_failed=self._reloads_failed,
@@ -286,7 +188,7 @@ class Supervisor:
         total = self.messages_total()
         rate = (total - self._rate_mark[1]) / max(now - self._rate_mark[0], 1e-3)
         self._rate_mark = (now, total)
-        alive = [p for p in self.workers.values() if p.ready and not p.retiring]
+        alive = [p for p in self.workers.values() if p.serving]
         return (
             f"{len(alive)} worker(s), {sum(p.connections for p in alive)} connection(s), "
             f"{rate:.0f} msg/s, {total} messages, generation {self.generation}"
@@ -325,7 +227,7 @@ class Supervisor:
         if self.metrics_server is not None:
             self.metrics_server.register(self.selector)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
+        for sig in SUPERVISOR_SIGNALS:
             # the C-level handler writes the number to the wakeup socket;
             # the Python one does nothing, so no work ever runs in a handler
             signal.signal(sig, _record_only)
@@ -375,192 +277,10 @@ class Supervisor:
         for sock in self.listeners:
             sock.close()
 
-    # ---------------------------------------------------------------- reload
-
-    def _start_reload(self) -> None:
-        if self._reload is not None:
-            log.warning("SIGHUP: a reload is already under way; ignored")
-            return
-        try:
-            config = reload_config(self.config)
-            agent = build_agent(config, reload=True)
-        except (ConfigError, AppLoadError, ValueError, OSError) as e:
-            log.error("reload failed, the running workers keep serving: %s", e)
-            self._reloads_failed += 1
-            return
-        agent.freeze()
-        if config.listen_description() != self.config.listen_description():
-            log.warning(
-                "reload: the listening address (%s) changes only with a restart; keeping %s",
-                config.listen_description(), self.config.listen_description(),
-            )  # fmt: skip
-        self.notifier.reloading()
-        previous = (self.config, self.agent, self.settings)
-        self.config, self.agent, self.settings = config, agent, settings_for(config)
-        self.generation += 1
-        self.target_workers = config.workers
-        self._respawn_at.clear()  # old slots are not refilled: the new generation replaces them
-        self._failures.clear()
-        slots = list(range(1, config.workers + 1))
-        self._reload = Reload(
-            generation=self.generation,
-            mode=config.reload_mode,
-            deadline=time.monotonic() + config.worker_timeout,
-            previous=previous,
-            slots=slots,
-        )
-        log.info(
-            "SIGHUP: reloading (generation %d, %d worker(s), %s)",
-            self.generation, config.workers, config.reload_mode,
-        )  # fmt: skip
-        first = slots[:1] if config.reload_mode == "rolling" else slots
-        for index in first:
-            self._spawn(index)
-
-    def _check_files(self) -> None:
-        """A changed blocklist reloads as SIGHUP does (zero-loss handover)."""
-        if self._reload is not None:
-            return  # looked at once the reload is over
-        paths = watched_files(self.config)
-        if paths != self._watcher.paths:  # a reload changed the list of files
-            self._watcher = FileWatcher(paths)
-        changed = self._watcher.changed()
-        if changed:
-            log.info("%s changed: reloading", ", ".join(changed))
-            self._start_reload()
-
-    def _check_reload(self) -> None:
-        r = self._reload
-        if r is None:
-            return
-        new = [p for p in self.workers.values() if p.generation == r.generation]
-        old = [p for p in self.workers.values() if p.generation < r.generation]
-        if time.monotonic() > r.deadline and not all(p.ready for p in new):
-            self._abort_reload("the new workers were not ready in time")
-            return
-        if r.mode == "rolling":
-            self._roll(r, new, old)
-            return
-        if len(new) < len(r.slots) or not all(p.ready for p in new):
-            return
-        for proc in old:
-            self._retire(proc, r.mode)
-        self._reload_done(r)
-
-    def _reload_done(self, r: Reload) -> None:
-        self._reloads += 1
-        self._reload = None
-        log.info("reload: generation %d serving", r.generation)
-        self.notifier.ready(self._status())
-
-    def _roll(self, r: Reload, new: list[WorkerProcess], old: list[WorkerProcess]) -> None:
-        """Rolling mode: replace one worker at a time, each once its successor
-        is ready."""
-        if not all(p.ready for p in new):
-            return
-        index = r.slots.pop(0)
-        for proc in old:
-            if proc.index == index and not proc.retiring:
-                self._retire(proc, "handover")
-        if r.slots:
-            self._spawn(r.slots[0])
-            r.deadline = time.monotonic() + self.config.worker_timeout
-            return
-        for proc in old:  # slots the new configuration no longer has
-            if not proc.retiring:
-                self._retire(proc, "handover")
-        self._reload_done(r)
-
-    def _retire(self, proc: WorkerProcess, mode: str) -> None:
-        proc.retiring = True
-        if mode == "drain" or proc.control is None:
-            _kill(proc.pid, signal.SIGTERM)
-        elif not health.send(proc.control, health.HANDOVER):
-            _kill(proc.pid, signal.SIGTERM)  # its channel is gone: drain it instead
-
-    def _abort_reload(self, why: str) -> None:
-        r = self._reload
-        assert r is not None
-        log.error("reload failed, the running workers keep serving: %s", why)
-        self._reloads_failed += 1
-        self.config, self.agent, self.settings = r.previous
-        self.generation = r.generation - 1
-        self.target_workers = self.config.workers
-        self._reload = None
-        for proc in list(self.workers.values()):
-            if proc.generation != r.generation or proc.retiring:
-                continue
-            if proc.ready:
-                # a rolling reload got this far: it may hold connections that
-                # moved to it; they move back to the previous generation
-                self._retire(proc, "handover")
-            else:
-                proc.retiring = True
-                _kill(proc.pid, signal.SIGKILL)
-        # slots whose old worker already left (rolling) get a new one
-        live = {p.index for p in self._current() if not p.retiring}
-        now = time.monotonic()
-        for index in range(1, self.target_workers + 1):
-            if index not in live:
-                self._respawn_at[index] = now
-        self.notifier.ready(f"reload failed: {why}")
-
-    # ---------------------------------------------------------------- recycling
-
-    def _recycle(self, proc: WorkerProcess, why: str) -> None:
-        """Replace a worker without losing a message: a successor starts, and
-        once it is ready the worker hands its connections over and exits."""
-        if proc.retiring or proc.successor or proc.generation != self.generation:
-            return
-        if self._reload is not None:
-            return  # the reload replaces it anyway
-        log.info("worker %d (pid %d) %s: replacing it", proc.index, proc.pid, why)
-        self._restarts += 1
-        proc.successor = self._spawn(proc.index)
-
-    def _check_recycling(self) -> None:
-        now = time.monotonic()
-        if self.config.max_rss and now >= self._next_rss_check:
-            self._next_rss_check = now + RSS_CHECK_INTERVAL
-            limit = self.config.max_rss << 20
-            for proc in list(self.workers.values()):
-                rss = _rss(proc.pid)
-                if rss > limit and proc.ready:
-                    self._recycle(proc, f"uses {rss >> 20} MiB (--max-rss {self.config.max_rss})")
-        for proc in list(self.workers.values()):
-            if not proc.successor or proc.retiring:
-                continue
-            successor = self.workers.get(proc.successor)
-            if successor is None:
-                proc.successor = 0  # it died: the next request or check tries again
-            elif successor.ready:
-                self._retire(proc, "handover")
-
-    def _add_worker(self) -> None:
-        self.target_workers += 1
-        taken = {p.index for p in self._current() if not p.retiring} | set(self._respawn_at)
-        index = next(i for i in range(1, len(taken) + 2) if i not in taken)
-        log.info("SIGTTIN: %d worker(s)", self.target_workers)
-        self._spawn(index)
-
-    def _remove_worker(self) -> None:
-        current = [p for p in self._current() if not p.retiring]
-        if self.target_workers <= 1 or not current:
-            log.info("SIGTTOU: keeping the last worker")
-            return
-        self.target_workers -= 1
-        last = max(current, key=lambda p: p.index)
-        self._respawn_at.pop(last.index, None)
-        log.info("SIGTTOU: %d worker(s); worker %d hands over", self.target_workers, last.index)
-        self._retire(last, "handover")
-
-    def _current(self) -> list[WorkerProcess]:
-        return [p for p in self.workers.values() if p.generation == self.generation]
-
     # ---------------------------------------------------------------- workers
 
     def _spawn(self, index: int) -> int:
-        ours, theirs = health.channel()
+        ours, theirs = control.channel()
         gc.collect()
         gc.freeze()  # keep the shared heap out of the collector: pages stay shared
         pid = os.fork()
@@ -568,98 +288,69 @@ class Supervisor:
             code = EXIT_FAILURE
             try:
                 ours.close()
-                code = self._child(index, theirs)
+                code = worker_main(index, self.options, theirs, self._held_by_supervisor())
             except BaseException:
                 with contextlib.suppress(Exception):
                     log.exception("worker %d crashed", index)
             finally:
                 os._exit(code)
         theirs.close()
-        now = time.monotonic()
-        proc = WorkerProcess(
-            index=index, generation=self.generation, pid=pid, control=ours,
-            started=now, last_beat=now,
-        )  # fmt: skip
+        proc = WorkerProcess(index, self.generation, pid, ours, time.monotonic())
         self.workers[pid] = proc
         self.selector.register(ours, selectors.EVENT_READ, proc)
         log.debug("worker %d started (pid %d, generation %d)", index, pid, self.generation)
         return pid
 
-    def _child(self, index: int, control: socket.socket) -> int:
-        signal.set_wakeup_fd(-1)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches us via the supervisor
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_OK))
+    def _held_by_supervisor(self) -> list[Callable[[], None]]:
+        """What a forked child must close: the supervisor's descriptors."""
+        held: list[Callable[[], None]] = []
         if self.metrics_server is not None:
-            self.metrics_server.close_in_child()  # the epoll set is shared: do not unregister
-        self.selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-        for other in self.workers.values():
-            if other.control is not None:
-                other.control.close()
-        _set_title(f"spoa-mp: worker {index}")
-        logs.set_role(f"worker {index}")
-        recycle_after = 0
-        if self.config.max_requests:
-            recycle_after = self.config.max_requests + random.randint(
-                0, self.config.max_requests_jitter
-            )
-        dispatch = DispatchSettings(
-            handler_timeout=self.config.handler_timeout,
-            max_pending=self.config.max_pending,
-            blocking_threads=self.config.blocking_threads,
-        )
-        return worker_main(
-            index, self.listeners, self.agent, self.settings, control,
-            self.config.max_in_flight, self.config.graceful_timeout, self.config.debug,
-            recycle_after, dispatch,
-            ConnectionLimits(self.config.hello_timeout, self.config.max_connections),
-        )  # fmt: skip
+            held.append(self.metrics_server.close_in_child)  # shared epoll: do not unregister
+        held += [self.selector.close, self._wake_r.close, self._wake_w.close]
+        held += [p.channel.close for p in self.workers.values() if p.channel is not None]
+        return held
 
     def _read_control(self, proc: WorkerProcess) -> None:
-        while proc.control is not None:
+        while proc.channel is not None:
             try:
-                got = health.receive(proc.control)
+                got = control.receive(proc.channel)
             except EOFError:  # the worker is gone; reaping will say how
                 self._forget_control(proc)
                 return
             if got is None:
                 return
             msg, fds = got
-            proc.last_beat = time.monotonic()
+            proc.beat(time.monotonic())
             kind = msg["kind"]
-            if kind == health.HANDOVER and len(fds) == 1:
+            if kind == control.CONNECTION and len(fds) == 1:
                 self._relay(msg, fds[0])
                 continue
             for fd in fds:  # nothing else carries descriptors: never leak one
                 os.close(fd)
-            if kind == health.BEAT:
+            if kind == control.BEAT:
                 gauges = msg.get("gauges")
                 self.aggregator.update(str(proc.pid), msg.get("counters"), gauges, slot=proc.index)
                 if isinstance(gauges, dict):
                     proc.connections = _int(gauges.get("connections"))
-            elif kind == health.READY:
-                proc.ready = True
+            elif kind == control.READY:
+                proc.mark_ready()
                 self._ever_ready = True
                 self._failures.pop(proc.index, None)
                 log.info("worker %d ready (pid %d)", proc.index, proc.pid)
-            elif kind == health.BOOT_ERROR:
-                proc.boot_error = str(msg.get("error", ""))
-            elif kind == health.RECYCLE:
+            elif kind == control.BOOT_ERROR:
+                proc.mark_boot_failed(str(msg.get("error", "")))
+            elif kind == control.RECYCLE:
                 self._recycle(proc, f"handled {msg.get('messages', '?')} messages")
-            elif kind == health.HANDED_OVER:
+            elif kind == control.HANDED_OVER:
                 log.info(
                     "worker %d (pid %d) handed %s connection(s) over",
                     proc.index, proc.pid, msg.get("moved", "?"),
                 )  # fmt: skip
 
-    def _relay(self, msg: health.Message, fd: int) -> None:
+    def _relay(self, msg: control.Message, fd: int) -> None:
         """Pass a connection from a retiring worker to a current one. The
         supervisor only carries the descriptor; it never reads the socket."""
-        serving = [p for p in self.workers.values() if p.ready and not p.retiring and p.control]
+        serving = [p for p in self.workers.values() if p.serving and p.channel]
         # the newest generation if it is up; otherwise any worker still serving
         # (a late handover while the next reload is starting)
         targets = [p for p in serving if p.generation == self.generation] or serving
@@ -669,20 +360,22 @@ class Supervisor:
                 return
             self._next_target = (self._next_target + 1) % len(targets)
             target = targets[self._next_target]
-            assert target.control is not None
-            if not health.send(
-                target.control, health.ADOPT, fds=(fd,), state=msg.get("state"),
-                peer=msg.get("peer", ""),
-            ):  # fmt: skip
+            assert target.channel is not None
+            try:
+                passed = control.PassedConnection.from_message(msg)
+            except ValueError as e:
+                log.warning("a connection could not be handed over: %s", e)
+                return
+            if not control.send(target.channel, control.ADOPT, fds=(fd,), **passed.fields()):
                 log.warning("worker %d could not take a connection: closed", target.index)
         finally:
             os.close(fd)  # the adopter has its own descriptor now
 
     def _forget_control(self, proc: WorkerProcess) -> None:
-        if proc.control is not None:
-            self.selector.unregister(proc.control)
-            proc.control.close()
-            proc.control = None
+        if proc.channel is not None:
+            self.selector.unregister(proc.channel)
+            proc.channel.close()
+            proc.channel = None
 
     def _reap(self) -> None:
         while True:
@@ -695,7 +388,7 @@ class Supervisor:
             proc = self.workers.get(pid)
             if proc is None:
                 continue  # not ours (we may be PID 1 in a container)
-            if proc.control is not None:
+            if proc.channel is not None:
                 with contextlib.suppress(EOFError, OSError):
                     self._read_control(proc)  # a last beat, boot_error or handover
                 self._forget_control(proc)
@@ -704,12 +397,13 @@ class Supervisor:
             self._worker_died(proc, status)
 
     def _worker_died(self, proc: WorkerProcess, status: int) -> None:
-        how = _describe_status(status)
-        if self._stopping or proc.retiring:
+        how = describe_status(status)
+        death = proc.death()
+        if self._stopping or death is Death.EXPECTED:
             log.debug("worker %d (pid %d) %s", proc.index, proc.pid, how)
             return
         r = self._reload
-        if r is not None and proc.generation == r.generation and not proc.ready:
+        if r is not None and proc.generation == r.generation and not proc.served:
             self._abort_reload(
                 f"worker {proc.index} of the new generation "
                 + (f"failed to boot: {proc.boot_error}" if proc.boot_error else how)
@@ -722,17 +416,17 @@ class Supervisor:
             # a successor died while starting: its predecessor still serves
             log.warning("worker %d (pid %d), a replacement, %s", proc.index, proc.pid, how)
             return
-        if proc.boot_error:
+        if death is Death.BOOT_FAILED:
             if not self._ever_ready:
                 raise HaltError(f"worker {proc.index} failed to boot: {proc.boot_error}")
             log.error("worker %d failed to boot: %s", proc.index, proc.boot_error)
-        elif proc.killed:
+        elif death is Death.HUNG:
             log.warning(
                 "worker %d (pid %d) was killed after --worker-timeout", proc.index, proc.pid
             )
         else:
             log.warning("worker %d (pid %d) %s", proc.index, proc.pid, how)
-        if not proc.ready:
+        if not proc.served:
             failures = self._failures.get(proc.index, 0) + 1
             self._failures[proc.index] = failures
             if not self._ever_ready and failures >= MAX_BOOT_FAILURES:
@@ -754,18 +448,18 @@ class Supervisor:
     def _check_timeouts(self) -> None:
         now = time.monotonic()
         for proc in self.workers.values():
-            if not proc.killed and now - proc.last_beat > self.config.worker_timeout:
+            if proc.overdue(now, self.config.worker_timeout):
                 # a wedged loop cannot act on SIGTERM: SIGKILL it
                 log.error(
                     "worker %d (pid %d) sent no heartbeat for %.1f s: killing it",
                     proc.index, proc.pid, now - proc.last_beat,
                 )  # fmt: skip
-                proc.killed = True
-                _kill(proc.pid, signal.SIGKILL)
+                proc.kill_for_timeout()
+                kill(proc.pid, signal.SIGKILL)
 
     def _kill_all(self, sig: signal.Signals) -> None:
         for pid in list(self.workers):
-            _kill(pid, sig)
+            kill(pid, sig)
 
     def _reap_all(self) -> None:
         deadline = time.monotonic() + 5.0
@@ -796,176 +490,11 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _rss(pid: int) -> int:
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return 0
-
-
-def settings_for(config: ServerConfig) -> AgentSettings:
-    return AgentSettings(
-        max_frame_size=config.max_frame_size,
-        pipelining=config.pipelining,
-        fragmentation=config.fragmentation,
-    )
-
-
 def _record_only(signum: int, frame: object) -> None:
     """Python-level signal handler: the wakeup fd already carries the signal."""
-
-
-def _kill(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        extra = " (perhaps out of memory)" if sig == signal.SIGKILL else ""
-        return f"was killed by {name}{extra}"
-    code = os.WEXITSTATUS(status)
-    if code == EXIT_BOOT_ERROR:
-        return "failed to boot"
-    return f"exited with code {code}"
-
-
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle  # noqa: PLC0415 - optional at import time for tooling
-
-        setproctitle.setproctitle(title)
-    except ImportError:  # pragma: no cover - a declared dependency
-        pass
 
 
 def _version() -> str:
     from spoa_mp import __version__  # noqa: PLC0415
 
     return __version__
-
-
-def serve(config: ServerConfig) -> int:
-    """Run the server until it is stopped; returns the exit code."""
-    # the title first: setproctitle stops working if the environment changes
-    # before its first use (gunicorn #3430), and systemd.py edits it
-    _set_title("spoa-mp: supervisor")
-    notifier = systemd.Notifier.from_environment()
-    try:
-        inherited = systemd.listen_fds()  # before the user's app can see LISTEN_*
-    except ValueError as e:
-        print(f"spoa-mp: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        agent = build_agent(config)
-    except (AppLoadError, ValueError, OSError) as e:
-        print(f"spoa-mp: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    agent.freeze()
-    if inherited:
-        # socket activation: systemd's socket unit says where we listen
-        named = [s.sock for s in inherited if s.name == "spop"]
-        listeners = named or [s.sock for s in inherited]
-        for sock in listeners:
-            systemd.prepare_listener(sock, config.backlog)
-        listener = listeners[0]
-    else:
-        try:
-            listener = open_listener(config)
-        except OSError as e:
-            print(f"spoa-mp: error: cannot listen on {config.listen_description()}: "
-                  f"{e.strerror}", file=sys.stderr)  # fmt: skip
-            return EXIT_FAILURE
-        listeners = [listener]
-    metrics_server = None
-    supervisor: Supervisor | None = None
-
-    def supervisor_metrics(accept: str) -> tuple[bytes, str]:
-        assert supervisor is not None
-        return supervisor.render_metrics(accept)
-
-    try:
-        if config.metrics:  # bound before dropping privileges (a port below 1024)
-            metrics_server = MetricsServer(config.metrics, supervisor_metrics)
-            log.info("metrics on http://%s/metrics", metrics_server.listen())
-        if config.pidfile:
-            write_pidfile(config.pidfile)
-        drop_privileges(config.user, config.group, None if inherited else listener, config.pidfile)
-    except (OSError, ValueError) as e:
-        print(f"spoa-mp: error: {e}", file=sys.stderr)
-        listener.close()
-        return EXIT_FAILURE
-    try:
-        supervisor = Supervisor(
-            config, agent, listeners, notifier, own_socket_file=not inherited,
-            metrics_server=metrics_server,
-        )  # fmt: skip
-        return supervisor.run()
-    finally:
-        if config.pidfile:
-            remove_pidfile(config.pidfile)
-
-
-def write_pidfile(path: str) -> None:
-    """Write our pid; refuse when the file names a spoa-mp that still runs
-    (a pid reused by another program does not count)."""
-    other = 0
-    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
-        other = int(f.read().strip() or 0)
-    if other and other != os.getpid() and _is_spoa_mp(other):
-        raise ValueError(f"{path}: spoa-mp already runs as pid {other}")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)  # never a half-written pidfile
-
-
-def remove_pidfile(path: str) -> None:
-    """Remove our pidfile; after --user the directory may not let us, so at
-    least empty it: an empty pidfile names nobody."""
-    try:
-        os.unlink(path)
-    except PermissionError:
-        with contextlib.suppress(OSError), open(path, "w"):
-            pass
-    except OSError:
-        pass
-
-
-def _is_spoa_mp(pid: int) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return any("spoa" in part for part in [proc.name(), *proc.cmdline()])
-    except psutil.Error:
-        return False
-
-
-def drop_privileges(
-    user: str | None,
-    group: str | None,
-    listener: socket.socket | None,
-    pidfile: str | None = None,
-) -> None:
-    """Switch to --user/--group once the socket is bound (workers inherit it)."""
-    if not user and not group:
-        return
-    pw = pwd.getpwnam(user) if user else None
-    gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
-    uid = pw.pw_uid if pw else os.getuid()
-    if (uid, gid) == (os.getuid(), os.getgid()):
-        return
-    if os.geteuid() != 0:
-        raise PermissionError("--user/--group need the server to start as root")
-    if listener is not None and listener.family == socket.AF_UNIX:
-        # the socket file stays usable by (and removable for) the new identity
-        os.chown(listener.getsockname(), uid, gid)
-    if pidfile:
-        os.chown(pidfile, uid, gid)  # so that we can at least empty it on exit
-    os.setgroups([])
-    if pw is not None:
-        os.initgroups(pw.pw_name, gid)
-    os.setgid(gid)
-    os.setuid(uid)
-    log.info("running as uid %d gid %d", uid, gid)

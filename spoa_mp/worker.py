@@ -9,56 +9,48 @@ the ACKs ready at the end of the read leave in one encode call and one
 a handler, per connection (--max-in-flight) and per worker (--max-pending),
 stop reading until the handlers catch up.
 
-The worker is the only process that touches connection sockets; it reports
-to the supervisor over its health pipe (see health.py).
+Only workers touch connection sockets; they report to the supervisor over
+the control channel (control.py). As in gunicorn, `Worker.__init__` changes
+nothing process-wide; `init_process()`, in the forked child, does the
+after-fork setup (signals, title, log role, the parent's fds), then serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import inspect
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
-from spoa_mp import health
-from spoa_mp.agent import Agent
+from spoa_mp import control, logs
+from spoa_mp.admission import Admission
 from spoa_mp.codec import Decoder, Encoder
-from spoa_mp.counters import Counters
-from spoa_mp.dispatch import Dispatcher, DispatchSettings
+from spoa_mp.counters import Counters, gauges
+from spoa_mp.dispatch import Dispatcher
 from spoa_mp.logs import RateLimitedLog
+from spoa_mp.process import EXIT_BOOT_ERROR, EXIT_OK, SUPERVISOR_SIGNALS, set_title
 from spoa_mp.protocol import (
     AgentConnection,
-    AgentSettings,
-    FrameCounts,
     HandshakeDone,
     HealthCheck,
     PeerDisconnected,
     ProtocolError,
 )
+from spoa_mp.worker_options import WorkerOptions
 
 log = logging.getLogger(__name__)
+Releases = Iterable[Callable[[], None]]  # what the parent held, to close after the fork
 
 RECV_SIZE = 256 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionLimits:
-    """What a worker allows a client that may be hostile."""
-
-    hello_timeout: float = 10.0  # seconds from accept to a complete HAPROXY-HELLO
-    max_connections: int = 4096  # open connections per worker; beyond, closed at accept
-
-
 HEARTBEAT_INTERVAL = 1.0
-EXIT_BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 
 
 @dataclass(eq=False, slots=True)
@@ -74,40 +66,28 @@ class Connection:
 
 
 class Worker:
-    def __init__(
-        self,
-        index: int,
-        listeners: Sequence[socket.socket],
-        agent: Agent,
-        settings: AgentSettings,
-        control: socket.socket,
-        max_in_flight: int = 256,
-        graceful_timeout: float = 30.0,
-        debug: bool = False,
-        recycle_after: int = 0,
-        dispatch: DispatchSettings | None = None,
-        limits: ConnectionLimits | None = None,
-    ) -> None:
+    def __init__(self, index: int, options: WorkerOptions, channel: socket.socket) -> None:
         self.index = index
-        self.listeners = list(listeners)
-        self.agent = agent
-        self.settings = settings
-        self.control = control  # to the supervisor (health.py)
-        self.max_in_flight = max_in_flight
-        self.graceful_timeout = graceful_timeout
-        self.debug = debug
-        self.recycle_after = recycle_after  # messages (0: never); asked once, from _beat
+        self.options = options
+        self.listeners = list(options.listeners)
+        self.agent = agent = options.agent
+        self.settings = settings = options.settings
+        self.channel = channel  # to the supervisor (control.py)
+        self.max_in_flight = options.dispatch.max_in_flight
+        self.graceful_timeout = options.graceful_timeout
+        self.debug = debug = options.debug
+        self.recycle_after = 0  # messages (0: never); drawn in init_process, asked from _beat
         self.counters = Counters()
-        self.limits = limits or ConnectionLimits()
+        self.limits = options.limits
         self.connections: dict[int, Connection] = {}
         self._handlers = dict(agent.handlers)
         # the decoder matches handler names in C: a message costs no name lookup
-        self._decoder = Decoder(max_frame_size=settings.max_frame_size, names=self._handlers)
+        self._decoder = Decoder(max_frame_size=settings.max_frame_size, names=tuple(self._handlers))
         self._encoder = Encoder()
         self.dispatcher = Dispatcher(
             self._handlers,
             self.counters,
-            replace(dispatch or DispatchSettings(), max_in_flight=max_in_flight),
+            options.dispatch,
             on_progress=self._progress,
             on_capacity=self._resume_reading,
             debug=debug,
@@ -115,6 +95,7 @@ class Worker:
         self._recv_buf = bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
         self._noisy = RateLimitedLog(log, interval=10.0)
+        self._admission = Admission(self.limits, self.counters, self._noisy)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parent = os.getppid()
         self._stopping = False
@@ -123,13 +104,31 @@ class Worker:
 
     # ---------------------------------------------------------------- life
 
+    def init_process(self, release_parent: Releases = ()) -> int:
+        """In the forked child: make this process a worker, then serve.
+        `release_parent` closes what the supervisor held (its selector,
+        wake-up socket, other workers' channels): nothing of it is ours."""
+        signal.set_wakeup_fd(-1)
+        for sig in SUPERVISOR_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches us via the supervisor
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_OK))
+        for release in release_parent:
+            release()
+        set_title(f"spoa-mp: worker {self.index}")
+        logs.set_role(f"worker {self.index}")
+        self.recycle_after = self.options.recycle_after()
+        self._parent = os.getppid()
+        return self.run()
+
     def run(self) -> int:
         """Serve until told to stop; returns the process exit code."""
         try:
             return asyncio.run(self._main())
         except BootError as e:
             # the supervisor reports it, once for all workers
-            health.send(self.control, health.BOOT_ERROR, error=str(e))
+            control.send(self.channel, control.BOOT_ERROR, error=str(e))
             log.debug("cannot start: %s", e)
             return EXIT_BOOT_ERROR
 
@@ -146,15 +145,15 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         for sock in self.listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
-        loop.add_reader(self.control.fileno(), self._control_readable)
-        health.send(self.control, health.READY)
+        loop.add_reader(self.channel.fileno(), self._control_readable)
+        control.send(self.channel, control.READY)
         self._beat()
         await self._done
         self.dispatcher.close()
         # a last beat: what was counted since the previous one (handovers
         # included) reaches the supervisor's totals before we are reaped
-        health.send(
-            self.control, health.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
+        control.send(
+            self.channel, control.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
         )
         return 0
 
@@ -195,7 +194,7 @@ class Worker:
             return
         if self._done and not self._done.done():
             if self._handing_over:
-                health.send(self.control, health.HANDED_OVER, moved=self.counters.handed_over)
+                control.send(self.channel, control.HANDED_OVER, moved=self.counters.handed_over)
             self._done.set_result(None)
 
     def _beat(self) -> None:
@@ -207,69 +206,27 @@ class Worker:
         handled = self.counters.messages_total
         if self.recycle_after and handled >= self.recycle_after:
             self.recycle_after = 0
-            health.send(self.control, health.RECYCLE, messages=handled)
-        health.send(
-            self.control, health.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
+            control.send(self.channel, control.RECYCLE, messages=handled)
+        control.send(
+            self.channel, control.BEAT, counters=self.counters.as_dict(), gauges=self._gauges()
         )
         assert self._loop is not None
         self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
 
     def _gauges(self) -> dict[str, object]:
-        sizes: dict[str, int] = {}
-        caps: dict[str, int] = {}
-        for conn in self.connections.values():
-            hs = conn.proto.handshake
-            if hs is not None and not hs.healthcheck:
-                FrameCounts.add(sizes, str(hs.max_frame_size))
-                names = [n for n, on in (("pipelining", hs.pipelining),
-                                         ("fragmentation", hs.fragmentation)) if on]  # fmt: skip
-                FrameCounts.add(caps, ",".join(names))
-        return {
-            "connections": len(self.connections),
-            "in_flight": self.dispatcher.pending,
-            "negotiated": {"max_frame_size": sizes, "capabilities": caps},
-        }
+        handshakes = (c.proto.handshake for c in self.connections.values())
+        return gauges(len(self.connections), self.dispatcher.pending, handshakes)
 
     # ---------------------------------------------------------------- sockets
 
     def _accept(self, listener: socket.socket) -> None:
-        # Every worker is woken for a new connection; the losers get EAGAIN.
-        # One accept per wake-up: HAProxy opens connections in bursts, and a
-        # worker draining the backlog would take them all while the others
-        # sleep; the socket stays readable, so the next one is contested again.
-        try:
-            sock, addr = listener.accept()
-        except (BlockingIOError, InterruptedError):
+        got = self._admission.accept(listener, len(self.connections))
+        if got is None:
             return
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self._noisy.warning("accept", "accept failed: %s", e)
-                return
-            raise
-        if len(self.connections) >= self.limits.max_connections:
-            # the ones already served are untouched; the newcomer is told nothing
-            self.counters.connections_refused += 1
-            self._noisy.warning(
-                "max-connections",
-                "refused a connection from %s: %d open, --max-connections %d",
-                _peer(addr), len(self.connections), self.limits.max_connections,
-            )  # fmt: skip
-            sock.close()
-            return
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # ACKs are small and latency-bound: no Nagle delay
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(
-            sock=sock,
-            fd=sock.fileno(),
-            peer=_peer(addr),
-            proto=AgentConnection(
-                self.settings, self._decoder, self._encoder, self.counters.frames
-            ),
-        )
+        sock, peer = got
+        proto = AgentConnection(self.settings, self._decoder, self._encoder, self.counters.frames)
+        conn = Connection(sock=sock, fd=sock.fileno(), peer=peer, proto=proto)
         self.connections[conn.fd] = conn
-        self.counters.connections_total += 1
         assert self._loop is not None
         self._loop.add_reader(conn.fd, self._readable, conn)
         self._loop.call_later(self.limits.hello_timeout, self._hello_deadline, conn)
@@ -277,17 +234,9 @@ class Worker:
             log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
 
     def _hello_deadline(self, conn: Connection) -> None:
-        """No complete HAPROXY-HELLO in --hello-timeout: a client that holds
-        a descriptor and does nothing (or a port scanner) is closed."""
-        if conn.closed or conn.proto.handshake is not None:
-            return
-        self.counters.hello_timeouts += 1
-        self._noisy.warning(
-            "hello-timeout",
-            "conn %d (%s): no HELLO within %g s: closed",
-            conn.fd, conn.peer, self.limits.hello_timeout,
-        )  # fmt: skip
-        self._close(conn)
+        if not conn.closed and conn.proto.handshake is None:
+            self._admission.hello_missed(conn.fd, conn.peer)
+            self._close(conn)
 
     def _readable(self, conn: Connection) -> None:
         size = RECV_SIZE
@@ -441,41 +390,41 @@ class Worker:
     def _control_readable(self) -> None:
         while True:
             try:
-                got = health.receive(self.control)
+                got = control.receive(self.channel)
             except EOFError:  # the supervisor is gone
                 assert self._loop is not None
-                self._loop.remove_reader(self.control.fileno())
+                self._loop.remove_reader(self.channel.fileno())
                 self.stop()
                 return
             if got is None:
                 return
             msg, fds = got
-            if msg["kind"] == health.ADOPT and len(fds) == 1:
+            if msg["kind"] == control.ADOPT and len(fds) == 1:
                 self._adopt(msg, fds[0])
                 continue
             for fd in fds:  # not for us: never leak a descriptor
                 os.close(fd)
-            if msg["kind"] == health.HANDOVER:
+            if msg["kind"] == control.HAND_OVER:
                 self._begin_handover()
 
-    def _adopt(self, msg: dict[str, Any], fd: int) -> None:
+    def _adopt(self, msg: control.Message, fd: int) -> None:
         """Carry on a connection an old worker passed on (reload)."""
         sock = socket.socket(fileno=fd)
         try:
             sock.setblocking(False)
-            state = msg["state"]
-            size = int(state["max_frame_size"])
+            passed = control.PassedConnection.from_message(msg)
+            size = passed.state["max_frame_size"]
             decoder = self._decoder
             if size > self.settings.max_frame_size:  # negotiated before a smaller limit
-                decoder = Decoder(max_frame_size=size, names=self._handlers)
+                decoder = Decoder(max_frame_size=size, names=tuple(self._handlers))
             proto = AgentConnection.adopt(
-                state, self.settings, decoder, self._encoder, self.counters.frames
+                dict(passed.state), self.settings, decoder, self._encoder, self.counters.frames
             )
         except (KeyError, TypeError, ValueError, OSError) as e:
             log.error("cannot adopt a connection: %s", e)
             sock.close()
             return
-        conn = Connection(sock=sock, fd=sock.fileno(), peer=str(msg.get("peer", "")), proto=proto)
+        conn = Connection(sock=sock, fd=sock.fileno(), peer=passed.peer, proto=proto)
         self.connections[conn.fd] = conn
         self.counters.adopted += 1
         assert self._loop is not None
@@ -502,10 +451,10 @@ class Worker:
             return
         if conn.proto.closing or not conn.proto.at_frame_boundary:
             return
-        state = conn.proto.handover_state()
-        if not health.send(
-            self.control, health.HANDOVER, fds=(conn.fd,), state=state, peer=conn.peer
-        ):
+        passed = control.PassedConnection(
+            conn.peer, control.handover_state(conn.proto.handover_state())
+        )
+        if not control.send(self.channel, control.CONNECTION, fds=(conn.fd,), **passed.fields()):
             assert self._loop is not None  # the channel is full: try again soon
             self._loop.call_later(0.005, self._try_handover, conn)
             return
@@ -530,12 +479,6 @@ class BootError(Exception):
     """The worker cannot start serving (reported to the supervisor)."""
 
 
-def _peer(addr: Any) -> str:
-    if isinstance(addr, tuple):
-        return f"{addr[0]}:{addr[1]}"
-    return str(addr) or "unix"
-
-
 def _name(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
@@ -546,25 +489,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def worker_main(
-    index: int,
-    listeners: Sequence[socket.socket],
-    agent: Agent,
-    settings: AgentSettings,
-    control: socket.socket,
-    max_in_flight: int,
-    graceful_timeout: float,
-    debug: bool,
-    recycle_after: int = 0,
-    dispatch: DispatchSettings | None = None,
-    limits: ConnectionLimits | None = None,
+    index: int, options: WorkerOptions, channel: socket.socket, release_parent: Releases = ()
 ) -> int:
-    """Entry point in the forked child (signals and title are set by the caller)."""
+    """Entry point in the forked child: set the process up, serve, exit code."""
     started = time.monotonic()
-    code = Worker(
-        index, listeners, agent, settings, control, max_in_flight, graceful_timeout, debug,
-        recycle_after, dispatch, limits,
-    ).run()  # fmt: skip
+    code = Worker(index, options, channel).init_process(release_parent)
     log.debug("worker exits with %d after %.1f s", code, time.monotonic() - started)
     with contextlib.suppress(OSError):
-        control.close()
+        channel.close()
     return code

@@ -127,9 +127,9 @@ def test_last_repeated_flag_wins() -> None:
 
 def test_serve_subcommand_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[ServerConfig] = []
-    fake = types.ModuleType("spoa_mp.supervisor")
+    fake = types.ModuleType("spoa_mp.server")
     fake.serve = lambda config: seen.append(config) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "spoa_mp.supervisor", fake)
+    monkeypatch.setitem(sys.modules, "spoa_mp.server", fake)
     assert cli.main(["serve", "-p", "7"]) == 0
     assert cli.main(["-p", "8"]) == 0
     assert [c.port for c in seen] == [7, 8]
@@ -262,7 +262,7 @@ def test_version(capsys: pytest.CaptureFixture[str], flag: str) -> None:
 def test_help_works_without_the_supervisor(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "spoa_mp.supervisor", None)  # import fails
+    monkeypatch.setitem(sys.modules, "spoa_mp.server", None)  # import fails
     assert run_main(capsys, ["--help"])[0] == 0
     assert run_main(capsys, ["--port", "x"])[0] == 2
 
@@ -302,16 +302,16 @@ def test_bench_with_a_broken_import_is_not_hidden(monkeypatch: pytest.MonkeyPatc
 
 @pytest.fixture
 def fake_serve(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ServerConfig, str, int]]:
-    """Replace spoa_mp.supervisor.serve; records (config, role, root level) per call."""
+    """Replace spoa_mp.server.serve; records (config, role, root level) per call."""
     calls: list[tuple[ServerConfig, str, int]] = []
 
     def serve(config: ServerConfig) -> int:
         calls.append((config, logs.get_role(), logging.getLogger().level))
         return 3
 
-    fake = types.ModuleType("spoa_mp.supervisor")
+    fake = types.ModuleType("spoa_mp.server")
     fake.serve = serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "spoa_mp.supervisor", fake)
+    monkeypatch.setitem(sys.modules, "spoa_mp.server", fake)
     return calls
 
 
@@ -339,17 +339,17 @@ def test_no_serve_on_a_config_error(
 def test_supervisor_missing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "spoa_mp.supervisor", None)
+    monkeypatch.setitem(sys.modules, "spoa_mp.server", None)
     code, _, err = run_main(capsys, [])
     assert code == 2
-    assert err == "spoa-mp: error: the server is not available (spoa_mp.supervisor is missing)\n"
+    assert err == "spoa-mp: error: the server is not available (spoa_mp.server is missing)\n"
 
 
 def test_app_is_found_in_the_current_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """--app myapp:agent finds ./myapp.py, even from the console script."""
-    from spoa_mp.supervisor import build_agent
+    from spoa_mp.loader import build_agent
 
     (tmp_path / "cwd_app_probe.py").write_text(
         "from spoa_mp.agent import Agent\nagent = Agent('probe')\n"

@@ -775,7 +775,7 @@ def test_frame_size_limits_have_one_definition() -> None:
         lib.SPOP_MIN_FRAME_SIZE, lib.SPOP_DEFAULT_FRAME_SIZE, lib.SPOP_MAX_FRAME_SIZE,
     )  # fmt: skip
     assert (config.MIN_FRAME_SIZE, config.MAX_FRAME_SIZE) == (256, 1 << 24)
-    assert config.MAX_FRAME_SIZE is codec.MAX_FRAME_SIZE
+    assert config.MAX_FRAME_SIZE == codec.MAX_FRAME_SIZE  # spoa_mp.limits, kept equal (test_limits)
     assert protocol.AgentSettings(max_frame_size=codec.MAX_FRAME_SIZE).max_frame_size == 1 << 24
     with pytest.raises(ValueError, match=f"\\[256, {1 << 24}\\]"):
         protocol.AgentSettings(max_frame_size=codec.MAX_FRAME_SIZE + 1)

@@ -13,8 +13,9 @@ import pytest
 from tls_certs import PKI, make_cert, make_pki
 
 from spoa_mp.access import AllowList, parse_network
-from spoa_mp.cli import main, parse_serve_args
+from spoa_mp.cli import main
 from spoa_mp.config import ConfigError, load_config
+from spoa_mp.flags import parse_serve_args
 from spoa_mp.tls import TLSError, TLSFiles, build_server_context, check_files
 
 
@@ -226,7 +227,7 @@ def test_bad_flags_one_line_exit_2(
 def test_check_config_reports_every_tls_problem(
     pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spoa_mp.check_config import main as check_main  # noqa: PLC0415
+    from spoa_mp.check_config import main as check_main
 
     conf = tmp_path / "agent.toml"
     conf.write_text(
@@ -254,7 +255,7 @@ def test_check_config_reports_every_tls_problem(
 
 
 def test_haproxy_config_server_line_with_tls(pki: PKI) -> None:
-    from spoa_mp.haproxy_config import Options, render  # noqa: PLC0415
+    from spoa_mp.haproxy_config import Options, render
 
     base = ["-p", "12345", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     options = Options(ca_file="/etc/haproxy/ca.pem", crt="/etc/haproxy/me.pem")

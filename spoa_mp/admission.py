@@ -1,0 +1,72 @@
+"""Who gets into a worker: one accept per wake-up, --max-connections at
+accept, --hello-timeout after it. A hostile client costs a descriptor for
+a bounded time, and the connections already served are untouched."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from spoa_mp.counters import Counters
+from spoa_mp.logs import RateLimitedLog
+from spoa_mp.worker_options import ConnectionLimits
+
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Admission:
+    def __init__(self, limits: ConnectionLimits, counters: Counters, noisy: RateLimitedLog) -> None:
+        self.limits = limits
+        self.counters = counters
+        self._noisy = noisy
+
+    def accept(self, listener: socket.socket, open_now: int) -> tuple[socket.socket, str] | None:
+        """One new connection, non-blocking, with its peer's name; None if
+        another worker won it, we are out of descriptors, or we are full."""
+        # Every worker is woken for a new connection; the losers get EAGAIN.
+        # One accept per wake-up: HAProxy opens connections in bursts, and a
+        # worker draining the backlog would take them all while the others
+        # sleep; the socket stays readable, so the next one is contested again.
+        try:
+            sock, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            if e.errno in _OUT_OF_RESOURCES:
+                self._noisy.warning("accept", "accept failed: %s", e)
+                return None
+            raise
+        if open_now >= self.limits.max_connections:
+            # the ones already served are untouched; the newcomer is told nothing
+            self.counters.connections_refused += 1
+            self._noisy.warning(
+                "max-connections",
+                "refused a connection from %s: %d open, --max-connections %d",
+                peer_name(addr), open_now, self.limits.max_connections,
+            )  # fmt: skip
+            sock.close()
+            return None
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # ACKs are small and latency-bound: no Nagle delay
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.counters.connections_total += 1
+        return sock, peer_name(addr)
+
+    def hello_missed(self, fd: int, peer: str) -> None:
+        """No complete HAPROXY-HELLO in --hello-timeout: a client that holds
+        a descriptor and does nothing (or a port scanner) is closed by the
+        caller; counted and logged here."""
+        self.counters.hello_timeouts += 1
+        self._noisy.warning(
+            "hello-timeout",
+            "conn %d (%s): no HELLO within %g s: closed",
+            fd, peer, self.limits.hello_timeout,
+        )  # fmt: skip
+
+
+def peer_name(addr: Any) -> str:
+    if isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr) or "unix"
