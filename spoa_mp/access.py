@@ -57,3 +57,32 @@ class AllowList:
             address = address.ipv4_mapped
         nets = self._v4 if address.version == 4 else self._v6
         return any(address in n for n in nets)
+
+
+def beyond_loopback(addresses: Iterable[object]) -> list[str]:
+    """The listening addresses (getsockname() results) other machines can
+    reach: TCP ones that are not loopback (0.0.0.0 and :: included)."""
+    out = []
+    for addr in addresses:
+        if not isinstance(addr, tuple):
+            continue  # a Unix socket
+        try:
+            ip = ipaddress.ip_address(str(addr[0]).partition("%")[0])
+        except ValueError:
+            continue
+        if not ip.is_loopback:
+            out.append(f"[{ip}]:{addr[1]}" if ip.version == 6 else f"{ip}:{addr[1]}")
+    return out
+
+
+def exposure_warning(addresses: Iterable[object], tls: bool, allow: AllowList) -> str | None:
+    """The startup line's plain warning when the agent can be reached from
+    other machines with neither TLS nor an allow-list; None otherwise."""
+    exposed = beyond_loopback(addresses)
+    if not exposed or tls or allow:
+        return None
+    return (
+        f"listening on {', '.join(exposed)} beyond loopback with neither TLS (--tls-cert) "
+        "nor an allow-list (--allow): anyone who reaches the port can ask for verdicts, "
+        "and they cross the network in clear"
+    )

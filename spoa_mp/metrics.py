@@ -94,6 +94,10 @@ SCALAR_COUNTERS: tuple[Family, ...] = (
            "Connections closed at accept: the worker had --max-connections open."),
     Family("hello_timeouts", "hello_timeouts",
            "Connections closed for sending no HELLO within --hello-timeout."),
+    Family("tls_handshake_failures", "tls_handshake_failures",
+           "Connections closed whose TLS handshake failed or missed --hello-timeout."),
+    Family("connections_not_allowed", "connections_not_allowed",
+           "Connections closed at accept: the peer is outside every --allow network."),
     Family("protocol_errors", "protocol_errors", "Connections closed for a protocol error."),
     Family("acks_cut", "acks_cut",
            "ACKs whose actions were cut to fit the negotiated max-frame-size."),
@@ -364,7 +368,9 @@ class Aggregator:
         ns = [_count(c) for c in counts]
         if any(n is None for n in ns):
             return False
-        if type(total) not in (int, float) or not 0 <= total < math.inf:
+        if not isinstance(total, int | float) or isinstance(total, bool):
+            return False
+        if not 0 <= total < math.inf:
             return False
         for i, n in enumerate(ns):
             flat[("latency", str(i))] = n

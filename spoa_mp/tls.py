@@ -170,6 +170,8 @@ def build_server_context(files: TLSFiles) -> ssl.SSLContext:
         raise TLSError(problems[0])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # a renegotiation would make a read want a write: the worker never needs one
+    context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(files.cert, files.key)
         if files.client_ca is not None:

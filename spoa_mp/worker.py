@@ -24,11 +24,12 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from spoa_mp import control, logs
+from spoa_mp import control, logs, tls_io
 from spoa_mp.admission import Admission
 from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.counters import Counters, gauges
@@ -63,6 +64,8 @@ class Connection:
     in_flight: int = 0  # NOTIFYs awaiting a handler, not ACKed yet
     reading: bool = True
     closed: bool = False
+    tls: bool = False  # an ssl.SSLSocket: finished, not handed over, on reload (tls_io.py)
+    handshaking: bool = False  # its TLS handshake is under way
 
 
 class Worker:
@@ -228,19 +231,48 @@ class Worker:
         conn = Connection(sock=sock, fd=sock.fileno(), peer=peer, proto=proto)
         self.connections[conn.fd] = conn
         assert self._loop is not None
-        self._loop.add_reader(conn.fd, self._readable, conn)
+        if isinstance(sock, ssl.SSLSocket):
+            conn.tls = conn.handshaking = True
+            self._loop.add_reader(conn.fd, self._handshake, conn)
+        else:
+            self._loop.add_reader(conn.fd, self._readable, conn)
         self._loop.call_later(self.limits.hello_timeout, self._hello_deadline, conn)
         if self.debug:
             log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
 
     def _hello_deadline(self, conn: Connection) -> None:
-        if not conn.closed and conn.proto.handshake is None:
+        if conn.closed or conn.proto.handshake is not None:
+            return
+        if conn.handshaking:
+            self._admission.handshake_failed(conn.fd, conn.peer, "no handshake in --hello-timeout")
+        else:
             self._admission.hello_missed(conn.fd, conn.peer)
+        self._close(conn)
+
+    def _handshake(self, conn: Connection) -> None:
+        """One step of a TLS handshake, on each readiness of its socket."""
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        assert self._loop is not None
+        step = self._admission.handshake_step(conn.sock, conn.fd, conn.peer)
+        if step == "failed" or (step != "done" and self._stopping):
             self._close(conn)
+        elif step == "write":  # rare: the kernel's send buffer is full
+            self._loop.remove_reader(conn.fd)
+            self._loop.add_writer(conn.fd, self._handshake_writable, conn)
+        elif step == "done":
+            conn.handshaking = False
+            self._loop.add_reader(conn.fd, self._readable, conn)  # replaces _handshake
+            self._readable(conn)  # HAPROXY-HELLO may have come with the handshake
+
+    def _handshake_writable(self, conn: Connection) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(conn.fd)
+        self._loop.add_reader(conn.fd, self._handshake, conn)
+        self._handshake(conn)
 
     def _readable(self, conn: Connection) -> None:
         size = RECV_SIZE
-        if self._handing_over:
+        if self._handing_over and not conn.tls:
             # read only what completes the current frame: the connection then
             # moves between two frames, and what follows waits in the kernel
             # for the worker that adopts it
@@ -253,8 +285,10 @@ class Worker:
             # into one reused buffer: recv(n) would allocate n bytes each time
             # (an mmap for large n), then copy out only what arrived
             n = conn.sock.recv_into(self._recv_buf, size)
+            if conn.tls and n:
+                n = tls_io.read_more(conn.sock, self._recv_view, n)
             data = self._recv_view[:n].tobytes()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as e:  # reset by HAProxy: normal (3.x pool purge, health checks)
             if self.debug:
@@ -271,11 +305,16 @@ class Worker:
             if conn.in_flight:
                 self._update_reading(conn)  # stop taking work if handlers fall behind
         self._flush(conn)
-        if self._stopping:
+        if self._leaving(conn):
             self._close_if_idle(conn)
         elif self._handing_over:
             self._update_reading(conn)
             self._try_handover(conn)
+
+    def _leaving(self, conn: Connection) -> bool:
+        """Said goodbye to once idle: on stop, and on a reload when TLS (its
+        state cannot move with the descriptor: HAProxy reconnects)."""
+        return self._stopping or (self._handing_over and conn.tls)
 
     def _progress(self, conn: Connection) -> None:
         """Late ACKs were queued on conn (dispatcher): send them, read again."""
@@ -284,7 +323,7 @@ class Worker:
             return
         self._update_reading(conn)
         self._flush(conn)
-        if self._stopping:
+        if self._leaving(conn):
             self._close_if_idle(conn)
         elif self._handing_over:
             self._try_handover(conn)
@@ -320,7 +359,9 @@ class Worker:
             else:
                 try:
                     sent = conn.sock.send(data)
-                except (BlockingIOError, InterruptedError):
+                except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                    # TLS: nothing counts as sent; the same bytes (and more) go
+                    # again, as OpenSSL wants after a partial record write
                     sent = 0
                 except OSError:
                     self._close(conn)
@@ -335,7 +376,7 @@ class Worker:
     def _writable(self, conn: Connection) -> None:
         try:
             sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
             return
         except OSError:
             self._close(conn)
@@ -365,7 +406,7 @@ class Worker:
         assert self._loop is not None
         if conn.reading:
             self._loop.remove_reader(conn.fd)
-        if conn.out:
+        if conn.out or conn.handshaking:  # a handshake may wait for writability
             self._loop.remove_writer(conn.fd)
         self.connections.pop(conn.fd, None)
 
@@ -375,7 +416,7 @@ class Worker:
         want = (
             not conn.closed and conn.in_flight < self.max_in_flight and not self.dispatcher.paused
         )
-        if self._handing_over and conn.proto.at_frame_boundary:
+        if self._handing_over and conn.proto.at_frame_boundary and not conn.tls:
             want = False
         if want != conn.reading:
             conn.reading = want
@@ -447,6 +488,9 @@ class Worker:
     def _try_handover(self, conn: Connection) -> None:
         """Pass a connection on once nothing of it is left here: no partial
         frame, no handler running or waiting, no unsent ACK."""
+        if conn.tls:
+            self._close_if_idle(conn)
+            return
         if conn.closed or conn.in_flight or conn.out:
             return
         if conn.proto.closing or not conn.proto.at_frame_boundary:
@@ -470,9 +514,16 @@ class Worker:
 
     def _close_if_idle(self, conn: Connection) -> None:
         """While stopping: say goodbye to a connection with nothing pending."""
-        if not conn.closed and self._idle(conn):
-            conn.proto.disconnect()
-            self._flush(conn)
+        if conn.closed or not self._idle(conn):
+            return
+        if conn.tls:
+            if conn.handshaking or conn.proto.handshake is None:
+                self._close(conn)  # no SPOP yet: HAProxy simply connects again
+                return
+            if tls_io.unread(conn.sock):
+                return  # a frame is on its way: read and answer it first
+        conn.proto.disconnect()
+        self._flush(conn)
 
 
 class BootError(Exception):
