@@ -19,7 +19,15 @@ import socket
 import ssl
 import termios
 
-__all__ = ["read_more", "unread"]
+__all__ = ["QUIET", "QUIET_FOR", "read_more", "unread"]
+
+# A TLS connection being finished (reload) gets its AGENT-DISCONNECT once
+# HAProxy left it QUIET seconds without a byte (frames HAProxy sends before
+# reading the DISCONNECT fail, and HAProxy 3.x's idle pool hands out the
+# most recently used connection first, so a quiet one is likely left alone);
+# after QUIET_FOR, at the first moment nothing is in flight, quiet or not.
+QUIET = 0.05
+QUIET_FOR = 1.0
 
 
 def read_more(sock: socket.socket, view: memoryview, n: int) -> int:

@@ -66,6 +66,8 @@ class Connection:
     closed: bool = False
     tls: bool = False  # an ssl.SSLSocket: finished, not handed over, on reload (tls_io.py)
     handshaking: bool = False  # its TLS handshake is under way
+    last_read: float = 0.0  # TLS: loop time of the last read (finishing waits for quiet)
+    recheck: asyncio.TimerHandle | None = None  # TLS: finishing looks again then
 
 
 class Worker:
@@ -103,6 +105,7 @@ class Worker:
         self._parent = os.getppid()
         self._stopping = False
         self._handing_over = False  # reload: connections move to the new workers
+        self._leaving_at = 0.0  # loop time the handover began (TLS connections finish)
         self._done: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- life
@@ -287,6 +290,7 @@ class Worker:
             n = conn.sock.recv_into(self._recv_buf, size)
             if conn.tls and n:
                 n = tls_io.read_more(conn.sock, self._recv_view, n)
+                conn.last_read = self._loop.time() if self._loop else 0.0
             data = self._recv_view[:n].tobytes()
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
@@ -478,6 +482,7 @@ class Worker:
         if self._stopping or self._handing_over or self._loop is None:
             return
         self._handing_over = True
+        self._leaving_at = self._loop.time()
         log.info("handing %d connection(s) over", len(self.connections))
         self._wind_down()
         for conn in list(self.connections.values()):
@@ -520,10 +525,24 @@ class Worker:
             if conn.handshaking or conn.proto.handshake is None:
                 self._close(conn)  # no SPOP yet: HAProxy simply connects again
                 return
-            if tls_io.unread(conn.sock):
-                return  # a frame is on its way: read and answer it first
+            assert self._loop is not None
+            # AGENT-DISCONNECT fails whatever HAProxy sent before reading it:
+            # say it when nothing is on its way and HAProxy has left the
+            # connection quiet (its idle pool hands out the busiest first)
+            now = self._loop.time()
+            wait = conn.last_read + tls_io.QUIET - now
+            if now > self._leaving_at + tls_io.QUIET_FOR:
+                wait = 0.0  # not quiet yet: goodbye between two frames all the same
+            if wait > 0 or tls_io.unread(conn.sock):
+                if conn.recheck is None:
+                    conn.recheck = self._loop.call_later(max(wait, 0.001), self._recheck, conn)
+                return
         conn.proto.disconnect()
         self._flush(conn)
+
+    def _recheck(self, conn: Connection) -> None:
+        conn.recheck = None
+        self._close_if_idle(conn)
 
 
 class BootError(Exception):
