@@ -26,6 +26,7 @@ test: deps venv lint
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/python bench/bench_codec.py

@@ -1,124 +1,43 @@
 """Process handling and machine-load helpers shared by the bench scripts.
 
-Every child runs in its own session (process group) with its output in a log
-file, and is stopped by its pid (then its group, then every descendant seen)
-with bounded waits. Everything listens on 127.0.0.1 only.
+Every child is a tests/support `Process`: its own session (process group),
+its output in a log file, stopped by its pid (then its group, then every
+descendant seen) with bounded waits. Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 
-HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_AGENT = REPO.parent / "shared" / "bin" / "spoa-example"
 START_TIMEOUT = 20.0  # process start until ready
-STOP_TIMEOUT = 10.0  # SIGTERM until exit, then SIGKILL
 
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+# Process handling is the tests' (tests/support): one wrapper for both.
+sys.path.insert(0, str(REPO / "tests"))
+from support.processes import Process  # noqa: E402
+from support.waits import HOST, accepting, free_port, wait_for  # noqa: E402, F401
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def accepting(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-class Proc:
-    """A child in its own session, output appended to `<log_dir>/<name>.log`."""
+class Proc(Process):
+    """A child in its own session, stdout and stderr appended to
+    `<log_dir>/<name>.log` (the path is `log`); `popen`: more Popen arguments
+    (cwd, env). `shutdown()` stops it: SIGTERM, then its group and every
+    descendant seen, bounded."""
 
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path, **popen: Any) -> None:
-        """`popen`: more Popen arguments (cwd, env)."""
-        self.name = name
-        self.argv = list(argv)
-        self.log = log_dir / f"{name}.log"
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **popen,
-            )
-        self.pid = self.popen.pid
-        self.ps = psutil.Process(self.pid)
-        self._known: dict[int, psutil.Process] = {self.pid: self.ps}
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tree(self) -> list[psutil.Process]:
-        """The process and its descendants now (remembered for stop())."""
-        try:
-            kids = self.ps.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        for k in kids:
-            self._known.setdefault(k.pid, k)
-        return [self.ps, *kids]
-
-    def check_alive(self) -> None:
-        if not self.alive():
-            tail = self.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        self.tree()
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # session leader: pgid == pid
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=timeout)
-        others = [p for pid, p in self._known.items() if pid != self.pid]
-        for p in others:
-            if not _gone(p):
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: all(_gone(p) for p in others), timeout, f"{self.name} to die")
+        super().__init__(name, argv, log_dir, merge_output=True, append=True, **popen)
+        self.log = self.stdout_path
 
 
 class Procs:
@@ -134,7 +53,7 @@ class Procs:
 
     def stop(self, p: Proc) -> None:
         try:
-            p.stop()
+            p.shutdown()
         finally:
             with contextlib.suppress(ValueError):
                 self.live.remove(p)

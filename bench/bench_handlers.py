@@ -225,9 +225,9 @@ def main(argv: list[str]) -> int:
                                 file=sys.stderr,
                             )
                     finally:
-                        agent.stop()
+                        agent.shutdown()
         finally:
-            redis.stop()
+            redis.shutdown()
     rows = summarize(runs, args.kinds, args.shapes)
     if args.json:
         cmd = " ".join(["bench/bench_handlers.py", *argv])

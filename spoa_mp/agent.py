@@ -31,7 +31,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeAlias, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar, cast
 
 from spoa_mp.model import Action, Message
 
@@ -313,15 +313,19 @@ def _normalize_slow(result: object) -> tuple[Action, ...]:
     if isinstance(result, _NOT_ITERABLES):
         raise TypeError(f"{expected}, not {_describe(result)}")
     try:
-        items = tuple(result)  # type: ignore[call-overload]
+        # tuple() itself tells whether it is iterable (the old __getitem__
+        # protocol included, which isinstance(Iterable) would miss)
+        items = tuple(cast("Iterable[object]", result))
     except TypeError:
         raise TypeError(f"{expected}, not {_describe(result)}") from None
+    actions = []
     for i, a in enumerate(items):
         if not isinstance(a, Action):
             raise TypeError(
                 f"{expected}; got a {_describe(result)} whose item {i} is a {_describe(a)}"
             )
-    return items
+        actions.append(a)
+    return tuple(actions)
 
 
 def normalize_actions(result: object) -> tuple[Action, ...]:
@@ -336,16 +340,17 @@ def normalize_actions(result: object) -> tuple[Action, ...]:
     """
     # Runs once per message: exact-class checks first, no isinstance or
     # try/except unless the result is unusual.
+    # (type(x) is C rather than x.__class__ is C: the same cost, and mypy
+    # narrows it.)
     if result is None:
         return ()
-    cls = result.__class__
-    if cls is tuple or cls is list:
-        for a in result:  # type: ignore[attr-defined]
+    if type(result) is tuple or type(result) is list:
+        for a in result:
             if a.__class__ is not Action:
                 return _normalize_slow(result)
-        return result if cls is tuple else tuple(result)  # type: ignore[return-value,arg-type]
-    if cls is Action:
-        return (result,)  # type: ignore[return-value]
+        return result if type(result) is tuple else tuple(result)
+    if type(result) is Action:
+        return (result,)
     return _normalize_slow(result)
 
 

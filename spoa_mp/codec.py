@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from enum import IntEnum
 from itertools import repeat
 from operator import attrgetter
-from typing import NamedTuple, TypeAlias
+from typing import NamedTuple, TypeAlias, cast
 
 from spoa_mp._spop import ffi, lib
 from spoa_mp.model import (
@@ -101,7 +101,8 @@ class Status(IntEnum):
 def status_reason(status: int) -> str:
     if not 0 <= status <= Status.UNKNOWN:  # the C side takes an int
         status = Status.UNKNOWN
-    return ffi.string(lib.spop_status_reason(status)).decode()
+    reason: bytes = ffi.string(lib.spop_status_reason(status))
+    return reason.decode()
 
 
 class ItemKind(IntEnum):
@@ -319,6 +320,12 @@ def item_value(data: bytes, item: ItemRecord) -> Value:
     return typed_value(item[I_TYPE], item[I_NUM], raw)
 
 
+def item_bytes(data: bytes, item: ItemRecord) -> bytes:
+    """The payload of a STRING or BINARY record, as bytes (the caller checked
+    its type): what bytes(item_value()) gives, without the value object."""
+    return bytes(data[item[I_VAL_OFF] : item[I_VAL_OFF] + item[I_VAL_LEN]])
+
+
 def item_name(data: bytes, item: ItemRecord) -> bytes:
     return data[item[I_NAME_OFF] : item[I_NAME_OFF] + item[I_NAME_LEN]]
 
@@ -473,15 +480,15 @@ class Encoder:
         """
         n = len(results)
         if ids.__class__ is array:
-            if ids.typecode != "Q":  # type: ignore[union-attr]
+            if ids.typecode != "Q":
                 # C reads 16 bytes per pair: anything narrower would be read past
-                raise TypeError(f"ids must be array('Q'), not array({ids.typecode!r})")  # type: ignore[union-attr]
+                raise TypeError(f"ids must be array('Q'), not array({ids.typecode!r})")
             if len(ids) != 2 * n:
                 raise ValueError(f"ids for {n} ACKs must be {2 * n} uint64, not {len(ids)}")
         elif len(ids) != 16 * n:
             raise ValueError(f"ids for {n} ACKs must be {2 * n} uint64 ({16 * n} bytes)")
         if n == 1 and results[0].__class__ is Action:  # one NOTIFY per read: no join
-            payload = results[0].wire  # type: ignore[union-attr]
+            payload = results[0].wire
             if payload is None:
                 return self._acks_general(ids, results, max_frame_size)
         else:
@@ -521,15 +528,19 @@ class Encoder:
         safe = max_frame_size - 25  # fits whatever the header (ids of 10 bytes each)
         pairs = ids if isinstance(ids, array) else memoryview(ids).cast("Q")
         for k, result in enumerate(results):
-            actions = (result,) if result.__class__ is Action else result or ()
+            # exact class, as acks_for: not an Action, so a sequence of them
+            # (a __class__ test narrows only the positive branch)
+            actions = cast(
+                "Sequence[Action]", (result,) if result.__class__ is Action else result or ()
+            )
             start = len(payload)
-            for a in actions:  # type: ignore[union-attr]
+            for a in actions:
                 payload += a.wire or self.action_wire(a)
             if len(payload) - start > safe:
                 sid, fid = pairs[2 * k], pairs[2 * k + 1]
                 budget = max_frame_size - 5 - len(encode_varint(sid)) - len(encode_varint(fid))
                 if len(payload) - start > budget:
-                    del payload[self._fit(start, actions, budget) :]  # type: ignore[arg-type]
+                    del payload[self._fit(start, actions, budget) :]
                     cut.append(k)
             ends.append(len(payload))
         return self._encode_acks(ids, ends, bytes(payload), len(ends), max_frame_size), cut
@@ -654,7 +665,8 @@ class Encoder:
         )  # fmt: skip
         if rc == n_frames:  # the usual case: everything fitted at once
             last = frames[rc - 1]
-            return ffi.buffer(self._out, last.offset + 4 + last.length)[:]
+            data: bytes = ffi.buffer(self._out, last.offset + 4 + last.length)[:]
+            return data
         chunks = []
         done = 0
         while True:
@@ -688,7 +700,8 @@ def encode_varint(value: int) -> bytes:
     """HAProxy varint of a value in [0, 2^64-1] (rare paths and tests)."""
     out = ffi.new("uint8_t[10]")
     n = lib.spop_varint_encode(value, out, 10)
-    return ffi.buffer(out, n)[:]
+    data: bytes = ffi.buffer(out, n)[:]
+    return data
 
 
 def decode_varint(data: bytes) -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 
 class Timed(Protocol):
@@ -14,21 +14,24 @@ class Timed(Protocol):
     settled: bool  # done, or expired: no longer watched
 
 
-class Deadlines:
+T = TypeVar("T", bound=Timed)
+
+
+class Deadlines(Generic[T]):
     """Calls by deadline: one FIFO per timeout value (arrival order is then
     deadline order) and one loop timer for the earliest. Settled calls are
     skipped when they reach the head, and the queues are compacted when they
     hold many more settled calls than live ones."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, expire: Callable[[Timed], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, expire: Callable[[T], None]) -> None:
         self._loop = loop
         self._expire = expire
-        self._queues: dict[float, deque[Timed]] = {}
+        self._queues: dict[float, deque[T]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._when = 0.0
         self._added = 0
 
-    def add(self, call: Timed, timeout: float) -> None:
+    def add(self, call: T, timeout: float) -> None:
         call.deadline = call.started + timeout
         queue = self._queues.get(timeout)
         if queue is None:

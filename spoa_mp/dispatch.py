@@ -28,12 +28,12 @@ import time
 import types
 from array import array
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import Context, copy_context
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from spoa_mp.agent import Registered, check_timeout, normalize_actions
 from spoa_mp.counters import Counters
@@ -171,7 +171,7 @@ class Dispatcher:
         self._on_capacity = on_capacity
         self._noisy = RateLimitedLog(log, interval=10.0)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._deadlines: Deadlines | None = None
+        self._deadlines: Deadlines[_Call] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Future[Any]] = set()  # strong references while they run
         self._late: list[tuple[tuple[int, ...], _Call]] = []  # this read's calls, by message
@@ -471,11 +471,11 @@ class Dispatcher:
     def _batch_results(self, reg: Registered, name: str, got: object, n: int) -> list[Result]:
         """A batch handler's results, checked: one per message."""
         try:
-            items = list(got)  # type: ignore[call-overload]
+            items = list(cast("Iterable[object]", got))  # TypeError if it is not
             if len(items) != n:
                 raise TypeError(f"a batch handler returned {len(items)} results for {n} messages")
         except TypeError:
-            return self._failed_call(reg, name, n)  # type: ignore[no-any-return]
+            return cast("list[Result]", self._failed_call(reg, name, n))  # a batch: a list
         out: list[Result] = []
         for item in items:
             try:
@@ -647,11 +647,11 @@ class Dispatcher:
         self.counters.acks += len(results)
         if self.debug:
             for j, result in enumerate(results):
-                actions = [result] if result.__class__ is Action else list(result or ())  # type: ignore[arg-type]
+                actions = list(normalize_actions(result))
                 log.debug(
                     "conn %d: ACK sid=%d fid=%d %r", conn.fd, ids[2 * j], ids[2 * j + 1], actions
                 )
-        cut = conn.proto.ack_for(ids, results)  # type: ignore[arg-type]
+        cut = conn.proto.ack_for(ids, results)
         if cut:
             self.counters.acks_cut += len(cut)
             self._noisy.warning(

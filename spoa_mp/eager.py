@@ -16,12 +16,15 @@ finishes at once never becomes a task.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator
-from typing import Any
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, TypeAlias, cast
 
-# the hooks Python 3.12's eager tasks use too: current_task() during the step
-enter_task = asyncio.tasks._enter_task
-leave_task = asyncio.tasks._leave_task
+# the hooks Python 3.12's eager tasks use too: current_task() during the step.
+# They take any object as the loop's current task (typeshed says a Task):
+# here an EagerTask as well.
+_TaskHook: TypeAlias = "Callable[[asyncio.AbstractEventLoop, EagerTask | asyncio.Task[Any]], None]"
+enter_task = cast(_TaskHook, asyncio.tasks._enter_task)
+leave_task = cast(_TaskHook, asyncio.tasks._leave_task)
 
 
 class EagerTask:
@@ -99,7 +102,7 @@ class _Resumed(Coroutine[Any, Any, Any]):
         self._coro.close()
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        return self  # type: ignore[return-value]  # an iterator with send/throw: awaitable
+        return self  # an iterator with send/throw: awaitable
 
     def __iter__(self) -> _Resumed:
         return self

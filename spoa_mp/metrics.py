@@ -7,7 +7,8 @@ is :class:`LatencyHistogram`. The supervisor feeds each heartbeat to an
 a running total of the workers that are gone, so an exported counter never goes
 down across worker restarts, recycling and reloads. (Summing in one process
 beats one file per process: nothing on disk, one scrape reads everything.)
-The exposition and the HTTP serving are in :mod:`spoa_mp.metrics_http`.
+The exposition is in :mod:`spoa_mp.metrics_prometheus`, the HTTP serving in
+:mod:`spoa_mp.metrics_http`.
 
 Which heartbeat keys become which metric families is the tables below
 (:data:`LABELED_COUNTERS`, :data:`SCALAR_COUNTERS`, :data:`GAUGES`): adding a
@@ -365,12 +366,10 @@ class Aggregator:
         counts, total = latency.get("counts"), latency.get("sum")
         if not isinstance(counts, list | tuple) or len(counts) != len(self.bounds) + 1:
             return False
-        ns = [_count(c) for c in counts]
-        if any(n is None for n in ns):
+        ns = [n for n in map(_count, counts) if n is not None]
+        if len(ns) != len(counts):
             return False
-        if not isinstance(total, int | float) or isinstance(total, bool):
-            return False
-        if not 0 <= total < math.inf:
+        if not (type(total) is int or type(total) is float) or not 0 <= total < math.inf:
             return False
         for i, n in enumerate(ns):
             flat[("latency", str(i))] = n

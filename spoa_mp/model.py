@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
 from typing import TypeAlias
@@ -109,9 +109,8 @@ def encode_value(value: Value) -> TypedEncoding:
     integer type as a signed 64-bit integer. Negative numbers are
     sign-extended to 64 bits, which is what HAProxy expects.
     """
-    cls = type(value)
-    if cls is int and 0 <= value <= 0xFFFFFFFF:  # type: ignore[operator]  # the usual case
-        return (DataType.UINT32, value, b"")  # type: ignore[return-value]
+    if type(value) is int and 0 <= value <= 0xFFFFFFFF:  # the usual case
+        return (DataType.UINT32, value, b"")
     if value is None:
         return (DataType.NULL, 0, b"")
     if value is True or value is False:
@@ -140,13 +139,14 @@ def encode_value(value: Value) -> TypedEncoding:
 
 
 SCOPES = {s.name.lower(): s for s in Scope}
-_SCOPE_OF: dict[object, Scope] = {**{int(s): s for s in Scope}, **SCOPES}
+_SCOPE_OF: dict[object, Scope] = {key: s for s in Scope for key in (int(s), s.name.lower())}
 _VAR_NAME = re.compile(r"[A-Za-z0-9._]+")
 ACTION_SET_VAR = 1
 ACTION_UNSET_VAR = 2
 
 
-def _scope(scope: Scope | str) -> Scope:
+def _scope(scope: object) -> Scope:
+    """The Scope a caller's value names (any value: it checks)."""
     found = None
     if scope.__class__ is not bool:  # True == 1 would pass as "sess"
         with contextlib.suppress(TypeError):  # unhashable: not a scope either
@@ -244,27 +244,30 @@ def _signed(num: int) -> int:
 _new_ipv4 = IPv4Address.__new__
 
 
-def ipv4_from_int(num: int) -> IPv4Address:
+def _ipv4_from_int(num: int) -> IPv4Address:
     """IPv4Address from a trusted 32-bit int, skipping the range check the
     constructor repeats (a third of a decode's cost)."""
     addr = _new_ipv4(IPv4Address)
-    addr._ip = num
+    addr._ip = num  # type: ignore[attr-defined]  # ipaddress's private int: not in typeshed
     return addr
 
 
 _new_ipv6 = IPv6Address.__new__
 
 
-def ipv6_from_bytes(raw: bytes) -> IPv6Address:
+def _ipv6_from_bytes(raw: bytes) -> IPv6Address:
     """IPv6Address from 16 trusted bytes; the constructor's checks cost ~2 us."""
     addr = _new_ipv6(IPv6Address)
-    addr._ip = int.from_bytes(raw, "big")
-    addr._scope_id = None  # no zone on the wire
+    # ipaddress's private attributes, not in typeshed:
+    addr._ip = int.from_bytes(raw, "big")  # type: ignore[attr-defined]  # (see above)
+    addr._scope_id = None  # type: ignore[attr-defined]  # no zone on the wire
     return addr
 
 
 # Both shortcuts set the private attribute ipaddress keeps; fall back to the
 # constructors on a Python where that differs.
+ipv4_from_int: Callable[[int], IPv4Address] = _ipv4_from_int
+ipv6_from_bytes: Callable[[bytes], IPv6Address] = _ipv6_from_bytes
 _IPV4_SHORTCUT = ipv4_from_int(0x7F000001) == IPv4Address("127.0.0.1")
 if not _IPV4_SHORTCUT:  # pragma: no cover
     ipv4_from_int = IPv4Address
@@ -360,12 +363,14 @@ class Message:
 
     def __getitem__(self, key: int | str) -> Value:
         """Argument value by position or by name (IndexError / KeyError)."""
-        if key.__class__ is int and 0 <= key < self.nargs:  # type: ignore[operator]
+        if key.__class__ is int and 0 <= key < self.nargs:
             # the common case: one small unpack, and IPv4 needs nothing else
-            num, type_ = _unpack_num_type(self._records, (self._first + key) * _ITEM_SIZE)  # type: ignore[operator]
+            num: int
+            type_: int
+            num, type_ = _unpack_num_type(self._records, (self._first + key) * _ITEM_SIZE)
             if type_ == _T_IPV4 and _IPV4_SHORTCUT:  # ipv4_from_int, inlined
                 addr = _new_ipv4(IPv4Address)
-                addr._ip = num
+                addr._ip = num  # type: ignore[attr-defined]  # private, as in _ipv4_from_int
                 return addr
             if type_ in _T_UNSIGNED:
                 return num

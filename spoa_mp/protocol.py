@@ -19,7 +19,7 @@ import re
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from spoa_mp._spop import lib
 from spoa_mp.codec import (
@@ -48,6 +48,7 @@ from spoa_mp.codec import (
     Status,
     encode_varint,
     index_message,
+    item_bytes,
     item_value,
     kv_items,
     messages,
@@ -66,6 +67,9 @@ from spoa_mp.model import (
     Message,
     String,
 )
+
+if TYPE_CHECKING:  # the types only: protocol.py knows no sockets
+    from spoa_mp.control import HandoverState
 
 SPOP_VERSION = "2.0"
 _new_tuple = tuple.__new__
@@ -201,7 +205,7 @@ class FrameCounts:
         table[key] = table.get(key, 0) + 1
 
 
-FRAME_NAMES = {
+FRAME_NAMES: dict[int, str] = {
     FrameType.UNSET: "unset",
     FrameType.HAPROXY_HELLO: "haproxy-hello",
     FrameType.HAPROXY_DISCONNECT: "haproxy-disconnect",
@@ -319,7 +323,7 @@ class AgentConnection:
             return 4 - len(pending)
         return 4 + int.from_bytes(pending[:4], "big") - len(pending)
 
-    def handover_state(self) -> dict[str, object]:
+    def handover_state(self) -> HandoverState:
         """The negotiated state, as JSON-able data, for `AgentConnection.adopt`
         in another process. Only at a frame boundary."""
         if not self.at_frame_boundary:
@@ -341,7 +345,7 @@ class AgentConnection:
     @classmethod
     def adopt(
         cls,
-        state: dict[str, object],
+        state: HandoverState,
         settings: AgentSettings | None = None,
         decoder: Decoder | None = None,
         encoder: Encoder | None = None,
@@ -352,8 +356,8 @@ class AgentConnection:
         phase = state["phase"]
         if phase not in (_HELLO, _READY):
             raise ValueError(f"cannot adopt a connection in phase {phase!r}")
-        conn._phase = phase  # type: ignore[assignment]
-        size = int(state["max_frame_size"])  # type: ignore[call-overload]
+        conn._phase = phase
+        size = int(state["max_frame_size"])
         if size > conn._decoder.max_frame_size:
             raise ValueError(f"max-frame-size {size} is above what the decoder takes")
         conn.max_frame_size = size
@@ -521,7 +525,7 @@ class AgentConnection:
             raise _FailError(Status.NO_VERSION, "no supported-versions")
         if versions[I_TYPE] != DataType.STRING:
             raise _FailError(Status.INVALID, "supported-versions is not a string")
-        if not supports_version(bytes(item_value(data, versions))):  # type: ignore[arg-type]
+        if not supports_version(item_bytes(data, versions)):
             raise _FailError(Status.BAD_VERSION, "HAProxy does not offer SPOP 2.x")
 
         size = kv.get("max-frame-size")
@@ -541,14 +545,14 @@ class AgentConnection:
         if cap_item is not None:
             if cap_item[I_TYPE] != DataType.STRING:
                 raise _FailError(Status.INVALID, "capabilities is not a string")
-            caps = parse_capabilities(bytes(item_value(data, cap_item)))  # type: ignore[arg-type]
+            caps = parse_capabilities(item_bytes(data, cap_item))
 
         check = kv.get("healthcheck")
         healthcheck = check is not None and check[I_TYPE] == DataType.BOOL and bool(check[I_NUM])
         engine = kv.get("engine-id")
         engine_id = ""
         if engine is not None and engine[I_TYPE] == DataType.STRING:
-            engine_id = bytes(item_value(data, engine)).decode("utf-8", "replace")  # type: ignore[arg-type]
+            engine_id = item_bytes(data, engine).decode("utf-8", "replace")
 
         hs = Handshake(
             max_frame_size=min(self.settings.max_frame_size, theirs),
@@ -635,7 +639,7 @@ class AgentConnection:
         msg = kv.get("message")
         text = ""
         if msg is not None and msg[I_TYPE] == DataType.STRING:
-            text = bytes(item_value(data, msg)).decode("utf-8", "replace")  # type: ignore[arg-type]
+            text = item_bytes(data, msg).decode("utf-8", "replace")
         assert isinstance(status, int)
         if not 0 <= status <= 0xFFFFFFFF:
             status = Status.UNKNOWN
@@ -684,15 +688,17 @@ class AgentConnection:
         self._out.append(data)
         return cut
 
-    def ack_for(self, ids: bytes | array[int], results: Sequence[Sequence[Action]]) -> list[int]:
+    def ack_for(
+        self, ids: bytes | array[int], results: Sequence[Action | Sequence[Action] | None]
+    ) -> list[int]:
         """ack() column-wise: `ids` as in Notifies.ids, one actions sequence
         per NOTIFY in `results`. Returns the indexes of cut ACKs."""
         if self._phase != _READY or not results:
             return []
         if len(results) == 1 and ids.__class__ is array:  # one NOTIFY per read
             action = results[0]
-            if action.__class__ is Action and action.wire is not None:  # type: ignore[attr-defined]
-                one = self._one_ack(ids, action.wire, self.max_frame_size)  # type: ignore[attr-defined]
+            if action.__class__ is Action and action.wire is not None:
+                one = self._one_ack(ids, action.wire, self.max_frame_size)
                 if one is not None:
                     self._out.append(one)
                     return []

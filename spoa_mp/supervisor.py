@@ -41,7 +41,8 @@ from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ServerConfig
 from spoa_mp.loader import watched_files
 from spoa_mp.metrics import Aggregator
-from spoa_mp.metrics_http import MetricsServer, exposition, registry_for
+from spoa_mp.metrics_http import MetricsServer
+from spoa_mp.metrics_prometheus import exposition, registry_for
 from spoa_mp.process import (
     EXIT_FAILURE,
     EXIT_OK,

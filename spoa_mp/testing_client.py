@@ -15,15 +15,16 @@ import asyncio
 import contextlib
 import inspect
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import Any, TypeVar
 
 from spoa_mp.agent import Agent, load_app
 from spoa_mp.codec import Decoder, Encoder, FrameType, status_reason
 from spoa_mp.counters import Counters
 from spoa_mp.dispatch import Dispatcher, DispatchSettings
+from spoa_mp.exchange import Reply, hello_frame, parse_reply
 from spoa_mp.model import (
     ACTION_SET_VAR,
     Action,
@@ -38,12 +39,12 @@ from spoa_mp.model import (
     set_var,
     unset_var,
 )
-from spoa_mp.protocol import AgentConnection, AgentSettings, ProtocolError
-from spoa_mp.send import Reply, hello_frame, parse_reply
+from spoa_mp.protocol import AgentConnection, AgentSettings, Notifies, ProtocolError
 
 __all__ = ["AgentClient", "Msg", "Result", "notify_args", "reply_actions"]
 
 WAIT_TIMEOUT = 5.0  # default bound on waiting for one ACK
+_T = TypeVar("_T")
 
 
 class Msg:
@@ -76,7 +77,7 @@ def _typed(value: object) -> Value:
     """A Python value as HAProxy would send it: integer samples go out as
     INT64, strings as STRING; explicit types (Int32, String, ...) are kept."""
     if value is None or isinstance(value, bool | String | IPv4Address | IPv6Address):
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, Int32 | UInt32 | Int64 | UInt64):
         return value
     if isinstance(value, int):
@@ -252,7 +253,7 @@ class AgentClient:
         self._decoder = Decoder(max_frame_size=settings.max_frame_size)
         proto = AgentConnection(
             settings,
-            Decoder(max_frame_size=settings.max_frame_size, names=handlers),
+            Decoder(max_frame_size=settings.max_frame_size, names=tuple(handlers)),
             Encoder(),
             self.counters.frames,
         )
@@ -343,7 +344,7 @@ class AgentClient:
 
     # ------------------------------------------------------------ inside
 
-    def _run(self, coro: Any) -> Any:
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -371,7 +372,7 @@ class AgentClient:
                     f"(it handles: {known}); AgentClient(strict=False) sends it anyway"
                 )
 
-    def _feed(self, data: bytes) -> Any:
+    def _feed(self, data: bytes) -> Notifies:
         assert self._conn is not None
         proto = self._conn.proto
         notifies = proto.feed(data)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from spoa_mp.agent import Agent
 from spoa_mp.testing_client import AgentClient
 from spoa_mp.testing_server import RunningAgent, serve
 
@@ -30,7 +31,7 @@ def spoa_client() -> Iterator[Callable[..., AgentClient]]:
     """AgentClient(agent, **options), closed at the end of the test."""
     clients: list[AgentClient] = []
 
-    def make(agent: Any, **options: Any) -> AgentClient:
+    def make(agent: Agent | str, **options: Any) -> AgentClient:
         client = AgentClient(agent, **options)
         clients.append(client)
         return client

@@ -14,11 +14,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import psutil
 
-from spoa_mp.send import exchange, health_text, report_text
+from spoa_mp.exchange import exchange
+from spoa_mp.send import health_text, report_text
 from spoa_mp.testing_client import Result, notify_args, reply_actions
 
 __all__ = ["RunningAgent", "SpoaError", "serve"]
@@ -26,6 +27,7 @@ __all__ = ["RunningAgent", "SpoaError", "serve"]
 HOST = "127.0.0.1"
 READY_LINE = re.compile(r"worker \d+ ready \(pid \d+\)")
 LOG_TAIL = 4000  # characters of the server's log in error messages
+_T = TypeVar("_T")
 
 
 class SpoaError(RuntimeError):
@@ -69,7 +71,7 @@ class RunningAgent:
 
     # ------------------------------------------------------------ life
 
-    def _wait(self, what: str, timeout: float, ready: Callable[[], Any]) -> Any:
+    def _wait(self, what: str, timeout: float, ready: Callable[[], _T]) -> _T:
         """Poll `ready` until it returns something truthy; SpoaError when the
         server exits or `timeout` passes."""
         deadline = time.monotonic() + timeout

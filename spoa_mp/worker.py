@@ -463,7 +463,7 @@ class Worker:
             if size > self.settings.max_frame_size:  # negotiated before a smaller limit
                 decoder = Decoder(max_frame_size=size, names=tuple(self._handlers))
             proto = AgentConnection.adopt(
-                dict(passed.state), self.settings, decoder, self._encoder, self.counters.frames
+                passed.state, self.settings, decoder, self._encoder, self.counters.frames
             )
         except (KeyError, TypeError, ValueError, OSError) as e:
             log.error("cannot adopt a connection: %s", e)
@@ -500,9 +500,7 @@ class Worker:
             return
         if conn.proto.closing or not conn.proto.at_frame_boundary:
             return
-        passed = control.PassedConnection(
-            conn.peer, control.handover_state(conn.proto.handover_state())
-        )
+        passed = control.PassedConnection(conn.peer, conn.proto.handover_state())
         if not control.send(self.channel, control.CONNECTION, fds=(conn.fd,), **passed.fields()):
             assert self._loop is not None  # the channel is full: try again soon
             self._loop.call_later(0.005, self._try_handover, conn)

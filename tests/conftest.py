@@ -1,24 +1,72 @@
-"""Shared test data: the SPOP vectors of tests/data/spop-vectors.json (spop.md §12).
+"""Shared fixtures and test data.
 
-Tests that take a `frame_vector`, `varint_vector` or `truncated_varint_hex`
-argument are parametrized over every vector of that kind, one test id each.
+* The SPOP vectors of tests/data/spop-vectors.json (spop.md §12): tests that
+  take a `frame_vector`, `varint_vector` or `truncated_varint_hex` argument
+  are parametrized over every vector of that kind, one test id each.
+* `processes`, `servers`, `clients`: what a test starts or opens, killed or
+  closed at teardown; when a test fails, the output of its `processes` is
+  appended to the report.
+
+The tools behind them are in tests/support/.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.processes import Process
+from support.server import Server
+from support.spop_peer import VECTORS, VECTORS_PATH, SpopClient
 
 from spoa_mp import codec
 from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.model import Action, Scope, String
 
-VECTORS_PATH = Path(__file__).parent / "data" / "spop-vectors.json"
-VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text())
+__all__ = ["VECTORS", "VECTORS_PATH"]  # re-exported for the codec tests
+
+PROCESSES = pytest.StashKey[list[Process]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if report.failed:
+        for proc in item.stash.get(PROCESSES, []):
+            report.sections.append((f"{proc.name} output", proc.logs()))
+    return report
+
+
+@pytest.fixture
+def processes(request: pytest.FixtureRequest) -> Iterator[list[Process]]:
+    """Processes started by this test; their groups are killed at teardown."""
+    started: list[Process] = []
+    request.node.stash[PROCESSES] = started
+    yield started
+    for proc in reversed(started):
+        proc.kill()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Servers appended here are killed (process group) at teardown and their
+    output printed (pytest shows it when the test fails)."""
+    started: list[Server] = []
+    yield started
+    for srv in started:
+        srv.kill()
+        print(f"----- {srv.name} output ({srv.stderr_path}) -----\n{srv.log()}")
+
+
+@pytest.fixture
+def clients() -> Iterator[list[SpopClient]]:
+    """Clients appended here are closed at teardown."""
+    made: list[SpopClient] = []
+    yield made
+    for c in made:
+        c.close()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

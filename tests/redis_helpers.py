@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from server_helpers import HOST, SpopClient, free_port, wait_for
+from support.spop_peer import SpopClient
+from support.waits import HOST, free_port, wait_for
 
 REDIS_SERVER = shutil.which("redis-server")
 MISSING = "redis-server not installed (Debian package redis-server; `make test` installs it)"

@@ -1,33 +1,24 @@
-"""Helpers of the reload tests (tests/test_reload.py): the test app, the load
-generators (`spoa-mp bench`, wrk) as subprocesses, log parsing, a watcher of
-old workers' exits, and a HAProxy 2.6 configuration with `option pipelining`
+"""Helpers of the reload tests (tests/test_reload.py): the test app, log
+parsing, a watcher of old workers' exits, and a HAProxy 2.6 configuration with `option pipelining`
 whose `score` frontend turns any SPOE error into a 503.
 
-Everything is bounded: waits poll a condition until a deadline, every
-subprocess runs in its own session and is killed with its process group.
-Only 127.0.0.1 is used.
+Everything is bounded: waits poll a condition until a deadline. The load
+generators are in tests/support/load.py. Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import psutil
-from e2e.haproxy import HAProxyConfig, render_haproxy_cfg, render_spoe_cfg
-from server_helpers import gone
+from support.haproxy import HAProxyConfig, render_haproxy_cfg, render_spoe_cfg
+from support.processes import gone
 
 # ------------------------------------------------------------------ the test app
 
@@ -205,66 +196,6 @@ def rx_queue(server_port: int, client_port: int) -> int | None:
     return None
 
 
-class Background:
-    """A command in its own session, stdout/stderr to files, killed (whole
-    group) by `kill()`."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.out_path = log_dir / f"{name}.stdout"
-        self.err_path = log_dir / f"{name}.stderr"
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                env=env,
-            )
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"{self.name} still running after {timeout} s") from None
-
-    def stdout(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10.0)
-
-
-def bench(
-    port: int, log_dir: Path, connections: int = 8, in_flight: int = 16, duration: float = 6.0
-) -> Background:
-    """`spoa-mp bench -p PORT -c C -P P -d D --json` in the background."""
-    argv = [sys.executable, "-m", "spoa_mp", "bench", "-p", str(port)]
-    argv += ["-c", str(connections), "-P", str(in_flight), "-d", str(duration), "--json"]
-    return Background("bench", argv, log_dir)
-
-
-def bench_result(b: Background, timeout: float) -> dict[str, Any]:
-    code = b.wait(timeout)
-    out = b.stdout()
-    try:
-        result: dict[str, Any] = json.loads(out)
-    except ValueError:
-        raise AssertionError(f"bench exited {code} without JSON:\n{out}\n{b.stderr()}") from None
-    return result
-
-
 # ------------------------------------------------------------------ HAProxy + wrk
 
 SCORE_RETURN = "    http-request return status 200 content-type text/plain lf-string"
@@ -287,31 +218,3 @@ class ReloadHAProxyConfig(HAProxyConfig):
         cfg = cfg[:at] + ERROR_503 + cfg[at:]
         self.spoe_path.write_text(spoe)
         self.cfg_path.write_text(cfg)
-
-
-WRK_REQUESTS = re.compile(r"(\d+) requests in ([\d.]+)(\w+),")
-WRK_RATE = re.compile(r"Requests/sec:\s+([\d.]+)")
-WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
-WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
-
-
-@dataclass
-class WrkResult:
-    requests: int
-    rate: float
-    socket_errors: dict[str, int]
-    non_2xx: int
-    text: str
-
-
-def parse_wrk(text: str) -> WrkResult:
-    m = WRK_REQUESTS.search(text)
-    rate = WRK_RATE.search(text)
-    if m is None or rate is None:
-        raise AssertionError(f"unexpected wrk output:\n{text}")
-    sock = WRK_SOCKET.search(text)
-    errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
-    if sock:
-        errors = dict(zip(errors, map(int, sock.groups()), strict=True))
-    non2xx = WRK_NON2XX.search(text)
-    return WrkResult(int(m[1]), float(rate[1]), errors, int(non2xx[1]) if non2xx else 0, text)

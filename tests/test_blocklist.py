@@ -13,8 +13,9 @@ from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 import pytest
-from reload_helpers import bench, bench_result
-from server_helpers import Server, wait_for
+from support.load import bench, bench_result
+from support.server import Server
+from support.waits import wait_for
 
 from spoa_mp.blocklist import FileWatcher, blocklist_lines, load_table, parse_blocklist_arg
 from spoa_mp.config import ConfigError, load_config

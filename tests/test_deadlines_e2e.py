@@ -2,7 +2,7 @@
 sleeps 5 s with `timeout=0.05` gets its stream ACKed with its on_timeout
 actions within 60 ms of the NOTIFY, every time (async and blocking), and
 `--handler-timeout` covers handlers registered without a timeout.
-Driven over TCP on 127.0.0.1 by server_helpers' SPOP client."""
+Driven over TCP on 127.0.0.1 by the tests' SPOP peer (tests/support/spop_peer.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import functools
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from server_helpers import Server, SpopClient
+from support.server import Server, started
+from support.spop_peer import SpopClient
 
 from spoa_mp.codec import FrameType
 
@@ -70,19 +71,13 @@ def app_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start(app_dir: Path) -> Iterator[Callable[..., Server]]:
+def start(app_dir: Path, servers: list[Server]) -> Callable[..., Server]:
     """start(*flags): a server of slowapp with one worker, killed at teardown."""
-    servers: list[Server] = []
 
     def _start(*flags: str) -> Server:
-        srv = Server(app_dir, "--app", "slowapp:agent", *flags, workers=1)
-        servers.append(srv)
-        return srv.__enter__()
+        return started(servers, Server(app_dir, "--app", "slowapp:agent", *flags, workers=1))
 
-    yield _start
-    for srv in servers:
-        srv.kill()
-        print(f"----- {srv.name} stderr -----\n{srv.log()}")
+    return _start
 
 
 def warm_up(c: SpopClient) -> None:

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import HOST, Server, SpopClient, wait_for
+from support.server import Server
+from support.spop_peer import SpopClient
+from support.waits import HOST, wait_for
 from test_server import assert_ip_score_ack, ip_msg
 
 from spoa_mp.codec import FrameType

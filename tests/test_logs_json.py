@@ -14,7 +14,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from server_helpers import Server
+from support.server import Server
 
 from spoa_mp import logs
 from spoa_mp.config import ConfigError, load_config

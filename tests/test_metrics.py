@@ -28,7 +28,8 @@ import pytest
 
 from spoa_mp import __version__, metrics, metrics_http
 from spoa_mp.metrics import LATENCY_BOUNDS, Aggregator, LatencyHistogram
-from spoa_mp.metrics_http import MetricsServer, exposition, parse_address, registry_for
+from spoa_mp.metrics_http import MetricsServer, parse_address
+from spoa_mp.metrics_prometheus import exposition, registry_for
 
 
 def render(agg: Aggregator) -> str:

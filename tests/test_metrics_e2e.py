@@ -1,6 +1,6 @@
 """Prometheus metrics end to end: `python -m spoa_mp -n 2 --metrics 127.0.0.1:0`
 as a real process tree, SPOP traffic from the small client of
-tests/server_helpers.py, and /metrics scraped over HTTP with urllib.
+tests/support/server.py, and /metrics scraped over HTTP with urllib.
 
 Workers send their counters in a heartbeat about once a second, so every
 check polls /metrics until the expected values show up, bounded by a
@@ -26,17 +26,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from server_helpers import (
-    HOST,
-    ConnectionClosedError,
-    Frame,
-    Server,
-    SpopClient,
-    gone,
-    owner_of,
-    vector,
-    wait_for,
-)
+from support.processes import gone, owner_of
+from support.server import Server
+from support.spop_peer import ConnectionClosedError, Frame, SpopClient, vector
+from support.waits import HOST, wait_for
 from test_metrics import EXPECTED, Family, Labels, counter_series, parse_exposition
 
 from spoa_mp import __version__
@@ -192,15 +185,6 @@ def metrics(tmp_path: Path) -> Iterator[Metrics]:
         mx.wait(lambda s: s("workers_alive") == 2, "2 workers alive")
         yield mx
     print(f"----- {srv.name} stderr -----\n{srv.log()}")
-
-
-@pytest.fixture
-def clients() -> Iterator[list[SpopClient]]:
-    """Clients to close at teardown."""
-    opened: list[SpopClient] = []
-    yield opened
-    for c in opened:
-        c.close()
 
 
 def open_client(mx: Metrics, clients: list[SpopClient]) -> SpopClient:

@@ -4,7 +4,7 @@ worker recycling (--max-requests, --max-rss), SIGTTIN/SIGTTOU and a worker
 killed under load.
 
 Every server is a real `python -m spoa_mp` process tree in its own session
-(tests/server_helpers.py), killed with its process group at teardown; the
+(tests/support/server.py), killed with its process group at teardown; the
 bench runs in its own session too. Every wait is bounded and polls a
 condition or a socket with a deadline; the only sleeps let load run. Only
 127.0.0.1 and Unix sockets are used.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import pwd
 import re
@@ -28,30 +27,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from server_helpers import (
-    HOST,
-    IO_TIMEOUT,
-    READY_LINE,
-    SUPERVISOR_TITLE,
-    WORKER_TITLE,
-    Frame,
-    Server,
-    SpopClient,
-    dead,
-    free_port,
-    owner_of,
-    title,
-    vector,
-    wait_for,
-)
+from support.load import bench_result, spoa_bench
+from support.processes import Process, child_env, dead, owner_of, title
+from support.server import READY_LINE, SUPERVISOR_TITLE, WORKER_TITLE, Server, started
+from support.spop_peer import Frame, SpopClient, vector
+from support.waits import HOST, IO_TIMEOUT, free_port, wait_for
 
 from spoa_mp.codec import Decoder, Encoder, FrameType
 
@@ -81,10 +67,7 @@ os.execv(sys.executable, [sys.executable, "-m", "spoa_mp", *sys.argv[1:]])
 
 def clean_env() -> dict[str, str]:
     """The environment of a server: none of the runner's systemd variables."""
-    env = {k: v for k, v in os.environ.items() if k not in LISTEN_VARS + NOTIFY_VARS}
-    env.pop("PYTHONPATH", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return child_env(drop=LISTEN_VARS + NOTIFY_VARS)
 
 
 def ip_msg(i: int) -> list[tuple[str, list[tuple[str, object]]]]:
@@ -167,22 +150,7 @@ class ActivatedServer(Server):
         argv = [tool("systemd-socket-activate"), "-l", address, "--fdname=spop"]
         argv += [f"--setenv={name}" for name in self.extra_env]
         argv += ["--", sys.executable, "-m", "spoa_mp", "-n", str(self.workers), *self.args]
-        self._popen(argv, {**clean_env(), **self.extra_env})
-
-    def _popen(self, argv: list[str], env: dict[str, str], **kw: Any) -> None:
-        with self.stderr_path.open("wb") as err:
-            self.popen = subprocess.Popen(
-                argv,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                start_new_session=True,
-                env=env,
-                **kw,
-            )
-        self.ps = psutil.Process(self.popen.pid)
-        self._known = {self.popen.pid: self.ps}
+        self._spawn(argv, {**clean_env(), **self.extra_env})
 
 
 class HeldSocketServer(ActivatedServer):
@@ -198,7 +166,7 @@ class HeldSocketServer(ActivatedServer):
         self.port = self.held.getsockname()[1]
         fd = self.held.fileno()
         argv = [sys.executable, "-c", HELD_SOCKET_EXEC, "-n", str(self.workers), *self.args]
-        self._popen(argv, {**clean_env(), "HELD_FD": str(fd)}, pass_fds=[fd])
+        self._spawn(argv, {**clean_env(), "HELD_FD": str(fd)}, pass_fds=[fd])
 
 
 class NotifyReceiver:
@@ -243,78 +211,20 @@ def sockdir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(short, ignore_errors=True)
 
 
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    """Servers appended here are killed (process group) at teardown."""
-    started: list[Server] = []
-    yield started
-    for srv in started:
-        srv.kill()
-
-
-@pytest.fixture
-def clients() -> Iterator[list[SpopClient]]:
-    """Clients appended here are closed at teardown."""
-    made: list[SpopClient] = []
-    yield made
-    for c in made:
-        c.close()
-
-
-def start(servers: list[Server], srv: Server) -> Server:
-    servers.append(srv)
-    srv.__enter__()
-    return srv
-
-
 def stop(srv: Server, timeout: float = 10.0) -> int:
     srv.signal(signal.SIGTERM)
     return srv.wait_exit(timeout)
 
 
-@dataclass
-class Bench:
-    """`spoa-mp bench ... --json` running in its own session."""
-
-    proc: subprocess.Popen[bytes]
-    out: Path
-
-    def result(self, timeout: float) -> dict[str, Any]:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"the bench still runs after {timeout} s") from None
-        text = self.out.read_text()
-        assert text.strip(), f"the bench printed nothing (exit {self.proc.returncode})"
-        result: dict[str, Any] = json.loads(text)
-        return result
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-
-
 @pytest.fixture
-def bench(tmp_path: Path) -> Iterator[Callable[..., Bench]]:
+def bench(tmp_path: Path, processes: list[Process]) -> Callable[..., Process]:
     """bench(port, *args): start `spoa-mp bench -p PORT ARGS --json`; killed at teardown."""
-    runs: list[Bench] = []
 
-    def _bench(port: int, *args: str) -> Bench:
-        out = tmp_path / f"bench-{len(runs)}.json"
-        argv = [sys.executable, "-m", "spoa_mp", "bench", "-p", str(port), *args, "--json"]
-        with out.open("wb") as f:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.DEVNULL,
-                start_new_session=True, env=clean_env(),
-            )  # fmt: skip
-        runs.append(Bench(proc, out))
-        return runs[-1]
+    def _bench(port: int, *args: str) -> Process:
+        processes.append(spoa_bench(port, tmp_path, *args, name=f"bench-{len(processes)}"))
+        return processes[-1]
 
-    yield _bench
-    for b in runs:
-        b.kill()
+    return _bench
 
 
 def spoa_mp_run(cwd: Path, *args: str, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
@@ -372,7 +282,7 @@ def test_socket_activation_and_sd_notify_sequence(
     notify = NotifyReceiver(sockdir / "notify.sock")
     try:
         env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
-        srv = start(servers, ActivatedServer(tmp_path, env=env))
+        srv = started(servers, ActivatedServer(tmp_path, env=env))
         pid = srv.pid
 
         # READY=1 with a STATUS line once both workers are ready
@@ -427,7 +337,7 @@ def test_watchdog_pings_are_never_later_than_watchdog_usec(
     notify = NotifyReceiver(sockdir / "notify.sock")
     try:
         env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
-        srv = start(servers, ActivatedServer(tmp_path, env=env, workers=1))
+        srv = started(servers, ActivatedServer(tmp_path, env=env, workers=1))
         notify.wait(lambda f: "READY" in f, 10, "READY=1")
         pings = []
         while len(pings) < 6:
@@ -448,7 +358,7 @@ def test_socket_activated_unix_socket_file_is_never_unlinked(
     # --unix names the same path, as a config file might: under socket
     # activation the inherited socket wins and the file stays systemd's
     srv = ActivatedServer(tmp_path, "--unix", str(path), listen=str(path), wait=False)
-    start(servers, srv)
+    started(servers, srv)
     wait_for(path.exists, 10, "systemd-socket-activate to bind the Unix socket")
     inode = path.stat().st_ino
     with UnixSpopClient(path) as raw:  # the first connection starts the server
@@ -474,7 +384,7 @@ def test_connection_made_during_a_restart_waits_in_the_held_socket(
         held.listen(128)
         port = held.getsockname()[1]
 
-        first = start(servers, HeldSocketServer(tmp_path, held))
+        first = started(servers, HeldSocketServer(tmp_path, held))
         with SpopClient(port) as raw:
             Handshaken(raw).ask()
         assert stop(first) == 0, first.log()
@@ -487,7 +397,7 @@ def test_connection_made_during_a_restart_waits_in_the_held_socket(
         waiting.notify(1, 1, ip_msg(1))
         assert not select.select([waiting.sock], [], [], 0.3)[0], "answered with no server?"
 
-        second = start(servers, HeldSocketServer(tmp_path, held))
+        second = started(servers, HeldSocketServer(tmp_path, held))
         hello = waiting.read_frame(10)
         assert hello.type == FrameType.AGENT_HELLO, hello
         assert_ip_score_ack(waiting.read_frame(), 1, 1)
@@ -505,7 +415,7 @@ def test_pidfile_written_removed_on_stop_and_stale_one_replaced(
     tmp_path: Path, servers: list[Server]
 ) -> None:
     pidfile = tmp_path / "spoa-mp.pid"
-    srv = start(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
+    srv = started(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
     assert pidfile.read_text() == f"{srv.pid}\n"
     assert stop(srv) == 0, srv.log()
     assert not pidfile.exists()
@@ -515,7 +425,7 @@ def test_pidfile_written_removed_on_stop_and_stale_one_replaced(
     gone.wait(timeout=5)
     assert not psutil.pid_exists(gone.pid)
     pidfile.write_text(f"{gone.pid}\n")
-    srv2 = start(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
+    srv2 = started(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
     assert pidfile.read_text() == f"{srv2.pid}\n"
     assert stop(srv2) == 0, srv2.log()
     assert not pidfile.exists()
@@ -523,7 +433,7 @@ def test_pidfile_written_removed_on_stop_and_stale_one_replaced(
 
 def test_second_server_with_the_same_pidfile_refuses(tmp_path: Path, servers: list[Server]) -> None:
     pidfile = tmp_path / "spoa-mp.pid"
-    srv = start(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
+    srv = started(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
     assert pidfile.read_text() == f"{srv.pid}\n"
 
     port = str(free_port())
@@ -544,7 +454,7 @@ def test_user_switch_supervisor_and_workers(
     tmp_path: Path, servers: list[Server], clients: list[SpopClient]
 ) -> None:
     pw = pwd.getpwnam(NOBODY)
-    srv = start(servers, Server(tmp_path, "--user", NOBODY))
+    srv = started(servers, Server(tmp_path, "--user", NOBODY))
     workers = srv.wait_workers(lambda w: sorted(w) == [1, 2], what="2 workers")
     for p in [srv.ps, *(psutil.Process(pid) for pid in workers.values())]:
         assert p is not None
@@ -575,13 +485,13 @@ def test_pidfile_names_nobody_after_a_clean_stop_with_user_switch(
     try:
         run_dir.chmod(0o755)
         pidfile = run_dir / "spoa-mp.pid"
-        srv = start(
+        srv = started(
             servers, Server(tmp_path, "--user", NOBODY, "--pidfile", str(pidfile), workers=1)
         )
         assert pidfile.read_text() == f"{srv.pid}\n"
         assert stop(srv) == 0, srv.log()
         assert not pidfile.exists() or pidfile.read_text().strip() == ""
-        again = start(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
+        again = started(servers, Server(tmp_path, "--pidfile", str(pidfile), workers=1))
         assert pidfile.read_text() == f"{again.pid}\n"
         assert stop(again) == 0, again.log()
     finally:
@@ -592,16 +502,18 @@ def test_pidfile_names_nobody_after_a_clean_stop_with_user_switch(
 
 
 def test_max_requests_recycles_workers_under_load_without_losing_a_message(
-    tmp_path: Path, servers: list[Server], bench: Callable[..., Bench]
+    tmp_path: Path, servers: list[Server], bench: Callable[..., Process]
 ) -> None:
-    srv = start(servers, Server(tmp_path, "--max-requests", "2000", "--max-requests-jitter", "500"))
+    srv = started(
+        servers, Server(tmp_path, "--max-requests", "2000", "--max-requests-jitter", "500")
+    )
     run = bench(srv.port, "-c", "4", "-P", "8", "-d", "4")
 
     titles: set[str] = set()
-    while run.proc.poll() is None:  # sample the workers' titles while it runs
+    while run.alive():  # sample the workers' titles while it runs
         titles.update(title(k) for k in srv.children())
         time.sleep(0.05)
-    result = run.result(RUN_TIMEOUT)
+    result = bench_result(run, RUN_TIMEOUT)
 
     assert result["errors"] == 0, result
     assert result["sent"] == result["acked"] > 0, result
@@ -630,7 +542,7 @@ def test_max_requests_recycles_workers_under_load_without_losing_a_message(
 def test_max_rss_replaces_workers_and_hands_connections_over(
     tmp_path: Path, servers: list[Server], clients: list[SpopClient]
 ) -> None:
-    srv = start(servers, Server(tmp_path, "--max-rss", "1"))
+    srv = started(servers, Server(tmp_path, "--max-rss", "1"))
     t0 = time.monotonic()
     c = Handshaken(SpopClient(srv.port))
     clients.append(c.c)
@@ -667,7 +579,7 @@ def test_max_rss_replaces_workers_and_hands_connections_over(
 def test_sigttin_adds_a_worker_and_sigttou_hands_the_highest_over(
     tmp_path: Path, servers: list[Server], clients: list[SpopClient]
 ) -> None:
-    srv = start(servers, Server(tmp_path))
+    srv = started(servers, Server(tmp_path))
     base = srv.wait_workers(lambda w: sorted(w) == [1, 2], what="2 workers")
 
     srv.signal(signal.SIGTTIN)
@@ -719,7 +631,7 @@ def test_sigttin_adds_a_worker_and_sigttou_hands_the_highest_over(
 def test_sigttin_after_sigttou_keeps_the_workers_numbered_from_1(
     tmp_path: Path, servers: list[Server]
 ) -> None:
-    srv = start(servers, Server(tmp_path))
+    srv = started(servers, Server(tmp_path))
     base = srv.wait_workers(lambda w: sorted(w) == [1, 2], what="2 workers")
     os.kill(base[2], signal.SIGSTOP)  # stands for a worker slow to hand over
     try:
@@ -739,9 +651,9 @@ def test_sigttin_after_sigttou_keeps_the_workers_numbered_from_1(
 
 
 def test_killed_worker_is_replaced_quickly_and_only_its_connections_fail(
-    tmp_path: Path, servers: list[Server], bench: Callable[..., Bench]
+    tmp_path: Path, servers: list[Server], bench: Callable[..., Process]
 ) -> None:
-    srv = start(servers, Server(tmp_path))
+    srv = started(servers, Server(tmp_path))
     workers = srv.wait_workers(lambda w: sorted(w) == [1, 2], what="2 workers")
 
     def spread() -> dict[int, int] | None:
@@ -788,7 +700,7 @@ def test_killed_worker_is_replaced_quickly_and_only_its_connections_fail(
     assert sum(busy.cpu_times()[:2]) - cpu0 > 0.1, "the surviving worker went idle"
     assert server_connections(workers[survivor], srv.port) == counts[survivor]
 
-    result = run.result(RUN_TIMEOUT)
+    result = bench_result(run, RUN_TIMEOUT)
     kinds = {k: v for k, v in result["errors_by_kind"].items() if v}
     assert result["errors"] > 0, result
     assert set(kinds) <= {"closed", "unanswered"}, kinds

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import HOST, Server, free_port, wait_for
+from support.server import Server
+from support.waits import HOST, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 

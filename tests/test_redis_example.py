@@ -22,7 +22,9 @@ import pytest
 redis = pytest.importorskip("redis", reason="redis-py not installed (pip install '.[test]')")
 
 from redis_helpers import MISSING, REDIS_SERVER, LoadDriver, RedisServer  # noqa: E402
-from server_helpers import Server, SpopClient, free_port, wait_for  # noqa: E402
+from support.server import Server  # noqa: E402
+from support.spop_peer import SpopClient  # noqa: E402
+from support.waits import free_port, wait_for  # noqa: E402
 
 from spoa_mp.agent import load_app  # noqa: E402
 from spoa_mp.codec import Decoder, Encoder, messages  # noqa: E402

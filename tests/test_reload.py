@@ -9,7 +9,7 @@ between two frames and exit; if the new generation cannot start, the old one
 keeps serving and the log says why. `--reload-mode rolling` does it one
 worker at a time, `drain` lets the old workers finish and close instead.
 
-Every wait is bounded and polls a condition (server_helpers.wait_for); the
+Every wait is bounded and polls a condition (support.waits.wait_for); the
 only sleeps let load run before a signal. Servers, bench and wrk run in their
 own sessions and are killed with their process groups at teardown.
 """
@@ -21,39 +21,32 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from e2e.haproxy import HAProxy, HAProxyBinary, ManagedProcess, SpoeForm, haproxy_params, http_get
 from reload_helpers import (
     HANDED,
     HANDING,
     READY,
     RELOAD_FAILED,
     SERVING,
-    Background,
     ExitWatcher,
     ReloadHAProxyConfig,
-    bench,
-    bench_result,
     established,
     find_line,
     handed_over,
     line_time,
-    parse_wrk,
     rx_queue,
     write_app,
 )
-from server_helpers import (
-    HOST,
-    Frame,
-    Server,
-    SpopClient,
-    owner_of,
-    wait_for,
-)
+from support.haproxy import HAProxy, HAProxyBinary, SpoeForm, haproxy_params, http_get
+from support.load import bench, bench_result, parse_wrk, start_wrk
+from support.processes import Process, owner_of
+from support.server import Server, started
+from support.spop_peer import Frame, SpopClient
+from support.waits import HOST, wait_for
 
 from spoa_mp.codec import F_PLEN, F_POFF, Decoder, FrameType, Status
 
@@ -73,28 +66,21 @@ Messages = list[tuple[str, list[tuple[str, object]]]]
 
 
 @pytest.fixture
-def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StartServer]:
+def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servers: list[Server]) -> StartServer:
     """start(*args, workers=N): a running Server in tmp_path (next to the test
     app); all are killed (process group) at teardown and their logs printed."""
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # a rewritten app is read again
     write_app(tmp_path)
-    servers: list[Server] = []
 
     def _start(*args: str, workers: int = 2) -> Server:
-        srv = Server(tmp_path, *args, workers=workers)
-        servers.append(srv)
-        return srv.__enter__()
+        return started(servers, Server(tmp_path, *args, workers=workers))
 
-    yield _start
-    for srv in servers:
-        srv.kill()
-        print(f"----- {srv.name} stderr ({srv.stderr_path}) -----\n{srv.log()}")
+    return _start
 
 
 @pytest.fixture
-def client() -> Iterator[MakeClient]:
+def client(clients: list[SpopClient]) -> MakeClient:
     """client(port): a SpopClient whose HAProxy 2.6 handshake is done."""
-    clients: list[SpopClient] = []
 
     def _client(port: int) -> SpopClient:
         c = SpopClient(port)
@@ -103,18 +89,7 @@ def client() -> Iterator[MakeClient]:
         assert hello.type == FrameType.AGENT_HELLO, hello
         return c
 
-    yield _client
-    for c in clients:
-        c.close()
-
-
-@pytest.fixture
-def background() -> Iterator[list[Background | ManagedProcess]]:
-    """Load generators and HAProxy started by a test; killed (group) at teardown."""
-    started: list[Background | ManagedProcess] = []
-    yield started
-    for proc in reversed(started):
-        proc.kill()
+    return _client
 
 
 # ------------------------------------------------------------------ helpers
@@ -198,14 +173,14 @@ def wait_moved(srv: Server, old: dict[int, int]) -> dict[int, int]:
 
 
 def test_handover_under_bench_load_loses_nothing(
-    start: StartServer, background: list, tmp_path: Path
+    start: StartServer, processes: list[Process], tmp_path: Path
 ) -> None:
     """bench 8 connections x 16 in flight; two SIGHUPs: 0 errors, sent == acked,
     every old worker gone within 1 s of "generation N serving", all 8
     connections moved each time."""
     srv = start(workers=2)
     b = bench(srv.port, tmp_path, connections=8, in_flight=16, duration=6)
-    background.append(b)
+    processes.append(b)
     wait_for(lambda: established(srv.port) >= 8, 10.0, "bench's 8 connections")
     time.sleep(1.5)  # let the load run
     timings: list[dict[int, float]] = []
@@ -436,14 +411,16 @@ def test_reload_picks_up_new_reputation_data(
 # ------------------------------------------------------------------ 6. rolling
 
 
-def test_rolling_reload_under_load(start: StartServer, background: list, tmp_path: Path) -> None:
+def test_rolling_reload_under_load(
+    start: StartServer, processes: list[Process], tmp_path: Path
+) -> None:
     """-n 3, --reload-mode rolling, bench 8x16: 0 errors; worker k of the new
     generation is ready before old worker k hands over, and old worker 1 is
     handing over before new worker 3 even exists."""
     srv = start("--reload-mode", "rolling", workers=3)
     old = current_workers(srv, 3)
     b = bench(srv.port, tmp_path, connections=8, in_flight=16, duration=4)
-    background.append(b)
+    processes.append(b)
     wait_for(lambda: established(srv.port) >= 8, 10.0, "bench's 8 connections")
     time.sleep(1.0)  # let the load run
     with ExitWatcher(old.values()) as watcher:
@@ -519,7 +496,11 @@ def test_drain_reload_disconnects_idle_and_finishes_in_flight(
 @pytest.mark.parametrize("mode", ["handover", "rolling"], ids=lambda m: f"reload-{m}")
 @pytest.mark.parametrize("haproxy_bin", haproxy_params())
 def test_reload_through_haproxy_under_wrk(
-    start: StartServer, background: list, tmp_path: Path, haproxy_bin: HAProxyBinary, mode: str
+    start: StartServer,
+    processes: list[Process],
+    tmp_path: Path,
+    haproxy_bin: HAProxyBinary,
+    mode: str,
 ) -> None:
     """HAProxy (option pipelining, one SPOE message per request) in front of
     spoa-mp -n 2 --reload-mode MODE, wrk -t1 -c20 -d6s, two SIGHUPs: no socket
@@ -539,15 +520,15 @@ def test_reload_through_haproxy_under_wrk(
         )
         config.write()
         haproxy = HAProxy(config, tmp_path)
-        background.append(haproxy)
+        processes.append(haproxy)
         haproxy.wait_ready()
         haproxy.wait_server("UP", "L7OK")
         first = http_get(config.score_port, HOST)
         assert (first.status, first.score()) == (200, ("50", "")), first
 
         url = f"http://{HOST}:{config.score_port}/"
-        wrk = Background("wrk", ["wrk", "-t1", "-c20", "-d6s", "--latency", url], tmp_path)
-        background.append(wrk)
+        wrk = start_wrk(url, tmp_path, "-t1", "-c20", "-d6s")
+        processes.append(wrk)
         time.sleep(1.5)  # let the load run
         for gen in (2, 3):
             old = current_workers(srv, 2)

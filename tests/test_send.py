@@ -14,7 +14,8 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
-from server_helpers import Server, accepting, free_port, wait_for
+from support.server import Server
+from support.waits import accepting, free_port, wait_for
 
 from spoa_mp import send
 from spoa_mp.codec import Encoder, FrameType, Status

@@ -1,7 +1,7 @@
 """End-to-end tests of the pre-fork server: `python -m spoa_mp` as a real
 process tree, driven over TCP on 127.0.0.1 by a small SPOP client.
 
-Every wait is bounded and polls a condition (tests/server_helpers.py); every
+Every wait is bounded and polls a condition (tests/support/server.py); every
 server runs in its own session and is killed with its whole process group at
 teardown, and its stderr is printed then (pytest shows it when a test fails).
 Test apps are written to tmp_path, which is the server's working directory.
@@ -16,25 +16,16 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import psutil
 import pytest
-from server_helpers import (
-    HOST,
-    SUPERVISOR_TITLE,
-    Frame,
-    Server,
-    SpopClient,
-    connect_refused,
-    gone,
-    owner_of,
-    title,
-    vector,
-    wait_for,
-)
+from support.processes import gone, owner_of, title
+from support.server import SUPERVISOR_TITLE, Server, started
+from support.spop_peer import Frame, SpopClient, vector
+from support.waits import HOST, connect_refused, wait_for
 
 from spoa_mp.codec import FrameType, Status
 
@@ -109,35 +100,26 @@ def app_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start(app_dir: Path) -> Iterator[StartServer]:
+def start(app_dir: Path, servers: list[Server]) -> StartServer:
     """start(*args, workers=N, wait=True): a running Server; all are killed
-    (process group) at teardown and their stderr printed."""
-    servers: list[Server] = []
+    (process group) at teardown and their output printed."""
 
     def _start(*args: str, workers: int = 2, wait: bool = True) -> Server:
-        srv = Server(app_dir, *args, workers=workers, wait=wait)
-        servers.append(srv)
-        return srv.__enter__()
+        return started(servers, Server(app_dir, *args, workers=workers, wait=wait))
 
-    yield _start
-    for srv in servers:
-        srv.kill()
-        print(f"----- {srv.name} stderr ({srv.stderr_path}) -----\n{srv.log()}")
+    return _start
 
 
 @pytest.fixture
-def client() -> Iterator[MakeClient]:
+def client(clients: list[SpopClient]) -> MakeClient:
     """client(port): a connected SpopClient, closed at teardown."""
-    clients: list[SpopClient] = []
 
     def _client(port: int) -> SpopClient:
         c = SpopClient(port)
         clients.append(c)
         return c
 
-    yield _client
-    for c in clients:
-        c.close()
+    return _client
 
 
 def ready_client(make: MakeClient, port: int) -> SpopClient:

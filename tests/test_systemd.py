@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_helpers import free_port
+from support.waits import free_port
 
 from spoa_mp import systemd
 from spoa_mp.config import ServerConfig

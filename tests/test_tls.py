@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tls_certs import PKI, make_cert, make_pki
+from support.tls_certs import PKI, make_cert, make_pki
 
 from spoa_mp.access import AllowList, parse_network
 from spoa_mp.cli import main

@@ -7,7 +7,7 @@ functions (one of them returns a coroutine, which the worker must notice). A
 twin app with one `async def` handler more makes the same worker take the
 general path (_dispatch); its ACKs are the reference.
 
-Servers run as real process trees (tests/server_helpers.py) on 127.0.0.1;
+Servers run as real process trees (tests/support/server.py) on 127.0.0.1;
 every wait is bounded and polls a condition; nothing sleeps a fixed time.
 The coroutine of the "late" handler waits for an asyncio.Event that a later
 "open" message sets, so the tests decide when it completes.
@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_helpers import HOST, Frame, Server, SpopClient
+from support.server import Server
+from support.spop_peer import Frame, SpopClient
+from support.waits import HOST
 from test_metrics_e2e import METRICS_LINE, Metrics, Scrape
 
 from spoa_mp.codec import FrameType

@@ -119,14 +119,13 @@ def make_agent(
     @agent.on_message(MESSAGE)
     def check_client_ip(msg: Message) -> Action | None:
         addr = msg[0] if msg.nargs == 1 else _address(msg)
-        cls = addr.__class__
         # Exact classes (what Message returns) and `_ip`, the int that int()
         # would return through a Python-level __int__: this is the per-message
         # path. spoa_mp.model relies on `_ip` as well.
-        if cls is IPv4Address:
-            score = lookup_v4(addr._ip)  # type: ignore[union-attr]
-        elif cls is IPv6Address:
-            num = addr._ip  # type: ignore[union-attr]
+        if type(addr) is IPv4Address:
+            score = lookup_v4(addr._ip)  # type: ignore[attr-defined]  # private: not in typeshed
+        elif type(addr) is IPv6Address:
+            num = addr._ip  # type: ignore[attr-defined]  # private: not in typeshed
             score = lookup_v4(num & 0xFFFFFFFF) if num >> 32 == _MAPPED_V4 else lookup_v6(num)
         else:
             return None  # NULL (HAProxy had no address), or not an address

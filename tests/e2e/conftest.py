@@ -20,20 +20,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from .haproxy import (
+from support.haproxy import (
     HAProxy,
     HAProxyBinary,
     HAProxyConfig,
-    ManagedProcess,
-    ProcessExitedError,
-    SpoaProcess,
     SpoeForm,
     check_config,
-    free_port,
     haproxy_params,
-    spoa_command,
 )
+from support.processes import Process, ProcessExitedError
+from support.server import SpoaProcess, spoa_command
+from support.waits import free_port
 
 # The reputation file of the e2e tests and what each source address scores.
 REPUTATION_LINES = """\
@@ -53,27 +50,6 @@ EXPECTED_SCORES = {
 }
 DENY_BELOW = 20  # haproxy.cfg: http-request deny if { var(sess.iprep.ip_score) -m int lt 20 }
 
-PROCESSES = pytest.StashKey[list[ManagedProcess]]()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
-    report = yield
-    if report.failed:
-        for proc in item.stash.get(PROCESSES, []):
-            report.sections.append((f"{proc.name} output", proc.logs()))
-    return report
-
-
-@pytest.fixture
-def processes(request: pytest.FixtureRequest) -> Iterator[list[ManagedProcess]]:
-    """Processes started by this test; their groups are killed at teardown."""
-    started: list[ManagedProcess] = []
-    request.node.stash[PROCESSES] = started
-    yield started
-    for proc in reversed(started):
-        proc.kill()
-
 
 @pytest.fixture
 def reputation_file(tmp_path: Path) -> Path:
@@ -86,7 +62,7 @@ SpoaFactory = Callable[..., SpoaProcess]
 
 
 @pytest.fixture
-def spoa_factory(processes: list[ManagedProcess], tmp_path: Path) -> SpoaFactory:
+def spoa_factory(processes: list[Process], tmp_path: Path) -> SpoaFactory:
     """Start `python -m spoa_mp` and wait until its port accepts connections.
 
     The port comes from the OS (bind to 0, close, hand it over) unless given;
@@ -146,7 +122,7 @@ HAProxyFactory = Callable[..., HAProxy]
 
 @pytest.fixture
 def haproxy_factory(
-    processes: list[ManagedProcess], tmp_path: Path, socket_dir: Path, haproxy_bin: HAProxyBinary
+    processes: list[Process], tmp_path: Path, socket_dir: Path, haproxy_bin: HAProxyBinary
 ) -> HAProxyFactory:
     """Write haproxy.cfg + the SPOE file for `haproxy_bin`'s version, check
     them (`haproxy -c`), start HAProxy in the foreground and wait for its

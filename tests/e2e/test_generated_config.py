@@ -20,24 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.haproxy import HAProxy, HAProxyBinary, HAProxyConfig, SpoeForm, check_config, http_get
+from support.processes import Process
+from support.server import SpoaProcess, spoa_command
+from support.waits import HOST, IO_TIMEOUT, START_TIMEOUT, free_port, wait_for
 
 from .conftest import DENY_BELOW, EXPECTED_SCORES
-from .haproxy import (
-    HOST,
-    IO_TIMEOUT,
-    START_TIMEOUT,
-    HAProxy,
-    HAProxyBinary,
-    HAProxyConfig,
-    ManagedProcess,
-    SpoaProcess,
-    SpoeForm,
-    check_config,
-    free_port,
-    http_get,
-    spoa_command,
-    wait_for,
-)
 
 pytestmark = pytest.mark.e2e
 
@@ -104,7 +92,7 @@ def start_haproxy(
     out_dir: Path,
     socket_dir: Path,
     tmp_path: Path,
-    processes: list[ManagedProcess],
+    processes: list[Process],
     haproxy_bin: HAProxyBinary,
 ) -> HAProxy:
     """HAProxy on the generated files (plus a stats socket), once its frontend is open."""
@@ -158,7 +146,7 @@ def test_generated_config_denies_low_scores(
     app_server: int,
     socket_dir: Path,
     tmp_path: Path,
-    processes: list[ManagedProcess],
+    processes: list[Process],
     options: tuple[str, ...],
 ) -> None:
     prefix, serve_argv = split_command(spoa.argv)
@@ -191,13 +179,13 @@ def test_generated_config_over_a_unix_socket(
     app_server: int,
     socket_dir: Path,
     tmp_path: Path,
-    processes: list[ManagedProcess],
+    processes: list[Process],
 ) -> None:
     """The `server agent1 unix@PATH` line: spoa-mp started with --unix."""
     prefix, _ = split_command(spoa_command(1))
     agent_socket = socket_dir / "agent.sock"
     serve_argv = ["--unix", str(agent_socket), "-n", "2", "--reputation-file", str(reputation_file)]
-    spoa = ManagedProcess("spoa-mp-unix", [*prefix, *serve_argv], tmp_path)
+    spoa = Process("spoa-mp-unix", [*prefix, *serve_argv], tmp_path)
     processes.append(spoa)
 
     def accepting_unix() -> bool:

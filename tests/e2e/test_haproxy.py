@@ -12,19 +12,11 @@ import signal
 
 import psutil
 import pytest
+from support.haproxy import HAProxy, SpoeForm, http_get
+from support.server import SpoaProcess
+from support.waits import HOST, STOP_TIMEOUT, accepting, free_port, wait_for
 
 from .conftest import DENY_BELOW, EXPECTED_SCORES, HAProxyFactory, SpoaFactory
-from .haproxy import (
-    HOST,
-    STOP_TIMEOUT,
-    HAProxy,
-    SpoaProcess,
-    SpoeForm,
-    accepting,
-    free_port,
-    http_get,
-    wait_for,
-)
 
 pytestmark = pytest.mark.e2e
 

@@ -17,12 +17,14 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 import psutil
 import pytest
+from support.server import SpoaProcess
+from support.spop_peer import Frame
+from support.waits import HOST, IO_TIMEOUT, STOP_TIMEOUT
 
 from spoa_mp.codec import (
     F_FID,
@@ -41,7 +43,6 @@ from spoa_mp.codec import (
 from spoa_mp.model import DataType, Scope, String, Value
 
 from .conftest import DEFAULT_SCORE, EXPECTED_SCORES, SpoaFactory
-from .haproxy import HOST, IO_TIMEOUT, STOP_TIMEOUT, SpoaProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -61,19 +62,6 @@ ENCODER = Encoder()
 
 
 # ------------------------------------------------------------------ frames
-
-
-@dataclass
-class Frame:
-    """One agent frame as the peer decoded it."""
-
-    type: int
-    flags: int
-    sid: int
-    fid: int
-    kv: dict[str, Value] = field(default_factory=dict)
-    # (action, scope, name, value) for ACKs
-    actions: list[tuple[int, int, str, Value]] = field(default_factory=list)
 
 
 def parse_frames(data: bytes, decoder: Decoder) -> tuple[list[Frame], int]:

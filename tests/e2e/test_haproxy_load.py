@@ -24,15 +24,20 @@ import shutil
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
-from reload_helpers import Background, ReloadHAProxyConfig, parse_wrk
+from reload_helpers import ReloadHAProxyConfig
+from support.haproxy import HAProxy, HAProxyBinary, SpoeForm, http_get
+from support.load import parse_wrk, start_wrk
+from support.processes import Process
+from support.server import SpoaProcess
+from support.waits import HOST, wait_for
 
 from .conftest import HAProxyFactory, SpoaFactory
-from .haproxy import HOST, HAProxy, HAProxyBinary, SpoaProcess, SpoeForm, http_get, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -43,20 +48,16 @@ LOAD_CONNECTIONS = 64
 
 
 @pytest.fixture
-def wrk(tmp_path: Path) -> object:
+def wrk(tmp_path: Path, processes: list[Process]) -> Callable[..., Process]:
     """start(url, *args): wrk in its own session, killed at teardown."""
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (make deps installs it)")
-    started: list[Background] = []
 
-    def start(url: str, *args: str) -> Background:
-        b = Background("wrk", ["wrk", *args, "--latency", url], tmp_path)
-        started.append(b)
-        return b
+    def start(url: str, *args: str) -> Process:
+        processes.append(start_wrk(url, tmp_path, *args))
+        return processes[-1]
 
-    yield start
-    for b in started:
-        b.kill()
+    return start
 
 
 def agent_connections(pid: int, port: int) -> int:

@@ -43,27 +43,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from .conftest import REPUTATION_LINES, SpoaFactory
-from .haproxy import (
+from support.haproxy import (
     AGENT_BACKEND,
     CHECK_TIMEOUT,
-    HOST,
-    IO_TIMEOUT,
-    START_TIMEOUT,
     HAProxy,
     HAProxyBinary,
     HAProxyConfig,
     HttpResponse,
-    ManagedProcess,
-    SpoaProcess,
     SpoeForm,
     agent_backend_mode,
     check_config,
     http_get,
     render_spoe_cfg,
-    wait_for,
 )
+from support.processes import Process
+from support.server import SpoaProcess
+from support.waits import HOST, IO_TIMEOUT, START_TIMEOUT, wait_for
+
+from .conftest import REPUTATION_LINES, SpoaFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -231,7 +228,7 @@ ScaleOutFactory = Callable[[tuple[int, ...]], ScaleOutHAProxy]
 
 @pytest.fixture
 def scale_out_haproxy(
-    processes: list[ManagedProcess], tmp_path: Path, socket_dir: Path, haproxy_bin: HAProxyBinary
+    processes: list[Process], tmp_path: Path, socket_dir: Path, haproxy_bin: HAProxyBinary
 ) -> ScaleOutFactory:
     """Like conftest's haproxy_factory, for a backend of several agents."""
 

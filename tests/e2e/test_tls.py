@@ -23,28 +23,25 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
-from reload_helpers import Background, ReloadHAProxyConfig, parse_wrk
-from tls_certs import PKI, make_pki
-
-from .conftest import HAProxyFactory, SpoaFactory
-from .haproxy import (
+from reload_helpers import ReloadHAProxyConfig
+from support.haproxy import (
     AGENT_SERVER,
-    HOST,
-    IO_TIMEOUT,
     HAProxy,
+    HAProxyBinary,
     HAProxyConfig,
-    ManagedProcess,
-    SpoaProcess,
     SpoeForm,
     check_config,
-    free_port,
     http_get,
-    spoa_command,
-    wait_for,
 )
+from support.load import parse_wrk, start_wrk
+from support.processes import Process
+from support.server import SpoaProcess, spoa_command
+from support.tls_certs import PKI, make_pki
+from support.waits import HOST, IO_TIMEOUT, free_port, wait_for
+
+from .conftest import HAProxyFactory, SpoaFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -218,7 +215,7 @@ def test_thousand_failed_handshakes_leave_the_real_client_alone(
 
 def test_tls_over_a_unix_socket(
     pki: PKI,
-    processes: list[ManagedProcess],
+    processes: list[Process],
     haproxy_factory: HAProxyFactory,
     socket_dir: Path,
     tmp_path: Path,
@@ -314,7 +311,7 @@ def test_sighup_twice_under_wrk_over_tls(
         pytest.skip("wrk is not installed (make deps installs it)")
     spoa, haproxy, _ = tls_pair(pki, spoa_factory, haproxy_factory, reputation_file)
     url = f"http://{HOST}:{haproxy.config.score_port}/"
-    wrk = Background("wrk", ["wrk", "-t1", "-c20", "-d6s", "--latency", url], tmp_path)
+    wrk = start_wrk(url, tmp_path, "-t1", "-c20", "-d6s")
     try:
         time.sleep(1.0)  # let the load run (not a synchronisation)
         for generation in (2, 3):
@@ -382,7 +379,9 @@ def test_reload_with_a_bad_key_keeps_serving(
 # ------------------------------------------------------------------ haproxy-config
 
 
-def test_generated_tls_config_is_valid(pki: PKI, tmp_path: Path, haproxy_bin: Any) -> None:
+def test_generated_tls_config_is_valid(
+    pki: PKI, tmp_path: Path, haproxy_bin: HAProxyBinary
+) -> None:
     """`spoa-mp haproxy-config` with TLS, for this binary's version: `haproxy -c`
     accepts it."""
     from spoa_mp.haproxy_config import main

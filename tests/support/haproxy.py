@@ -1,4 +1,4 @@
-"""End-to-end harness: spoa-mp and HAProxy as real processes on 127.0.0.1.
+"""The one HAProxy runner of the tests: binaries, configuration, process.
 
 Everything here is bounded: every wait polls a condition until a deadline
 (`wait_for`), every process runs in its own session (process group) so that
@@ -7,10 +7,6 @@ stdout/stderr to files that the conftest hook prints when a test fails.
 
 What is here:
 
-* `free_port`, `wait_for`, `wait_accepting`: the small primitives.
-* `ManagedProcess`: Popen in a new session, logs to files, graceful stop
-  (SIGTERM + wait) and a hard kill of the whole group.
-* `spoa_command`: the argv of `python -m spoa_mp` (the CLI contract).
 * `HAProxyBinary` / `haproxy_binaries` / `haproxy_params`: the HAProxy
   binaries the e2e tests run against (Debian's 2.6, `../shared/bin/
   haproxy-3.2.0`, any in `HAPROXY_BINS`), found once, each with its version.
@@ -24,204 +20,26 @@ What is here:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import enum
 import functools
 import os
 import re
-import shlex
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from server_helpers import HOST, accepting, free_port, wait_for
+
+from support.processes import Process
+from support.waits import HOST, IO_TIMEOUT, START_TIMEOUT, free_port, wait_for
 
 HAPROXY = "haproxy"
-# Run something else than `python -m spoa_mp` (same CLI), e.g. an installed
-# `spoa-mp` script: SPOA_MP_E2E_COMMAND="/usr/local/bin/spoa-mp".
-COMMAND_ENV = "SPOA_MP_E2E_COMMAND"
-
-START_TIMEOUT = 15.0  # process start until its port accepts
-STOP_TIMEOUT = 10.0  # SIGTERM until exit
 CHECK_TIMEOUT = 15.0  # HAProxy health check to reach a state
-IO_TIMEOUT = 5.0  # one HTTP exchange
-
-# ------------------------------------------------------------------ processes
-
-
-class ProcessExitedError(RuntimeError):
-    pass
-
-
-class ManagedProcess:
-    """A child process in its own session, stdout/stderr in files.
-
-    `stop()` is graceful (SIGTERM to the leader, wait); `kill()` kills the whole
-    process group and any descendant that escaped it. Both are idempotent.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        log_dir: Path,
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.stdout_path = log_dir / f"{name}.stdout.log"
-        self.stderr_path = log_dir / f"{name}.stderr.log"
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                env=env,
-                cwd=cwd,
-            )
-        self.pid = self.popen.pid
-        self._ps = psutil.Process(self.pid)
-        self._known: dict[int, psutil.Process] = {self.pid: self._ps}
-
-    # -- state
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def descendants(self) -> list[psutil.Process]:
-        """Live descendants (workers); remembered so kill() finds them later."""
-        try:
-            children = self._ps.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        for c in children:
-            self._known.setdefault(c.pid, c)
-        return children
-
-    def logs(self) -> str:
-        parts = []
-        for label, path in (("stderr", self.stderr_path), ("stdout", self.stdout_path)):
-            with contextlib.suppress(OSError):
-                text = path.read_text(errors="replace")
-                if text:
-                    parts.append(f"[{self.name} {label}: {path}]\n{text}")
-        return "\n".join(parts) or f"[{self.name}: no output]"
-
-    def check_alive(self) -> None:
-        if not self.alive():
-            raise ProcessExitedError(
-                f"{self.name} exited with {self.returncode}: {shlex.join(self.argv)}\n"
-                + self.logs()
-            )
-
-    # -- waits
-
-    def wait_accepting(self, port: int, timeout: float = START_TIMEOUT) -> None:
-        """Until host:port accepts TCP connections; fails early if we exit."""
-
-        def ready() -> bool:
-            self.check_alive()
-            return accepting(port)
-
-        wait_for(ready, timeout, f"{self.name} to accept on {HOST}:{port}")
-
-    # -- endings
-
-    def send_signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
-
-    def stop(self, timeout: float = STOP_TIMEOUT, signum: int = signal.SIGTERM) -> int:
-        """Graceful stop: `signum` to the leader, wait for its exit code."""
-        self.descendants()  # remember the workers before they go
-        if self.alive():
-            self.send_signal(signum)
-        return self.popen.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        """Kill the process group and every descendant we ever saw; reap the
-        leader and wait until the others are gone (a zombie counts as gone:
-        its parent or init reaps it)."""
-        self.descendants()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # session leader: pgid == pid
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=STOP_TIMEOUT)
-        others = [p for pid, p in self._known.items() if pid != self.pid]
-        for p in others:  # escaped the group (setsid/setpgid)?
-            if not _gone(p):
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-        wait_for(
-            lambda: all(_gone(p) for p in others), STOP_TIMEOUT, f"{self.name}'s processes to die"
-        )
-
-
-def _gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-# ------------------------------------------------------------------ spoa-mp
-
-
-def spoa_command(
-    port: int,
-    workers: int = 2,
-    reputation_file: Path | None = None,
-    default_score: int | None = None,
-    debug: bool = False,
-) -> list[str]:
-    """argv of `python -m spoa_mp -p PORT -n WORKERS [...]` (the CLI contract)."""
-    prefix = shlex.split(os.environ.get(COMMAND_ENV, "")) or [sys.executable, "-m", "spoa_mp"]
-    argv = [*prefix, "-p", str(port), "-n", str(workers), "--host", HOST]
-    if reputation_file is not None:
-        argv += ["--reputation-file", str(reputation_file)]
-    if default_score is not None:
-        argv += ["--default-score", str(default_score)]
-    if debug:
-        argv.append("-d")
-    return argv
-
-
-class SpoaProcess(ManagedProcess):
-    """A running spoa-mp supervisor and the port its workers serve."""
-
-    def __init__(self, name: str, port: int, workers: int, argv: list[str], log_dir: Path):
-        super().__init__(name, argv, log_dir)
-        self.port = port
-        self.workers = workers
-
-    def wait_workers(self, timeout: float = START_TIMEOUT) -> list[psutil.Process]:
-        """The supervisor's descendants, once there are exactly -n of them
-        (the port may accept before every worker is forked)."""
-
-        def all_forked() -> list[psutil.Process] | None:
-            self.check_alive()
-            children = self.descendants()
-            return children if len(children) == self.workers else None
-
-        return wait_for(all_forked, timeout, f"{self.workers} workers of {self.name}")
-
 
 # ------------------------------------------------------------------ HAProxy binaries
 
@@ -461,7 +279,7 @@ def check_config(
     )
 
 
-class HAProxy(ManagedProcess):
+class HAProxy(Process):
     """HAProxy in the foreground (`-db`), with a stats-socket client."""
 
     def __init__(self, config: HAProxyConfig, log_dir: Path) -> None:
