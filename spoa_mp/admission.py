@@ -12,9 +12,11 @@ protocol object in between."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any, Literal
 
 from spoa_mp.counters import Counters
@@ -30,6 +32,7 @@ class Admission:
         self.limits = limits
         self.counters = counters
         self._noisy = noisy
+        self.loop: asyncio.AbstractEventLoop | None = None  # the worker's, once it runs
 
     def accept(self, listener: socket.socket, open_now: int) -> tuple[socket.socket, str] | None:
         """One new connection, non-blocking, with its peer's name; None if
@@ -80,6 +83,27 @@ class Admission:
                 return None
         return sock, peer_name(addr)
 
+    def handshake(self, sock: ssl.SSLSocket, peer: str, finished: Callable[[bool], None]) -> None:
+        """Drive `sock`'s TLS handshake from the loop, one `do_handshake()`
+        per readiness; then `finished(True)`, or `finished(False)` once the
+        failure is counted and logged (the caller closes). Closing the socket
+        before (removing its reader and writer) ends it."""
+        loop, fd = self.loop, sock.fileno()
+        assert loop is not None
+
+        def step() -> None:
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+            got = self.handshake_step(sock, fd, peer)
+            if got == "read":
+                loop.add_reader(fd, step)
+            elif got == "write":  # rare: the kernel's send buffer is full
+                loop.add_writer(fd, step)
+            else:
+                finished(got == "done")
+
+        loop.add_reader(fd, step)
+
     def handshake_step(self, sock: ssl.SSLSocket, fd: int, peer: str) -> HandshakeStep:
         """Advance a TLS handshake: "done", "read" or "write" (wait for the
         socket to be readable or writable, then call again), or "failed"
@@ -102,10 +126,14 @@ class Admission:
             "tls", "conn %d (%s): TLS handshake failed: %s: closed", fd, peer, reason
         )
 
-    def hello_missed(self, fd: int, peer: str) -> None:
+    def hello_missed(self, fd: int, peer: str, in_tls_handshake: bool = False) -> None:
         """No complete HAPROXY-HELLO in --hello-timeout: a client that holds
         a descriptor and does nothing (or a port scanner) is closed by the
-        caller; counted and logged here."""
+        caller; counted and logged here (a failed handshake if TLS was not
+        even done)."""
+        if in_tls_handshake:
+            self.handshake_failed(fd, peer, "no handshake in --hello-timeout")
+            return
         self.counters.hello_timeouts += 1
         self._noisy.warning(
             "hello-timeout",

@@ -7,8 +7,9 @@ OpenSSL and the kernel have nothing more (or the buffer is full), so one
 wake-up feeds the decoder everything that arrived, as a plain socket's one
 `recv_into` does.
 
-`unread` says whether anything is waiting (in OpenSSL or in the kernel): a
-TLS connection finished on reload says AGENT-DISCONNECT only when nothing is.
+`goodbye_wait` says when a TLS connection finished on reload may get its
+AGENT-DISCONNECT: once nothing waits for it (in OpenSSL or in the kernel)
+and HAProxy has left it quiet for a moment.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import socket
 import ssl
 import termios
 
-__all__ = ["QUIET", "QUIET_FOR", "read_more", "unread"]
+__all__ = ["QUIET", "QUIET_FOR", "goodbye_wait", "read_more", "unread"]
 
 # A TLS connection being finished (reload) gets its AGENT-DISCONNECT once
 # HAProxy left it QUIET seconds without a byte (frames HAProxy sends before
@@ -57,3 +58,15 @@ def unread(sock: socket.socket) -> bool:
     except OSError:
         return False
     return queued[0] > 0
+
+
+def goodbye_wait(sock: socket.socket, last_read: float, leaving_since: float, now: float) -> float:
+    """Seconds until AGENT-DISCONNECT may go on an idle TLS connection being
+    finished (0: now). It fails whatever HAProxy sent before reading it: say
+    it when nothing is on its way and HAProxy has left the connection QUIET
+    (its idle pool hands out the busiest first); after QUIET_FOR, between
+    two frames all the same."""
+    wait = 0.0 if now > leaving_since + QUIET_FOR else last_read + QUIET - now
+    if wait <= 0 and unread(sock):
+        wait = 0.001  # a frame is arriving: read it first
+    return max(wait, 0.0)

@@ -7,7 +7,9 @@ handed to the dispatcher (dispatch.py), which runs every kind of handler;
 the ACKs ready at the end of the read leave in one encode call and one
 `send`, later ones in one per loop iteration. Bounds on the NOTIFYs awaiting
 a handler, per connection (--max-in-flight) and per worker (--max-pending),
-stop reading until the handlers catch up.
+stop reading until the handlers catch up. Admission (accept, --allow, the
+TLS handshake, --hello-timeout) is admission.py; passing connections on at a
+reload, adopting them, and goodbyes on stop are handover.py.
 
 Only workers touch connection sockets; they report to the supervisor over
 the control channel (control.py). As in gunicorn, `Worker.__init__` changes
@@ -27,13 +29,14 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from spoa_mp import control, logs, tls_io
 from spoa_mp.admission import Admission
 from spoa_mp.codec import Decoder, Encoder
+from spoa_mp.connection import Connection
 from spoa_mp.counters import Counters, gauges
 from spoa_mp.dispatch import Dispatcher
+from spoa_mp.handover import Handover
 from spoa_mp.logs import RateLimitedLog
 from spoa_mp.process import EXIT_BOOT_ERROR, EXIT_OK, SUPERVISOR_SIGNALS, set_title
 from spoa_mp.protocol import (
@@ -54,23 +57,7 @@ RECV_SIZE = 256 * 1024
 HEARTBEAT_INTERVAL = 1.0
 
 
-@dataclass(eq=False, slots=True)
-class Connection:
-    sock: socket.socket
-    fd: int
-    peer: str
-    proto: AgentConnection
-    out: bytearray = field(default_factory=bytearray)  # what the kernel did not take yet
-    in_flight: int = 0  # NOTIFYs awaiting a handler, not ACKed yet
-    reading: bool = True
-    closed: bool = False
-    tls: bool = False  # an ssl.SSLSocket: finished, not handed over, on reload (tls_io.py)
-    handshaking: bool = False  # its TLS handshake is under way
-    last_read: float = 0.0  # TLS: loop time of the last read (finishing waits for quiet)
-    recheck: asyncio.TimerHandle | None = None  # TLS: finishing looks again then
-
-
-class Worker:
+class Worker(Handover):
     def __init__(self, index: int, options: WorkerOptions, channel: socket.socket) -> None:
         self.index = index
         self.options = options
@@ -149,6 +136,7 @@ class Worker:
             except Exception as e:
                 raise BootError(f"worker start hook {_name(hook.fn)} failed: {_one_line(e)}") from e
         loop.add_signal_handler(signal.SIGTERM, self.stop)
+        self._admission.loop = loop
         for sock in self.listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
         loop.add_reader(self.channel.fileno(), self._control_readable)
@@ -236,7 +224,7 @@ class Worker:
         assert self._loop is not None
         if isinstance(sock, ssl.SSLSocket):
             conn.tls = conn.handshaking = True
-            self._loop.add_reader(conn.fd, self._handshake, conn)
+            self._admission.handshake(sock, peer, lambda ok: self._handshake_done(conn, ok))
         else:
             self._loop.add_reader(conn.fd, self._readable, conn)
         self._loop.call_later(self.limits.hello_timeout, self._hello_deadline, conn)
@@ -244,34 +232,18 @@ class Worker:
             log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
 
     def _hello_deadline(self, conn: Connection) -> None:
-        if conn.closed or conn.proto.handshake is not None:
-            return
-        if conn.handshaking:
-            self._admission.handshake_failed(conn.fd, conn.peer, "no handshake in --hello-timeout")
-        else:
-            self._admission.hello_missed(conn.fd, conn.peer)
-        self._close(conn)
-
-    def _handshake(self, conn: Connection) -> None:
-        """One step of a TLS handshake, on each readiness of its socket."""
-        assert isinstance(conn.sock, ssl.SSLSocket)
-        assert self._loop is not None
-        step = self._admission.handshake_step(conn.sock, conn.fd, conn.peer)
-        if step == "failed" or (step != "done" and self._stopping):
+        if not conn.closed and conn.proto.handshake is None:
+            self._admission.hello_missed(conn.fd, conn.peer, conn.handshaking)
             self._close(conn)
-        elif step == "write":  # rare: the kernel's send buffer is full
-            self._loop.remove_reader(conn.fd)
-            self._loop.add_writer(conn.fd, self._handshake_writable, conn)
-        elif step == "done":
-            conn.handshaking = False
-            self._loop.add_reader(conn.fd, self._readable, conn)  # replaces _handshake
-            self._readable(conn)  # HAPROXY-HELLO may have come with the handshake
 
-    def _handshake_writable(self, conn: Connection) -> None:
+    def _handshake_done(self, conn: Connection, ok: bool) -> None:
+        if not ok:
+            self._close(conn)
+            return
+        conn.handshaking = False
         assert self._loop is not None
-        self._loop.remove_writer(conn.fd)
-        self._loop.add_reader(conn.fd, self._handshake, conn)
-        self._handshake(conn)
+        self._loop.add_reader(conn.fd, self._readable, conn)
+        self._readable(conn)  # HAPROXY-HELLO may have come with the handshake
 
     def _readable(self, conn: Connection) -> None:
         size = RECV_SIZE
@@ -314,11 +286,6 @@ class Worker:
         elif self._handing_over:
             self._update_reading(conn)
             self._try_handover(conn)
-
-    def _leaving(self, conn: Connection) -> bool:
-        """Said goodbye to once idle: on stop, and on a reload when TLS (its
-        state cannot move with the descriptor: HAProxy reconnects)."""
-        return self._stopping or (self._handing_over and conn.tls)
 
     def _progress(self, conn: Connection) -> None:
         """Late ACKs were queued on conn (dispatcher): send them, read again."""
@@ -429,118 +396,6 @@ class Worker:
                 self._loop.add_reader(conn.fd, self._readable, conn)
             else:
                 self._loop.remove_reader(conn.fd)
-
-    # ---------------------------------------------------------------- reload
-
-    def _control_readable(self) -> None:
-        while True:
-            try:
-                got = control.receive(self.channel)
-            except EOFError:  # the supervisor is gone
-                assert self._loop is not None
-                self._loop.remove_reader(self.channel.fileno())
-                self.stop()
-                return
-            if got is None:
-                return
-            msg, fds = got
-            if msg["kind"] == control.ADOPT and len(fds) == 1:
-                self._adopt(msg, fds[0])
-                continue
-            for fd in fds:  # not for us: never leak a descriptor
-                os.close(fd)
-            if msg["kind"] == control.HAND_OVER:
-                self._begin_handover()
-
-    def _adopt(self, msg: control.Message, fd: int) -> None:
-        """Carry on a connection an old worker passed on (reload)."""
-        sock = socket.socket(fileno=fd)
-        try:
-            sock.setblocking(False)
-            passed = control.PassedConnection.from_message(msg)
-            size = passed.state["max_frame_size"]
-            decoder = self._decoder
-            if size > self.settings.max_frame_size:  # negotiated before a smaller limit
-                decoder = Decoder(max_frame_size=size, names=tuple(self._handlers))
-            proto = AgentConnection.adopt(
-                passed.state, self.settings, decoder, self._encoder, self.counters.frames
-            )
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            log.error("cannot adopt a connection: %s", e)
-            sock.close()
-            return
-        conn = Connection(sock=sock, fd=sock.fileno(), peer=passed.peer, proto=proto)
-        self.connections[conn.fd] = conn
-        self.counters.adopted += 1
-        assert self._loop is not None
-        # level-triggered: what HAProxy sent meanwhile is read right away
-        self._loop.add_reader(conn.fd, self._readable, conn)
-        if self.debug:
-            log.debug("conn %d: adopted from %s", conn.fd, conn.peer)
-
-    def _begin_handover(self) -> None:
-        if self._stopping or self._handing_over or self._loop is None:
-            return
-        self._handing_over = True
-        self._leaving_at = self._loop.time()
-        log.info("handing %d connection(s) over", len(self.connections))
-        self._wind_down()
-        for conn in list(self.connections.values()):
-            self._update_reading(conn)
-            self._try_handover(conn)
-        self._check_done()
-
-    def _try_handover(self, conn: Connection) -> None:
-        """Pass a connection on once nothing of it is left here: no partial
-        frame, no handler running or waiting, no unsent ACK."""
-        if conn.tls:
-            self._close_if_idle(conn)
-            return
-        if conn.closed or conn.in_flight or conn.out:
-            return
-        if conn.proto.closing or not conn.proto.at_frame_boundary:
-            return
-        passed = control.PassedConnection(conn.peer, conn.proto.handover_state())
-        if not control.send(self.channel, control.CONNECTION, fds=(conn.fd,), **passed.fields()):
-            assert self._loop is not None  # the channel is full: try again soon
-            self._loop.call_later(0.005, self._try_handover, conn)
-            return
-        # the kernel holds its own reference to the socket now
-        self._release(conn)
-        conn.sock.close()
-        self.counters.handed_over += 1
-        self._check_done()
-
-    @staticmethod
-    def _idle(conn: Connection) -> bool:
-        return conn.in_flight == 0 and conn.proto.buffered == 0 and not conn.out
-
-    def _close_if_idle(self, conn: Connection) -> None:
-        """While stopping: say goodbye to a connection with nothing pending."""
-        if conn.closed or not self._idle(conn):
-            return
-        if conn.tls:
-            if conn.handshaking or conn.proto.handshake is None:
-                self._close(conn)  # no SPOP yet: HAProxy simply connects again
-                return
-            assert self._loop is not None
-            # AGENT-DISCONNECT fails whatever HAProxy sent before reading it:
-            # say it when nothing is on its way and HAProxy has left the
-            # connection quiet (its idle pool hands out the busiest first)
-            now = self._loop.time()
-            wait = conn.last_read + tls_io.QUIET - now
-            if now > self._leaving_at + tls_io.QUIET_FOR:
-                wait = 0.0  # not quiet yet: goodbye between two frames all the same
-            if wait > 0 or tls_io.unread(conn.sock):
-                if conn.recheck is None:
-                    conn.recheck = self._loop.call_later(max(wait, 0.001), self._recheck, conn)
-                return
-        conn.proto.disconnect()
-        self._flush(conn)
-
-    def _recheck(self, conn: Connection) -> None:
-        conn.recheck = None
-        self._close_if_idle(conn)
 
 
 class BootError(Exception):
