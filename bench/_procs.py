@@ -66,9 +66,12 @@ class Procs:
 # ------------------------------------------------------------------ the agents
 
 
+AGENTS = ("spoa-mp", "spoa-mp-tls", "example")  # spoa-mp-tls: spoa-mp with --tls-* (extra)
+
+
 def agent_argv(kind: str, port: int, workers: int, threads: int, python: str) -> list[str]:
     """spoa-mp `-n workers` or the example agent `-n threads -c pipelining`."""
-    if kind == "spoa-mp":
+    if kind in ("spoa-mp", "spoa-mp-tls"):
         argv = [python, "-m", "spoa_mp", "-p", str(port), "-n", str(workers), "--host", HOST]
         return [*argv, "--graceful-timeout", "3"]
     if kind == "example":
@@ -78,14 +81,23 @@ def agent_argv(kind: str, port: int, workers: int, threads: int, python: str) ->
 
 
 def start_agent(
-    procs: Procs, kind: str, port: int, workers: int, threads: int, python: str, log_dir: Path
+    procs: Procs,
+    kind: str,
+    port: int,
+    workers: int,
+    threads: int,
+    python: str,
+    log_dir: Path,
+    extra: Sequence[str] = (),
 ) -> Proc:
-    """Start an agent and wait until it accepts (spoa-mp: with all its workers)."""
-    agent = procs.start(kind, agent_argv(kind, port, workers, threads, python), log_dir)
+    """Start an agent (`extra`: more flags) and wait until it accepts (spoa-mp:
+    with all its workers)."""
+    argv = [*agent_argv(kind, port, workers, threads, python), *extra]
+    agent = procs.start(kind, argv, log_dir)
 
     def ready() -> bool:
         agent.check_alive()
-        if kind == "spoa-mp" and len(agent.tree()) != workers + 1:
+        if kind != "example" and len(agent.tree()) != workers + 1:
             return False
         return accepting(port)
 
@@ -96,9 +108,9 @@ def start_agent(
 def parse_agents(text: str) -> list[str]:
     """'spoa-mp,example' -> ['spoa-mp', 'example']; ValueError on anything else."""
     agents = [a.strip() for a in text.split(",") if a.strip()]
-    bad = [a for a in agents if a not in ("spoa-mp", "example")]
+    bad = [a for a in agents if a not in AGENTS]
     if bad or not agents:
-        raise ValueError(f"--agents takes spoa-mp and/or example, comma-separated: {text!r}")
+        raise ValueError(f"--agents takes {', '.join(AGENTS)}, comma-separated: {text!r}")
     return list(dict.fromkeys(agents))
 
 
