@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from dataclasses import dataclass, field
 
@@ -20,7 +19,5 @@ class Connection:
     in_flight: int = 0  # NOTIFYs awaiting a handler, not ACKed yet
     reading: bool = True
     closed: bool = False
-    tls: bool = False  # an ssl.SSLSocket: finished, not handed over, on reload (tls_io.py)
+    tls: bool = False  # an ssl.SSLSocket: relayed by this process after a reload (relay.py)
     handshaking: bool = False  # its TLS handshake is under way
-    last_read: float = 0.0  # TLS: loop time of the last read (finishing waits for quiet)
-    recheck: asyncio.TimerHandle | None = None  # TLS: finishing looks again then

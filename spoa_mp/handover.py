@@ -1,13 +1,14 @@
 """How connections leave a worker and arrive in another on reload (the
 worker's half that does it, as replacing.py is the supervisor's).
 
-On HAND_OVER (control.py) the worker stops accepting and passes each clear
+On HAND_OVER (control.py) the worker stops accepting and passes each
 connection on between two frames: its descriptor and its SPOP state
 (`AgentConnection.handover_state()`) go to the supervisor, which gives them
-to a new worker (`_adopt`). A TLS connection's state cannot move with its
-descriptor: it is finished instead, AGENT-DISCONNECT once idle and quiet
-(tls_io.goodbye_wait), and HAProxy reconnects to the new workers. On stop,
-every connection is said goodbye to once idle.
+to a new worker (`_adopt`). A TLS connection's session cannot move with its
+descriptor: what moves is one end of a socketpair, and this worker relays
+between the TLS socket and the other end (relay.py) until HAProxy or the
+new worker closes; it exits when the last one has. HAProxy never notices.
+On stop, every connection is said goodbye to once idle.
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 
-from spoa_mp import control, tls_io
+from spoa_mp import control
 from spoa_mp.agent import Registered
 from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.connection import Connection
 from spoa_mp.counters import Counters
+from spoa_mp.process import set_title
 from spoa_mp.protocol import AgentConnection, AgentSettings
+from spoa_mp.relay import Relay
 
 log = logging.getLogger("spoa_mp.worker")
 
 
 class Handover:
+    index: int
     channel: socket.socket
     settings: AgentSettings
     counters: Counters
@@ -39,7 +44,9 @@ class Handover:
     _loop: asyncio.AbstractEventLoop | None
     _stopping: bool
     _handing_over: bool
-    _leaving_at: float
+    _relays: set[Relay]
+    _said_handed_over: bool
+    _done: asyncio.Future[None] | None
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -63,12 +70,23 @@ class Handover:
         raise NotImplementedError
 
     def _check_done(self) -> None:
-        raise NotImplementedError
-
-    def _leaving(self, conn: Connection) -> bool:
-        """Said goodbye to once idle: on stop, and on a reload when TLS (its
-        state cannot move with the descriptor: HAProxy reconnects)."""
-        return self._stopping or (self._handing_over and conn.tls)
+        """Done once nothing is left here: every connection passed on (or
+        closed) and every relay closed."""
+        if self.connections or not (self._stopping or self._handing_over):
+            return
+        if self._handing_over and not self._said_handed_over:
+            self._said_handed_over = True
+            control.send(self.channel, control.HANDED_OVER, moved=self.counters.handed_over)
+            if self._relays:
+                log.info(
+                    "relaying %d TLS connection(s) to the new workers until they close",
+                    len(self._relays),
+                )
+        if self._relays:
+            set_title(f"spoa-mp: worker {self.index} relaying {len(self._relays)} connection(s)")
+            return
+        if self._done and not self._done.done():
+            self._done.set_result(None)
 
     def _control_readable(self) -> None:
         while True:
@@ -120,7 +138,6 @@ class Handover:
         if self._stopping or self._handing_over or self._loop is None:
             return
         self._handing_over = True
-        self._leaving_at = self._loop.time()
         log.info("handing %d connection(s) over", len(self.connections))
         self._wind_down()
         for conn in list(self.connections.values()):
@@ -130,24 +147,50 @@ class Handover:
 
     def _try_handover(self, conn: Connection) -> None:
         """Pass a connection on once nothing of it is left here: no partial
-        frame, no handler running or waiting, no unsent ACK."""
-        if conn.tls:
-            self._close_if_idle(conn)
-            return
+        frame, no handler running or waiting, no unsent ACK. A TLS one is
+        passed on as one end of a socketpair, and relayed."""
         if conn.closed or conn.in_flight or conn.out:
+            return
+        if conn.handshaking:
+            self._close(conn)  # no SPOP yet: HAProxy simply connects again
             return
         if conn.proto.closing or not conn.proto.at_frame_boundary:
             return
+        assert self._loop is not None
         passed = control.PassedConnection(conn.peer, conn.proto.handover_state())
-        if not control.send(self.channel, control.CONNECTION, fds=(conn.fd,), **passed.fields()):
-            assert self._loop is not None  # the channel is full: try again soon
-            self._loop.call_later(0.005, self._try_handover, conn)
+        try:
+            ours, theirs = socket.socketpair() if conn.tls else (None, conn.sock)
+        except OSError as e:  # out of descriptors: try again soon
+            log.warning("conn %d: no socketpair to hand it over: %s", conn.fd, e)
+            self._loop.call_later(0.05, self._try_handover, conn)
             return
-        # the kernel holds its own reference to the socket now
+        fds = (theirs.fileno(),)
+        if not control.send(self.channel, control.CONNECTION, fds=fds, **passed.fields()):
+            if ours is not None:
+                ours.close()
+                theirs.close()
+            self._loop.call_later(0.005, self._try_handover, conn)  # the channel is full
+            return
         self._release(conn)
-        conn.sock.close()
+        theirs.close()  # the kernel holds its own reference to it now
+        if ours is not None:
+            assert isinstance(conn.sock, ssl.SSLSocket)
+            relay = Relay(self._loop, conn.sock, ours, self._relay_closed)
+            self._relays.add(relay)
+            relay.start()
         self.counters.handed_over += 1
         self._check_done()
+
+    def _relay_closed(self, relay: Relay) -> None:
+        self._relays.discard(relay)
+        if self.debug:
+            log.debug("a relayed connection closed; %d left", len(self._relays))
+        self._check_done()
+
+    def _end_relays(self) -> None:
+        """--graceful-timeout after a stop: whatever is still relayed closes."""
+        for relay in list(self._relays):
+            relay.close()
 
     @staticmethod
     def _idle(conn: Connection) -> bool:
@@ -157,20 +200,8 @@ class Handover:
         """While stopping: say goodbye to a connection with nothing pending."""
         if conn.closed or not self._idle(conn):
             return
-        if conn.tls:
-            if conn.handshaking or conn.proto.handshake is None:
-                self._close(conn)  # no SPOP yet: HAProxy simply connects again
-                return
-            assert self._loop is not None
-            now = self._loop.time()
-            wait = tls_io.goodbye_wait(conn.sock, conn.last_read, self._leaving_at, now)
-            if wait:
-                if conn.recheck is None:
-                    conn.recheck = self._loop.call_later(wait, self._recheck, conn)
-                return
+        if conn.handshaking:
+            self._close(conn)  # no SPOP yet: HAProxy simply connects again
+            return
         conn.proto.disconnect()
         self._flush(conn)
-
-    def _recheck(self, conn: Connection) -> None:
-        conn.recheck = None
-        self._close_if_idle(conn)

@@ -46,6 +46,7 @@ from spoa_mp.protocol import (
     PeerDisconnected,
     ProtocolError,
 )
+from spoa_mp.relay import Relay
 from spoa_mp.worker_options import WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ class Worker(Handover):
         self._parent = os.getppid()
         self._stopping = False
         self._handing_over = False  # reload: connections move to the new workers
-        self._leaving_at = 0.0  # loop time the handover began (TLS connections finish)
+        self._relays: set[Relay] = set()  # after a handover: TLS connections relayed
+        self._said_handed_over = False
         self._done: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- life
@@ -160,6 +162,8 @@ class Worker(Handover):
         self._wind_down()
         for conn in list(self.connections.values()):
             self._close_if_idle(conn)
+        if self._relays:  # the new workers say goodbye through them; bounded all the same
+            self._loop.call_later(self.graceful_timeout, self._end_relays)
         self._check_done()
 
     def _wind_down(self) -> None:
@@ -182,14 +186,6 @@ class Worker(Handover):
         for conn in list(self.connections.values()):
             self._close(conn)
         self._check_done()
-
-    def _check_done(self) -> None:
-        if self.connections or not (self._stopping or self._handing_over):
-            return
-        if self._done and not self._done.done():
-            if self._handing_over:
-                control.send(self.channel, control.HANDED_OVER, moved=self.counters.handed_over)
-            self._done.set_result(None)
 
     def _beat(self) -> None:
         # scheduled from the loop itself: a blocked loop stops beating, and
@@ -247,10 +243,10 @@ class Worker(Handover):
 
     def _readable(self, conn: Connection) -> None:
         size = RECV_SIZE
-        if self._handing_over and not conn.tls:
+        if self._handing_over:
             # read only what completes the current frame: the connection then
             # moves between two frames, and what follows waits in the kernel
-            # for the worker that adopts it
+            # (TLS: in OpenSSL, for the relay) for the worker that adopts it
             size = min(size, conn.proto.bytes_to_boundary())
             if not size:
                 self._update_reading(conn)
@@ -260,9 +256,8 @@ class Worker(Handover):
             # into one reused buffer: recv(n) would allocate n bytes each time
             # (an mmap for large n), then copy out only what arrived
             n = conn.sock.recv_into(self._recv_buf, size)
-            if conn.tls and n:
-                n = tls_io.read_more(conn.sock, self._recv_view, n)
-                conn.last_read = self._loop.time() if self._loop else 0.0
+            if conn.tls and n:  # a record at a time: read on (never past the boundary)
+                n = tls_io.read_more(conn.sock, self._recv_view[:size], n)
             data = self._recv_view[:n].tobytes()
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
@@ -281,7 +276,7 @@ class Worker(Handover):
             if conn.in_flight:
                 self._update_reading(conn)  # stop taking work if handlers fall behind
         self._flush(conn)
-        if self._leaving(conn):
+        if self._stopping:
             self._close_if_idle(conn)
         elif self._handing_over:
             self._update_reading(conn)
@@ -294,7 +289,7 @@ class Worker(Handover):
             return
         self._update_reading(conn)
         self._flush(conn)
-        if self._leaving(conn):
+        if self._stopping:
             self._close_if_idle(conn)
         elif self._handing_over:
             self._try_handover(conn)
@@ -387,7 +382,7 @@ class Worker(Handover):
         want = (
             not conn.closed and conn.in_flight < self.max_in_flight and not self.dispatcher.paused
         )
-        if self._handing_over and conn.proto.at_frame_boundary and not conn.tls:
+        if self._handing_over and conn.proto.at_frame_boundary:
             want = False
         if want != conn.reading:
             conn.reading = want

@@ -37,7 +37,7 @@ import pytest
 from support.load import bench_result, spoa_bench
 from support.processes import Process, child_env, dead, owner_of, title
 from support.server import READY_LINE, SUPERVISOR_TITLE, WORKER_TITLE, Server, started
-from support.spop_peer import ConnectionClosedError, Frame, SpopClient, vector
+from support.spop_peer import ConnectionClosedError, Frame, SpopClient, TLSSpopClient, vector
 from support.tls_certs import make_pki
 from support.waits import HOST, IO_TIMEOUT, free_port, wait_for
 
@@ -98,23 +98,6 @@ class UnixSpopClient(SpopClient):
             sock.close()
             raise
         self.sock = sock
-        self.timeout = timeout
-        self._buf = b""
-        self._encoder = Encoder()
-        self._decoder = Decoder(max_frame_size=self.MAX_FRAME)
-        self.eof = False
-
-
-class TLSSpopClient(SpopClient):
-    """SpopClient over TLS with `context` (a client certificate, or none)."""
-
-    def __init__(self, port: int, context: ssl.SSLContext, timeout: float = IO_TIMEOUT) -> None:
-        raw = socket.create_connection((HOST, port), timeout=timeout)
-        try:
-            self.sock = context.wrap_socket(raw, server_hostname=HOST)
-        except OSError:
-            raw.close()
-            raise
         self.timeout = timeout
         self._buf = b""
         self._encoder = Encoder()
