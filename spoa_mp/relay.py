@@ -71,6 +71,8 @@ class Relay:
     # ------------------------------------------------------------ HAProxy -> worker
 
     def _tls_readable(self) -> None:
+        if self.closed:
+            return
         while len(self.to_plain) < HIGH_WATER:
             try:
                 data = self.tls.recv(CHUNK)
@@ -86,6 +88,8 @@ class Relay:
         self._send_plain()
 
     def _send_plain(self) -> None:
+        if self.closed:
+            return
         if self.to_plain:
             try:
                 del self.to_plain[: self.plain.send(self.to_plain)]
@@ -94,6 +98,9 @@ class Relay:
             except OSError:
                 self.close()
                 return
+        if len(self.to_plain) < HIGH_WATER and self.tls.pending():
+            # left in OpenSSL when reading paused: the descriptor will not say so
+            self.loop.call_soon(self._tls_readable)
         self._update()
 
     # ------------------------------------------------------------ worker -> HAProxy

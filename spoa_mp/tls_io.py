@@ -5,7 +5,8 @@ OpenSSL has read but not yet returned is invisible to the event loop: the
 descriptor is not readable again for it. `read_more` therefore reads on until
 OpenSSL and the kernel have nothing more (or the buffer is full), so one
 wake-up feeds the decoder everything that arrived, as a plain socket's one
-`recv_into` does.
+`recv_into` does; `decrypted` says when bytes are left in OpenSSL all the
+same (the buffer was full), to be read without waiting for readiness.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import socket
 import ssl
 
-__all__ = ["read_more"]
+__all__ = ["decrypted", "read_more"]
 
 
 def read_more(sock: socket.socket, view: memoryview, n: int) -> int:
@@ -31,3 +32,8 @@ def read_more(sock: socket.socket, view: memoryview, n: int) -> int:
             break  # EOF: seen again by the next read
         n += got
     return n
+
+
+def decrypted(sock: socket.socket) -> bool:
+    """OpenSSL holds decrypted bytes not read yet (the loop cannot see them)."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0

@@ -281,6 +281,18 @@ class Worker(Handover):
         elif self._handing_over:
             self._update_reading(conn)
             self._try_handover(conn)
+        self._read_decrypted(conn)
+
+    def _read_decrypted(self, conn: Connection) -> None:
+        """TLS: what OpenSSL decrypted beyond a full buffer (or while reading
+        was paused) never makes the descriptor readable: read it from the loop."""
+        if conn.tls and conn.reading and not conn.closed and tls_io.decrypted(conn.sock):
+            assert self._loop is not None
+            self._loop.call_soon(self._read_if_reading, conn)
+
+    def _read_if_reading(self, conn: Connection) -> None:
+        if conn.reading and not conn.closed:
+            self._readable(conn)
 
     def _progress(self, conn: Connection) -> None:
         """Late ACKs were queued on conn (dispatcher): send them, read again."""
@@ -389,6 +401,7 @@ class Worker(Handover):
             assert self._loop is not None
             if want:
                 self._loop.add_reader(conn.fd, self._readable, conn)
+                self._read_decrypted(conn)
             else:
                 self._loop.remove_reader(conn.fd)
 

@@ -404,6 +404,32 @@ def test_a_relayed_connection_makes_one_hop(
     assert spoa.stop() == 0, spoa.logs()
 
 
+def test_a_burst_beyond_the_read_buffer_is_answered_in_full(
+    pki: PKI, spoa_factory: SpoaFactory, reputation_file: Path
+) -> None:
+    """20000 NOTIFYs (about 700 KiB) in one write over TLS: many records,
+    more than one read buffer, reads paused and resumed by --max-in-flight;
+    every NOTIFY gets its ACK, in order. (Bytes OpenSSL decrypted beyond a
+    full buffer are read without waiting for readiness, worker._read_decrypted;
+    this burst does not reliably leave the kernel empty at that moment, so it
+    exercises the path rather than proving the stall it prevents.)"""
+    spoa = spoa_factory(workers=1, reputation_file=reputation_file, extra=tls_flags(pki))
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    n = 20000
+    with TLSSpopClient(spoa.port, context, timeout=30.0) as client:
+        assert client.hello().type == FrameType.AGENT_HELLO
+        message = [("check-client-ip", [("", IPv4Address("127.0.0.10"))])]
+        burst = b"".join(client.notify_bytes(sid, 1, message) for sid in range(1, n + 1))
+        assert len(burst) > 512 * 1024
+        sender = threading.Thread(target=client.send, args=(burst,), daemon=True)
+        sender.start()
+        acks = client.read_frames(n, timeout=30.0)
+        sender.join(IO_TIMEOUT)
+    assert [a.sid for a in acks] == list(range(1, n + 1))
+    assert {tuple(a.actions) for a in acks} == {((1, 1, "ip_score", 5),)}
+
+
 def test_reload_with_a_bad_key_keeps_serving(
     pki: PKI,
     spoa_factory: SpoaFactory,
