@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pure_codec as pure
 
-from spoa_mp.codec import Decoder, Encoder, FrameType, notify_messages
+from spoa_mp.codec import Decoder, Encoder, notify_messages
 from spoa_mp.model import set_var
 from spoa_mp.protocol import AgentConnection, HandshakeDone
 
@@ -153,7 +153,7 @@ def build_batch(n_frames: int) -> tuple[bytes, list[IPv4Address], bytes]:
         fid = 1 + k % 3
         ip = IPv4Address((0x0A000001 + k * 2654435761) & 0xFFFFFFFF)
         msgs = [("check-client-ip", [("", ip)])]
-        frame = encoder.frame(FrameType.NOTIFY, sid, fid, messages=msgs)
+        frame = encoder.notify_frame(sid, fid, messages=msgs)
         assert frame == pure.encode_notify(sid, fid, msgs), "encoders disagree"
         frames.append(frame)
         ips.append(ip)

@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _procs as P  # noqa: N812  (bench/ is not a package)
-from _procs import HOST, START_TIMEOUT, Proc, cpu_seconds, free_port, machine_busy, wait_for
+from _procs import START_TIMEOUT, Proc, cpu_seconds, free_port, machine_busy, wait_for
+from support.redis_server import RedisServer  # tests/ is on sys.path: _procs puts it there
 
 KINDS = {
     "sync": "handler_kinds:sync",
@@ -63,32 +63,6 @@ KINDS = {
 }
 SHAPES = ("4x1", "8x16")
 READY = re.compile(r"worker \d+ ready \(pid (\d+)\)")
-
-
-def start_redis(tmp: Path) -> tuple[Proc, str]:
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise RuntimeError("redis-server not installed (Debian package redis-server)")
-    import redis  # noqa: PLC0415  # the "redis" extra, needed only here
-
-    port = free_port()
-    argv = [redis_server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-    proc = Proc("redis", [*argv, "--dir", str(tmp)], tmp)
-    url = f"redis://{HOST}:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-
-    def ready() -> bool:
-        proc.check_alive()
-        try:
-            return bool(client.ping())
-        except redis.exceptions.ConnectionError:
-            return False
-
-    try:
-        wait_for(ready, START_TIMEOUT, "redis-server")
-    finally:
-        client.close()
-    return proc, url
 
 
 def start_agent(kind: str, workers: int, tmp: Path, redis_url: str) -> tuple[Proc, int, list]:
@@ -124,7 +98,7 @@ def run_load(port: int, shape: str, duration: float, warmup: float) -> dict[str,
 
 
 def measure(
-    kind: str, shape: str, port: int, workers: list, redis: Proc, args: argparse.Namespace
+    kind: str, shape: str, port: int, workers: list, redis: RedisServer, args: argparse.Namespace
 ) -> dict[str, Any]:
     me = [psutil.Process()]
     cpu0, redis0, busy0, own0 = (
@@ -208,7 +182,8 @@ def main(argv: list[str]) -> int:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-handlers-") as d:
         tmp = Path(d)
-        redis, url = start_redis(tmp)
+        redis = RedisServer(tmp).start()
+        url = redis.url
         try:
             for rnd in range(args.rounds):
                 k = rnd % len(args.kinds)
@@ -227,7 +202,7 @@ def main(argv: list[str]) -> int:
                     finally:
                         agent.shutdown()
         finally:
-            redis.shutdown()
+            redis.stop()
     rows = summarize(runs, args.kinds, args.shapes)
     if args.json:
         cmd = " ".join(["bench/bench_handlers.py", *argv])

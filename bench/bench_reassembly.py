@@ -56,22 +56,22 @@ def build(mib: float) -> tuple[bytes, bytes, int, int]:
     group: list[tuple[str, list[tuple[str, object]]]] = []
     i = 0
     while True:
-        one = enc.frame(FrameType.NOTIFY, 1, 1, messages=[message(i)])[11:]  # its payload
+        one = enc.notify_frame(1, 1, messages=[message(i)])[11:]  # its payload
         if len(payload) + len(one) > limit:
             break
         payload += one
-        if len(enc.frame(FrameType.NOTIFY, 1, 1, messages=[*group, message(i)])) - 4 > FRAME:
-            whole += enc.frame(FrameType.NOTIFY, 1 + i, 1, messages=group)
+        if len(enc.notify_frame(1, 1, messages=[*group, message(i)])) - 4 > FRAME:
+            whole += enc.notify_frame(1 + i, 1, messages=group)
             group = []
         group.append(message(i))
         i += 1
-    whole += enc.frame(FrameType.NOTIFY, 1 + i, 1, messages=group)
+    whole += enc.notify_frame(1 + i, 1, messages=group)
     room = FRAME - 5 - 2  # type, flags and two one-byte ids
     parts = [payload[a : a + room] for a in range(0, len(payload), room)]
-    frag = bytearray(enc.frame(FrameType.NOTIFY, 1, 1, raw=bytes(parts[0]), flags=0))
+    frag = bytearray(enc.raw_frame(FrameType.NOTIFY, 1, 1, payload=bytes(parts[0]), flags=0))
     for k, part in enumerate(parts[1:], start=2):
         flags = 1 if k == len(parts) else 0
-        frag += enc.frame(FrameType.UNSET, 1, 1, raw=bytes(part), flags=flags)
+        frag += enc.raw_frame(FrameType.UNSET, 1, 1, payload=bytes(part), flags=flags)
     return bytes(frag), bytes(whole), len(payload), i
 
 

@@ -9,8 +9,14 @@ IPv4 peer reaching an IPv6 socket (``::ffff:10.0.0.1``) is matched as IPv4.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import socket
 from collections.abc import Iterable
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from spoa_mp.config import ServerConfig
+    from spoa_mp.worker_options import ConnectionLimits
 
 __all__ = ["AllowList", "parse_network"]
 
@@ -27,6 +33,11 @@ def parse_network(text: str) -> Network:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as e:
         raise ValueError(f"must be an address or CIDR network, got {text!r}: {e}") from None
+
+
+def normalized_network(text: str) -> str:
+    """--allow / TOML `allow`: one CIDR normalised ('10.1.2.3' -> '10.1.2.3/32')."""
+    return str(parse_network(text))
 
 
 class AllowList:
@@ -86,3 +97,21 @@ def exposure_warning(addresses: Iterable[object], tls: bool, allow: AllowList) -
         "nor an allow-list (--allow): anyone who reaches the port can ask for verdicts, "
         "and they cross the network in clear"
     )
+
+
+def log_startup(
+    config: ServerConfig, limits: ConnectionLimits, listeners: Iterable[socket.socket]
+) -> None:
+    """The start-up lines on who may connect: TLS, the allow-list, or the
+    plain warning when neither guards a listener beyond loopback."""
+    log = logging.getLogger("spoa_mp.supervisor")
+    if limits.tls is not None:
+        auth = "client certificates required" if config.tls_client_ca else "no client auth"
+        log.info("TLS on every listener (%s; %s)", config.tls_cert, auth)
+    if limits.allow:
+        log.info("allowed: %s", ", ".join(config.allow))
+    warning = exposure_warning(
+        (s.getsockname() for s in listeners), limits.tls is not None, limits.allow
+    )
+    if warning:
+        log.warning("%s", warning)

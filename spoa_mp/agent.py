@@ -30,6 +30,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeAlias, TypeVar, cast
 
@@ -40,6 +41,7 @@ __all__ = [
     "AppLoadError",
     "BatchHandler",
     "Handler",
+    "HandlerOptions",
     "HandlerResult",
     "Registered",
     "WorkerStartHook",
@@ -90,6 +92,37 @@ class Registered(NamedTuple):
     timeout: float | None = None
     on_timeout: tuple[Action, ...] = ()
     on_error: tuple[Action, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerOptions:
+    """How a handler is called and what is ACKed when it cannot answer (see
+    Registered), checked once where it is registered."""
+
+    batch: bool = False
+    blocking: bool = False
+    timeout: float | None = None
+    on_timeout: tuple[Action, ...] = ()
+    on_error: tuple[Action, ...] = ()
+
+    @classmethod
+    def checked(
+        cls,
+        name: str,
+        *,
+        blocking: bool,
+        timeout: object,
+        on_timeout: HandlerResult,
+        on_error: HandlerResult,
+    ) -> HandlerOptions:
+        """The options of the handler for message `name` from what the user
+        passed (ValueError/TypeError naming the handler when they are wrong)."""
+        return cls(
+            blocking=bool(blocking),
+            timeout=check_timeout(timeout, f"handler for {name!r}: timeout"),
+            on_timeout=_fallback(on_timeout, name, "on_timeout"),
+            on_error=_fallback(on_error, name, "on_error"),
+        )
 
 
 def _is_coroutine(fn: object) -> bool:
@@ -144,20 +177,45 @@ class Agent:
         name: str,
         fn: Callable[..., Any],
         *,
-        batch: bool = False,
         blocking: bool = False,
         timeout: float | None = None,
         on_timeout: HandlerResult = None,
         on_error: HandlerResult = None,
     ) -> None:
-        """Register `fn` for SPOE message `name` (the non-decorator form); the
-        keywords are those of `on_message` and `on_batch`.
+        """Register `fn` for SPOE message `name` (the non-decorator form of
+        `on_message`, with the same keywords).
 
         Raises ValueError for a duplicate or empty name or a timeout that is
         not a positive number, TypeError when fn is not callable or a fallback
         is not actions, RuntimeError once frozen.
         """
         self._check_open("add_handler")
+        options = HandlerOptions.checked(
+            name, blocking=blocking, timeout=timeout, on_timeout=on_timeout, on_error=on_error
+        )
+        self._add("add_handler", name, fn, options)
+
+    def add_batch_handler(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        blocking: bool = False,
+        timeout: float | None = None,
+        on_timeout: HandlerResult = None,
+        on_error: HandlerResult = None,
+    ) -> None:
+        """Register the batch handler `fn` for SPOE message `name` (the
+        non-decorator form of `on_batch`, with the same keywords and errors
+        as add_handler)."""
+        self._check_open("add_batch_handler")
+        options = HandlerOptions.checked(
+            name, blocking=blocking, timeout=timeout, on_timeout=on_timeout, on_error=on_error
+        )
+        self._add("add_batch_handler", name, fn, replace(options, batch=True))
+
+    def _add(self, method: str, name: str, fn: Callable[..., Any], options: HandlerOptions) -> None:
+        self._check_open(method)  # again: a decorator registers later than its line
         if not isinstance(name, str):
             raise TypeError(f"message name must be a str, not {type(name).__name__}")
         if not name:
@@ -171,7 +229,7 @@ class Agent:
                 f"({getattr(old, '__qualname__', repr(old))})"
             )
         is_coroutine = _is_coroutine(fn)
-        if blocking and is_coroutine:
+        if options.blocking and is_coroutine:
             raise TypeError(
                 f"handler for {name!r}: blocking=True runs a plain function in a thread; "
                 "a coroutine function needs no thread"
@@ -179,11 +237,11 @@ class Agent:
         self._handlers[name] = Registered(
             fn,
             is_coroutine,
-            batch=bool(batch),
-            blocking=bool(blocking),
-            timeout=check_timeout(timeout, f"handler for {name!r}: timeout"),
-            on_timeout=_fallback(on_timeout, name, "on_timeout"),
-            on_error=_fallback(on_error, name, "on_error"),
+            batch=options.batch,
+            blocking=options.blocking,
+            timeout=options.timeout,
+            on_timeout=options.on_timeout,
+            on_error=options.on_error,
         )
 
     def on_message(
@@ -213,10 +271,13 @@ class Agent:
         thread itself cannot be stopped: its late result is dropped).
         """
         self._check_open("on_message")  # fail at the decorator line, not later
-        options = self._options(name, timeout, on_timeout, on_error)
+        # checked at the decorator line, before the function is even defined
+        options = HandlerOptions.checked(
+            name, blocking=blocking, timeout=timeout, on_timeout=on_timeout, on_error=on_error
+        )
 
         def decorator(fn: H) -> H:
-            self.add_handler(name, fn, blocking=blocking, **options)
+            self._add("add_handler", name, fn, options)
             return fn
 
         return decorator
@@ -247,23 +308,16 @@ class Agent:
         as an error for every message in it. Returns the function unchanged.
         """
         self._check_open("on_batch")
-        options = self._options(name, timeout, on_timeout, on_error)
+        options = HandlerOptions.checked(
+            name, blocking=blocking, timeout=timeout, on_timeout=on_timeout, on_error=on_error
+        )
+        options = replace(options, batch=True)
 
         def decorator(fn: B) -> B:
-            self.add_handler(name, fn, batch=True, blocking=blocking, **options)
+            self._add("add_handler", name, fn, options)
             return fn
 
         return decorator
-
-    @staticmethod
-    def _options(
-        name: str, timeout: object, on_timeout: HandlerResult, on_error: HandlerResult
-    ) -> dict[str, Any]:
-        # checked at the decorator line, before the function is even defined
-        check_timeout(timeout, f"handler for {name!r}: timeout")
-        _fallback(on_timeout, name, "on_timeout")
-        _fallback(on_error, name, "on_error")
-        return {"timeout": timeout, "on_timeout": on_timeout, "on_error": on_error}
 
     def on_worker_start(self, fn: W) -> W:
         """Decorator registering a function run in every worker after the fork

@@ -419,6 +419,51 @@ _encode_acks = lib.spop_encode_acks
 _ACK_ROOM = 4 + lib.SPOP_FRAME_HDR_MAX  # per ACK: the length prefix and the longest header
 
 
+class _FrameItems:
+    """The item records of one frame being encoded, and the strings buffer
+    (names and byte values, then the raw payload) they point into."""
+
+    __slots__ = ("payload", "records", "strings")
+
+    def __init__(self) -> None:
+        self.strings = bytearray()
+        self.records: list[tuple[int, ...]] = []
+        self.payload = b""
+
+    def ref(self, b: bytes) -> tuple[int, int]:
+        """Append b to the strings; its (offset, length) there."""
+        self.strings.extend(b)
+        return len(self.strings) - len(b), len(b)
+
+    def _typed(self, name: bytes, value: Value | TypedEncoding, kind: int) -> None:
+        t, num, b = value if isinstance(value, tuple) else encode_value(value)
+        name_off, name_len = self.ref(name)
+        val_off, val_len = self.ref(b)
+        self.records.append((num, name_off, name_len, val_off, val_len, kind, t, 0, 0, 0))
+
+    def add_kv(self, kv: Sequence[KV]) -> None:
+        for key, value in kv:
+            self._typed(key.encode(), value, ItemKind.KV)
+
+    def add_messages(
+        self, messages: Sequence[tuple[str, Sequence[tuple[str, Value | TypedEncoding]]]]
+    ) -> None:
+        for name, args in messages:
+            name_off, name_len = self.ref(name.encode())
+            self.records.append((0, name_off, name_len, 0, 0, ItemKind.MESSAGE, 0, len(args), 0, 0))
+            for arg_name, value in args:
+                self._typed(arg_name.encode(), value, ItemKind.ARG)
+
+    def add_actions(self, actions: Sequence[Action]) -> None:
+        for a in actions:
+            name_off, name_len = self.ref(a.name)
+            val_off, val_len = self.ref(a.raw)
+            self.records.append(
+                (a.num, name_off, name_len, val_off, val_len, ItemKind.ACTION, a.type, 0,
+                 a.action, a.scope)
+            )  # fmt: skip
+
+
 class Encoder:
     """Encodes whole frames into one bytes object per batch (one C call).
 
@@ -592,57 +637,80 @@ class Encoder:
         """Encode one action (once: the bytes are kept on the action)."""
         if self._wire_encoder is None:  # own records: acks() may be mid-batch
             self._wire_encoder = Encoder(max_frames=1, max_items=1, out_size=1024)
-        ack = self._wire_encoder.frame(FrameType.ACK, 0, 0, actions=[action])
+        ack = self._wire_encoder.ack_frame(0, 0, [action])
         wire = ack[11:]  # after length, type, flags and the 0/0 ids
         action.wire = wire
         return wire
 
-    def frame(
+    # The slow, general path, one frame per call: handshakes, DISCONNECTs,
+    # the test kit, tests and the load generator. Each raises CodecError
+    # when its items do not all fit in max_frame_size.
+
+    def kv_frame(
         self,
         type_: int,
         sid: int,
         fid: int,
         kv: Sequence[KV] = (),
-        messages: Sequence[tuple[str, Sequence[tuple[str, Value | TypedEncoding]]]] = (),
-        actions: Sequence[Action] = (),
-        raw: bytes = b"",
+        *,
         flags: int = FLAG_FIN,
         max_frame_size: int = MAX_FRAME_SIZE,
     ) -> bytes:
-        """Encode one frame of any kind (HELLO, DISCONNECT, NOTIFY, ACK, raw).
+        """A frame of KV items: the HELLOs and DISCONNECTs (any type_, so that
+        tests can send what a peer must refuse)."""
+        items = _FrameItems()
+        items.add_kv(kv)
+        return self._encode_one(type_, sid, fid, flags, items, max_frame_size)
 
-        The slow, general path: handshakes, tests and the load generator.
-        Raises CodecError when the items do not all fit in max_frame_size.
-        """
-        strings = bytearray()
+    def notify_frame(
+        self,
+        sid: int,
+        fid: int,
+        messages: Sequence[tuple[str, Sequence[tuple[str, Value | TypedEncoding]]]] = (),
+        *,
+        flags: int = FLAG_FIN,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> bytes:
+        """A NOTIFY of (name, [(argument name, value), ...]) messages."""
+        items = _FrameItems()
+        items.add_messages(messages)
+        return self._encode_one(FrameType.NOTIFY, sid, fid, flags, items, max_frame_size)
 
-        def ref(b: bytes) -> tuple[int, int]:
-            strings.extend(b)
-            return len(strings) - len(b), len(b)
+    def ack_frame(
+        self,
+        sid: int,
+        fid: int,
+        actions: Sequence[Action] = (),
+        *,
+        flags: int = FLAG_FIN,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> bytes:
+        """One ACK, encoded from the actions' fields (not their cached wire:
+        this is how action_wire() makes it, and what tests compare acks() with)."""
+        items = _FrameItems()
+        items.add_actions(actions)
+        return self._encode_one(FrameType.ACK, sid, fid, flags, items, max_frame_size)
 
-        records: list[tuple[int, ...]] = []
+    def raw_frame(
+        self,
+        type_: int,
+        sid: int,
+        fid: int,
+        payload: bytes,
+        *,
+        flags: int = FLAG_FIN,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> bytes:
+        """A frame whose payload is given as bytes: fragments, unknown types."""
+        items = _FrameItems()
+        items.payload = payload
+        return self._encode_one(type_, sid, fid, flags, items, max_frame_size)
 
-        def typed(name: bytes, value: Value | TypedEncoding, kind: int, nargs: int = 0) -> None:
-            t, num, b = value if isinstance(value, tuple) else encode_value(value)
-            name_off, name_len = ref(name)
-            val_off, val_len = ref(b)
-            records.append((num, name_off, name_len, val_off, val_len, kind, t, nargs, 0, 0))
-
-        for key, value in kv:
-            typed(key.encode(), value, ItemKind.KV)
-        for name, args in messages:
-            name_off, name_len = ref(name.encode())
-            records.append((0, name_off, name_len, 0, 0, ItemKind.MESSAGE, 0, len(args), 0, 0))
-            for arg_name, value in args:
-                typed(arg_name.encode(), value, ItemKind.ARG)
-        for a in actions:
-            name_off, name_len = ref(a.name)
-            val_off, val_len = ref(a.raw)
-            records.append(
-                (a.num, name_off, name_len, val_off, val_len, ItemKind.ACTION, a.type, 0,
-                 a.action, a.scope)
-            )  # fmt: skip
-        payload_off, payload_len = ref(raw)
+    def _encode_one(
+        self, type_: int, sid: int, fid: int, flags: int, items: _FrameItems, max_frame_size: int
+    ) -> bytes:
+        records = items.records
+        payload_off, payload_len = items.ref(items.payload)
         self._grow(1, len(records), max_frame_size + 4)
         for j, rec in enumerate(records):
             ITEM_RECORD.pack_into(self._items_view, j * _item_size, *rec)
@@ -650,7 +718,7 @@ class Encoder:
             self._frames_view, 0, sid, fid, flags, 0, 0, payload_off, payload_len, 0,
             len(records), type_, 0,
         )  # fmt: skip
-        data = self._run(1, len(records), strings, max_frame_size)
+        data = self._run(1, len(records), items.strings, max_frame_size)
         if self._frames[0].n_items != len(records):
             raise CodecError(Status.TOO_BIG, "frame would exceed max-frame-size")
         return data

@@ -175,14 +175,12 @@ _KINDS: dict[str, type] = {
     "debug": bool,
     "log_format": str,
 }
+_TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")  # checked together (tls.py)
 # may be None (not from TOML)
 _OPTIONAL = frozenset(
-    {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout",
-     "tls_cert", "tls_key", "tls_client_ca"}
-)  # fmt: skip
-_PATH_KEYS = frozenset(
-    {"unix", "reputation_file", "pidfile", "tls_cert", "tls_key", "tls_client_ca"}
-)
+    {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout"}
+) | set(_TLS_KEYS)
+_PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile", *_TLS_KEYS})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
 _EXPECTED = {
@@ -191,16 +189,9 @@ _EXPECTED = {
 }  # fmt: skip
 # Python type of a parsed TOML value -> its TOML name, for "got ..." messages.
 _TOML_TYPE_NAMES: dict[type, str] = {
-    str: "string",
-    int: "integer",
-    float: "float",
-    bool: "boolean",
-    list: "array",
-    dict: "table",
-    datetime: "datetime",
-    date: "date",
-    time: "time",
-}
+    str: "string", int: "integer", float: "float", bool: "boolean", list: "array",
+    dict: "table", datetime: "datetime", date: "date", time: "time",
+}  # fmt: skip
 
 
 def _type_name(value: object) -> str:
@@ -214,49 +205,33 @@ def _coerce(name: str, value: object, where: str) -> object:
         return None
     if kind is float and type(value) is int:
         return float(value)
-    if name == "allow":
-        return _networks(value, where)
     if kind is tuple:
-        return _blocklists(value, where)
+        return _string_list(name, value, where)
     if type(value) is not kind:  # not isinstance: True is no integer here
         raise ConfigError(f"{where} must be {_EXPECTED[kind]}, got {_type_name(value)}")
     return value
 
 
-def _blocklists(value: object, where: str) -> tuple[tuple[str, int], ...]:
-    """'FILE[:SCORE]' strings (a list, or one) as (FILE, SCORE) pairs; pairs as they are."""
+def _string_list(name: str, value: object, where: str) -> tuple[object, ...]:
+    """Strings (a list, or one), each parsed: `blocklist` 'FILE[:SCORE]' into
+    (FILE, SCORE), `allow` a CIDR normalised ('10.1.2.3' -> '10.1.2.3/32')."""
+    from spoa_mp.access import normalized_network  # noqa: PLC0415 - only when used
     from spoa_mp.blocklist import parse_blocklist_arg  # noqa: PLC0415 - only when used
 
+    parse: Callable[[str], object] = normalized_network if name == "allow" else parse_blocklist_arg
+    expected = "a list of CIDR strings" if name == "allow" else _EXPECTED[tuple]
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        raise ConfigError(f"{where} must be {_EXPECTED[tuple]}, got {_type_name(value)}")
-    out = []
+        raise ConfigError(f"{where} must be {expected}, got {_type_name(value)}")
+    out: list[object] = []
     for item in items:
         if isinstance(item, tuple):  # already parsed (a reload re-applies the flags)
             out.append(item)
             continue
         if not isinstance(item, str):
-            raise ConfigError(f"{where} must be {_EXPECTED[tuple]}, got {_type_name(item)}")
+            raise ConfigError(f"{where} must be {expected}, got {_type_name(item)}")
         try:
-            out.append(parse_blocklist_arg(item))
-        except ValueError as e:
-            raise ConfigError(f"{where} {e}") from None
-    return tuple(out)
-
-
-def _networks(value: object, where: str) -> tuple[str, ...]:
-    """CIDR strings (a list, or one) normalised ('10.1.2.3' -> '10.1.2.3/32')."""
-    from spoa_mp.access import parse_network  # noqa: PLC0415 - only when used
-
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
-        raise ConfigError(f"{where} must be a list of CIDR strings, got {_type_name(value)}")
-    out = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigError(f"{where} must be a list of CIDR strings, got {_type_name(item)}")
-        try:
-            out.append(str(parse_network(item)))
+            out.append(parse(item))
         except ValueError as e:
             raise ConfigError(f"{where} {e}") from None
     return tuple(out)
@@ -461,8 +436,7 @@ def load_config(
 
     `cli_values` maps field names (``max_frame_size``) to the values given on the
     command line, and holds only those actually given. `together=False` skips
-    the checks of keys that go together (TLS: check-config checks one key at a
-    time). Raises ConfigError.
+    checking the TLS keys together (check-config does). Raises ConfigError.
     """
     merged: dict[str, object] = {}
     origin: dict[str, str] = {}  # key -> how to name it in an error message
@@ -506,33 +480,17 @@ def load_config(
         reason = check(value) if check else None
         if reason:
             raise ConfigError(f"{origin[name]} {reason}")
-    if together:
-        _check_tls(merged, origin)
+    if together and any(merged.get(k) for k in _TLS_KEYS):
+        from spoa_mp.tls import settings_problem  # noqa: PLC0415 - loads ssl
+
+        if problem := settings_problem(*(merged.get(k) for k in _TLS_KEYS)):
+            raise ConfigError(f"{origin[problem[0]]} {problem[1]}")
 
     return ServerConfig(
         **merged,  # type: ignore[arg-type]  # each value checked against _KINDS above
         config_file=config_path,
         cli_values=tuple(given.items()),
     )
-
-
-def _check_tls(merged: Mapping[str, object], origin: Mapping[str, str]) -> None:
-    """The TLS keys go together, and their files make a context (tls.py)."""
-    cert, key, ca = (merged.get(k) for k in ("tls_cert", "tls_key", "tls_client_ca"))
-    if bool(cert) != bool(key):
-        given, missing = ("tls_cert", "--tls-key") if cert else ("tls_key", "--tls-cert")
-        raise ConfigError(f"{origin[given]} needs {missing} too")
-    if ca and not cert:
-        raise ConfigError(f"{origin['tls_client_ca']} needs --tls-cert and --tls-key")
-    if not cert:
-        return
-    from spoa_mp.tls import TLSFiles, file_problems  # noqa: PLC0415 - only with TLS
-
-    assert isinstance(cert, str)
-    assert isinstance(key, str)
-    files = TLSFiles(cert, key, ca if isinstance(ca, str) else None)
-    for which, reason in file_problems(files)[:1]:
-        raise ConfigError(f"{origin['tls_' + which]} {reason}")
 
 
 def reload_config(config: ServerConfig) -> ServerConfig:

@@ -44,7 +44,7 @@ Message = dict[str, Any]
 
 
 class HandshakeState(TypedDict):
-    """What HELLO negotiated (spoa_mp.protocol.Handshake, as JSON)."""
+    """What HELLO negotiated (spoa_mp.handshake.Handshake, as JSON)."""
 
     max_frame_size: int
     pipelining: bool

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from spoa_mp.frame_counts import FrameCounts
+from spoa_mp.handshake import Handshake
 from spoa_mp.metrics import LatencyHistogram
-from spoa_mp.protocol import FrameCounts, Handshake
 
 
 class Counters:

@@ -173,7 +173,7 @@ def hello_frame(encoder: Encoder, *, healthcheck: bool) -> bytes:
         kv += [("capabilities", String(b"")), ("healthcheck", True)]
     else:
         kv += [("capabilities", String(b"pipelining")), ("engine-id", str(uuid.uuid4()))]
-    return encoder.frame(FrameType.HAPROXY_HELLO, 0, 0, kv=kv)
+    return encoder.kv_frame(FrameType.HAPROXY_HELLO, 0, 0, kv=kv)
 
 
 def connect(host: str, port: int, unix: str | None, timeout: float) -> socket.socket:
@@ -218,13 +218,11 @@ def exchange(
             return result
         size = result.hello.kv.get("max-frame-size")
         size = size if isinstance(size, int) and 256 <= size <= FRAME_SIZE else FRAME_SIZE
-        notify = encoder.frame(
-            FrameType.NOTIFY, 1, 1, messages=[(message, list(args))], max_frame_size=size
-        )
+        notify = encoder.notify_frame(1, 1, messages=[(message, list(args))], max_frame_size=size)
         sock.sendall(notify)
         result.answer = conn.read()
         # The polite end, as HAProxy closes an idle connection.
-        bye = encoder.frame(
+        bye = encoder.kv_frame(
             FrameType.HAPROXY_DISCONNECT, 0, 0,
             kv=[("status-code", UInt32(Status.NORMAL)), ("message", String(b"normal"))],
         )  # fmt: skip

@@ -11,32 +11,30 @@ ids, messages), answered with `ack_for`; `receive` gives the same as
 an event object in `take_events()`. After an error, a DISCONNECT or a
 health check, `closing` is True: send what `data_to_send()` returns, then
 close the connection.
+
+This module is the per-connection state machine; what it reads and writes
+lives beside it: handshake.py (HELLO negotiation), reassembly.py (fragmented
+NOTIFY), disconnect.py (DISCONNECT frames), notifies.py (the hot path's
+column-wise NOTIFYs), events.py (what take_events() returns) and
+frame_counts.py. Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import re
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
 from spoa_mp._spop import lib
 from spoa_mp.codec import (
-    DEFAULT_FRAME_SIZE,
     F_FID,
     F_FLAGS,
     F_LENGTH,
     F_OFFSET,
     F_PARSED,
-    F_PLEN,
-    F_POFF,
     F_SID,
     F_TYPE,
-    FLAG_ABORT,
     FLAG_FIN,
-    MAX_FRAME_SIZE,
-    MIN_FRAME_SIZE,
     OTHER,
     OUT_HEAD,
     CodecError,
@@ -46,202 +44,42 @@ from spoa_mp.codec import (
     FrameType,
     Indexed,
     Status,
-    encode_varint,
     index_message,
-    item_bytes,
-    item_value,
-    kv_items,
     messages,
     notify_messages,
     status_reason,
     unlisted_message,
-    whole_notify_messages,
 )
-from spoa_mp.model import (
-    I_NUM,
-    I_TYPE,
-    ITEM_RECORD,
-    Action,
-    DataType,
-    ItemRecord,
-    Message,
-    String,
+from spoa_mp.disconnect import agent_disconnect, read_disconnect
+from spoa_mp.events import (
+    Event,
+    HandshakeDone,
+    HealthCheck,
+    PeerDisconnected,
+    ProtocolError,
+    ViolationError,
 )
+from spoa_mp.frame_counts import FRAME_NAMES, FrameCounts
+from spoa_mp.handshake import (
+    SPOP_VERSION,
+    AgentSettings,
+    Handshake,
+    agent_hello,
+    negotiate,
+    parse_capabilities,
+    supports_version,
+)
+from spoa_mp.model import ITEM_RECORD, Action, ItemRecord, Message
+from spoa_mp.notifies import Notification, Notifies
+from spoa_mp.reassembly import Reassembly
 
 if TYPE_CHECKING:  # the types only: protocol.py knows no sockets
     from spoa_mp.control import HandoverState
 
-SPOP_VERSION = "2.0"
 _new_tuple = tuple.__new__
 _decode_batch = lib.spop_decode_batch
 _ITEM_SIZE = ITEM_RECORD.size
-Notification: TypeAlias = tuple[int, int, list[Message]]
-"""(stream-id, frame-id, messages) of one NOTIFY; answer with ack()."""
-
-
-class Notifies:
-    """The NOTIFY frames of one feed(), in arrival order, column-wise.
-
-    `ids` holds (stream-id, frame-id) pairs; `messages` every message in
-    order; `counts` the number of messages of each NOTIFY, or None while
-    each carries exactly one (HAProxy sends one message per event unless a
-    group says otherwise). Columns cost no object per NOTIFY, and ack_for()
-    hands `ids` to the encoder as they are.
-    """
-
-    __slots__ = ("counts", "ids", "messages")
-
-    def __init__(
-        self, ids: array[int] | None = None, messages: list[Message] | None = None
-    ) -> None:
-        self.ids = array("Q") if ids is None else ids
-        self.messages: list[Message] = [] if messages is None else messages
-        self.counts: list[int] | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids) >> 1
-
-    def extend(self, other: Notifies) -> None:
-        """Append the NOTIFYs of another feed (in order)."""
-        if other.counts is not None and self.counts is None:
-            self.counts = [1] * len(self)
-        if self.counts is not None:
-            self.counts += [1] * len(other) if other.counts is None else other.counts
-        self.ids += other.ids
-        self.messages += other.messages
-
-    def add(self, sid: int, fid: int, msgs: list[Message]) -> None:
-        if self.counts is None and len(msgs) != 1:
-            self.counts = [1] * len(self)
-        if self.counts is not None:
-            self.counts.append(len(msgs))
-        self.ids.append(sid)
-        self.ids.append(fid)
-        self.messages += msgs
-
-    def notifications(self) -> list[Notification]:
-        """One (sid, fid, messages) tuple per NOTIFY."""
-        ids = self.ids
-        if self.counts is None:
-            return [(ids[2 * k], ids[2 * k + 1], [m]) for k, m in enumerate(self.messages)]
-        notes = []
-        at = 0
-        for k, count in enumerate(self.counts):
-            notes.append((ids[2 * k], ids[2 * k + 1], self.messages[at : at + count]))
-            at += count
-        return notes
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSettings:
-    """What this agent offers in the handshake."""
-
-    max_frame_size: int = DEFAULT_FRAME_SIZE
-    pipelining: bool = True  # announced only when HAProxy offers it
-    fragmentation: bool = True  # reassemble fragmented NOTIFY (HAProxy <= 3.0)
-    max_reassembled_size: int = 1 << 20  # bound on a reassembled NOTIFY payload
-
-    def __post_init__(self) -> None:
-        if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE:
-            raise ValueError(f"max-frame-size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_SIZE}]")
-
-
-@dataclass(frozen=True, slots=True)
-class Handshake:
-    """The outcome of HAPROXY-HELLO / AGENT-HELLO on one connection."""
-
-    max_frame_size: int
-    pipelining: bool
-    fragmentation: bool
-    engine_id: str
-    haproxy_capabilities: tuple[str, ...]
-    healthcheck: bool
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeDone:
-    handshake: Handshake
-
-
-@dataclass(frozen=True, slots=True)
-class HealthCheck:
-    """A health-check HELLO was answered; close once sent."""
-
-
-@dataclass(frozen=True, slots=True)
-class PeerDisconnected:
-    """HAProxy sent HAPROXY-DISCONNECT; our AGENT-DISCONNECT is queued."""
-
-    status: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolError:
-    """HAProxy's bytes broke the protocol; AGENT-DISCONNECT(status) is queued."""
-
-    status: int
-    detail: str
-
-
-Event: TypeAlias = HandshakeDone | HealthCheck | PeerDisconnected | ProtocolError
-
-
-class FrameCounts:
-    """Frames counted where they are rare: everything but NOTIFY in and ACK
-    out, which the caller counts in bulk (one worker-wide instance is shared
-    by its connections)."""
-
-    __slots__ = ("disconnects_in", "disconnects_out", "frames_in", "frames_out")
-
-    def __init__(self) -> None:
-        self.frames_in: dict[str, int] = {}
-        self.frames_out: dict[str, int] = {}
-        self.disconnects_in: dict[str, int] = {}  # by status code
-        self.disconnects_out: dict[str, int] = {}
-
-    @staticmethod
-    def add(table: dict[str, int], key: str) -> None:
-        table[key] = table.get(key, 0) + 1
-
-
-FRAME_NAMES: dict[int, str] = {
-    FrameType.UNSET: "unset",
-    FrameType.HAPROXY_HELLO: "haproxy-hello",
-    FrameType.HAPROXY_DISCONNECT: "haproxy-disconnect",
-    FrameType.NOTIFY: "notify",
-    FrameType.AGENT_HELLO: "agent-hello",
-    FrameType.AGENT_DISCONNECT: "agent-disconnect",
-    FrameType.ACK: "ack",
-}
-
 _HELLO, _READY, _CLOSING = range(3)
-_INTEGER_TYPES = frozenset((DataType.INT32, DataType.UINT32, DataType.INT64, DataType.UINT64))
-
-
-class _FailError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-def parse_capabilities(value: bytes) -> tuple[str, ...]:
-    """HAProxy's capability list: comma-separated, blanks ignored (a blank also
-    ends a name, as in HAProxy's own parser)."""
-    return tuple(t.decode("ascii", "replace") for t in re.split(rb"[,\s]+", value) if t)
-
-
-def supports_version(value: bytes) -> bool:
-    """Whether a `supported-versions` list includes 2.0 (a major version
-    announces all its minors)."""
-    for entry in value.split(b","):
-        major, _, minor = entry.strip().partition(b".")
-        # bounded before int(): a peer could send thousands of digits
-        numeric = major.isdigit() and minor.isdigit() and len(major) <= 3 and len(minor) <= 3
-        if numeric and int(major) == 2:
-            return True
-    return False
 
 
 class AgentConnection:
@@ -272,9 +110,7 @@ class AgentConnection:
         if self.max_frame_size > self._decoder.max_frame_size:
             raise ValueError("the decoder was sized for smaller frames")
         self.handshake: Handshake | None = None
-        # a fragmented NOTIFY being reassembled: (sid, fid, the frame so far,
-        # where its payload starts)
-        self._fragment: tuple[int, int, bytearray, int] | None = None
+        self._reassembly = Reassembly(self.settings.max_reassembled_size)
 
     # -------------------------------------------------------------- state
 
@@ -307,7 +143,7 @@ class AgentConnection:
     def at_frame_boundary(self) -> bool:
         """No partial frame buffered and no fragmented NOTIFY under way: the
         connection can move to another process as it stands."""
-        return not self._pending and self._fragment is None
+        return not self._pending and not self._reassembly.under_way
 
     def bytes_to_boundary(self) -> int:
         """How many more bytes complete the buffered partial frame (or at
@@ -318,7 +154,7 @@ class AgentConnection:
         if not pending:
             # between frames, but a fragmented NOTIFY is not complete: go on
             # frame by frame (its next length prefix first) until it is
-            return 4 if self._fragment is not None else 0
+            return 4 if self._reassembly.under_way else 0
         if len(pending) < 4:
             return 4 - len(pending)
         return 4 + int.from_bytes(pending[:4], "big") - len(pending)
@@ -332,15 +168,8 @@ class AgentConnection:
         return {
             "phase": self._phase,
             "max_frame_size": self.max_frame_size,
-            "handshake": None if hs is None else {
-                "max_frame_size": hs.max_frame_size,
-                "pipelining": hs.pipelining,
-                "fragmentation": hs.fragmentation,
-                "engine_id": hs.engine_id,
-                "haproxy_capabilities": list(hs.haproxy_capabilities),
-                "healthcheck": hs.healthcheck,
-            },
-        }  # fmt: skip
+            "handshake": None if hs is None else hs.state(),
+        }
 
     @classmethod
     def adopt(
@@ -363,14 +192,7 @@ class AgentConnection:
         conn.max_frame_size = size
         hs = state.get("handshake")
         if isinstance(hs, dict):
-            conn.handshake = Handshake(
-                max_frame_size=int(hs["max_frame_size"]),
-                pipelining=bool(hs["pipelining"]),
-                fragmentation=bool(hs["fragmentation"]),
-                engine_id=str(hs["engine_id"]),
-                haproxy_capabilities=tuple(str(c) for c in hs["haproxy_capabilities"]),
-                healthcheck=bool(hs["healthcheck"]),
-            )
+            conn.handshake = Handshake.from_state(hs)
         return conn
 
     # -------------------------------------------------------------- input
@@ -431,7 +253,7 @@ class AgentConnection:
                 ix = ix._replace(frames=self._decoder.frames_bytes(n))
                 try:
                     ended = self._mixed(data, ix, notes)
-                except _FailError as e:
+                except ViolationError as e:
                     self._fail(e.status, e.detail)
                     return notes
                 if self._phase == _CLOSING:
@@ -497,90 +319,32 @@ class AgentConnection:
             self._peer_disconnect(data, f, items)
         elif self._phase == _HELLO:
             if type_ != FrameType.HAPROXY_HELLO:
-                raise _FailError(Status.INVALID, f"frame type {type_} before HAPROXY-HELLO")
+                raise ViolationError(Status.INVALID, f"frame type {type_} before HAPROXY-HELLO")
             if not flags & FLAG_FIN:
-                raise _FailError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragmented HELLO")
+                raise ViolationError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragmented HELLO")
             self._hello(data, f, items)
         elif type_ in (FrameType.NOTIFY, FrameType.UNSET):
-            note = self._fragmented_notify(data, f)
+            announced = self.handshake is not None and self.handshake.fragmentation
+            note = self._reassembly.take(data, f, announced)
             if note is not None:
                 out.add(*note)
         elif type_ in (FrameType.HAPROXY_HELLO, FrameType.HAPROXY_DISCONNECT):
             if not flags & FLAG_FIN:
-                raise _FailError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragmented frame")
-            raise _FailError(Status.INVALID, "HAPROXY-HELLO after the handshake")
+                raise ViolationError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragmented frame")
+            raise ViolationError(Status.INVALID, "HAPROXY-HELLO after the handshake")
         elif type_ >= FrameType.AGENT_HELLO and type_ <= FrameType.ACK:
-            raise _FailError(Status.INVALID, f"agent frame type {type_} sent to the agent")
+            raise ViolationError(Status.INVALID, f"agent frame type {type_} sent to the agent")
         # any other type: unknown to us, skipped as the spec allows
 
     # -------------------------------------------------------------- handshake
 
     def _hello(self, data: bytes, f: FrameRecord, items: list[ItemRecord]) -> None:
-        if f[F_SID] or f[F_FID]:
-            raise _FailError(Status.INVALID, "HELLO with non-zero stream-id or frame-id")
-        kv = kv_items(data, f, items)
-
-        versions = kv.get("supported-versions")
-        if versions is None:
-            raise _FailError(Status.NO_VERSION, "no supported-versions")
-        if versions[I_TYPE] != DataType.STRING:
-            raise _FailError(Status.INVALID, "supported-versions is not a string")
-        if not supports_version(item_bytes(data, versions)):
-            raise _FailError(Status.BAD_VERSION, "HAProxy does not offer SPOP 2.x")
-
-        size = kv.get("max-frame-size")
-        if size is None:
-            raise _FailError(Status.NO_FRAME_SIZE, "no max-frame-size")
-        if size[I_TYPE] not in _INTEGER_TYPES:
-            raise _FailError(Status.INVALID, "max-frame-size is not an integer")
-        theirs = item_value(data, size)
-        assert isinstance(theirs, int)
-        if theirs < MIN_FRAME_SIZE:
-            raise _FailError(
-                Status.BAD_FRAME_SIZE, f"max-frame-size {theirs} is below {MIN_FRAME_SIZE}"
-            )
-
-        caps: tuple[str, ...] = ()
-        cap_item = kv.get("capabilities")
-        if cap_item is not None:
-            if cap_item[I_TYPE] != DataType.STRING:
-                raise _FailError(Status.INVALID, "capabilities is not a string")
-            caps = parse_capabilities(item_bytes(data, cap_item))
-
-        check = kv.get("healthcheck")
-        healthcheck = check is not None and check[I_TYPE] == DataType.BOOL and bool(check[I_NUM])
-        engine = kv.get("engine-id")
-        engine_id = ""
-        if engine is not None and engine[I_TYPE] == DataType.STRING:
-            engine_id = item_bytes(data, engine).decode("utf-8", "replace")
-
-        hs = Handshake(
-            max_frame_size=min(self.settings.max_frame_size, theirs),
-            pipelining=self.settings.pipelining and "pipelining" in caps,
-            fragmentation=self.settings.fragmentation,
-            engine_id=engine_id,
-            haproxy_capabilities=caps,
-            healthcheck=healthcheck,
-        )
-        ours = [
-            c
-            for c, on in (("pipelining", hs.pipelining), ("fragmentation", hs.fragmentation))
-            if on
-        ]
-        self._out.append(
-            self._encoder.frame(
-                FrameType.AGENT_HELLO, 0, 0,
-                kv=[
-                    ("version", String(SPOP_VERSION.encode())),
-                    ("max-frame-size", (DataType.UINT32, hs.max_frame_size, b"")),
-                    ("capabilities", String(",".join(ours).encode())),
-                ],
-            )
-        )  # fmt: skip
+        hs = negotiate(self.settings, data, f, items)
+        self._out.append(agent_hello(self._encoder, hs))
         FrameCounts.add(self.counts.frames_out, "agent-hello")
         self.handshake = hs
         self.max_frame_size = hs.max_frame_size
-        if healthcheck:
+        if hs.healthcheck:
             # HAProxy closes right after reading our HELLO: do not wait
             self._events.append(HealthCheck())
             self._phase = _CLOSING
@@ -588,61 +352,10 @@ class AgentConnection:
             self._events.append(HandshakeDone(hs))
             self._phase = _READY
 
-    # -------------------------------------------------------------- fragments
-
-    def _fragmented_notify(self, data: bytes, f: FrameRecord) -> Notification | None:
-        """NOTIFY without FIN starts a payload, UNSET frames continue it (HAProxy
-        <= 3.0, and only if we announced fragmentation)."""
-        sid, fid, flags, type_ = f[F_SID], f[F_FID], f[F_FLAGS], f[F_TYPE]
-        if flags & FLAG_ABORT:
-            # HAProxy gave up on this NOTIFY: forget it, nothing to answer
-            if self._fragment is not None and self._fragment[:2] == (sid, fid):
-                self._fragment = None
-            return None
-        if not (self.handshake and self.handshake.fragmentation):
-            raise _FailError(Status.FRAGMENTATION_NOT_SUPPORTED, "fragment, not announced")
-        if type_ == FrameType.NOTIFY:
-            if self._fragment is not None:
-                raise _FailError(Status.INTERLACED_FRAMES, "new NOTIFY inside a fragmented one")
-            # the whole frame is built in place: a length prefix (set at the
-            # end), the header of a NOTIFY with FIN, then the payloads
-            head = bytes((0, 0, 0, 0, FrameType.NOTIFY, 0, 0, 0, FLAG_FIN))
-            buf = bytearray(head + encode_varint(sid) + encode_varint(fid))
-            self._fragment = (sid, fid, buf, len(buf))
-            buf += data[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
-            return None
-        if self._fragment is None or self._fragment[:2] != (sid, fid):
-            raise _FailError(Status.INTERLACED_FRAMES, "continuation of an unknown NOTIFY")
-        _, _, buf, head_len = self._fragment
-        buf += memoryview(data)[f[F_POFF] : f[F_POFF] + f[F_PLEN]]
-        if len(buf) - head_len > self.settings.max_reassembled_size:
-            raise _FailError(Status.TOO_BIG, "reassembled NOTIFY above the limit")
-        if not flags & FLAG_FIN:
-            return None
-        self._fragment = None
-        buf[:4] = (len(buf) - 4).to_bytes(4, "big")
-        frame = bytes(buf)
-        del buf[:]  # the only copy left is `frame`, which the messages keep
-        try:
-            return (sid, fid, whole_notify_messages(frame))
-        except CodecError as e:
-            raise _FailError(e.status, "malformed reassembled NOTIFY") from None
-
     # -------------------------------------------------------------- endings
 
     def _peer_disconnect(self, data: bytes, f: FrameRecord, items: list[ItemRecord]) -> None:
-        kv = kv_items(data, f, items)
-        code = kv.get("status-code")
-        status = (
-            item_value(data, code) if code is not None and code[I_TYPE] in _INTEGER_TYPES else 0
-        )
-        msg = kv.get("message")
-        text = ""
-        if msg is not None and msg[I_TYPE] == DataType.STRING:
-            text = item_bytes(data, msg).decode("utf-8", "replace")
-        assert isinstance(status, int)
-        if not 0 <= status <= 0xFFFFFFFF:
-            status = Status.UNKNOWN
+        status, text = read_disconnect(data, f, items)
         FrameCounts.add(self.counts.disconnects_in, str(status))
         self._events.append(PeerDisconnected(status, text))
         # answer with the same status, as HAProxy's example agent does
@@ -657,15 +370,7 @@ class AgentConnection:
     def _queue_disconnect(self, status: int, message: str) -> None:
         FrameCounts.add(self.counts.frames_out, "agent-disconnect")
         FrameCounts.add(self.counts.disconnects_out, str(status))
-        self._out.append(
-            self._encoder.frame(
-                FrameType.AGENT_DISCONNECT, 0, 0,
-                kv=[
-                    ("status-code", (DataType.UINT32, status & 0xFFFFFFFF, b"")),
-                    ("message", String(message.encode()[:255])),
-                ],
-            )
-        )  # fmt: skip
+        self._out.append(agent_disconnect(self._encoder, status, message))
 
     def disconnect(self, status: int = Status.NORMAL, message: str = "normal") -> None:
         """Close on our side: AGENT-DISCONNECT, then `closing`."""
@@ -718,6 +423,7 @@ __all__ = [
     "HandshakeDone",
     "HealthCheck",
     "Notification",
+    "Notifies",
     "PeerDisconnected",
     "ProtocolError",
     "parse_capabilities",

@@ -18,8 +18,7 @@ and never reads them), and exit. If the new generation cannot start, the old
 one keeps serving. --reload-mode rolling does it one worker at a time;
 drain lets the old workers finish and close instead (replacing.py).
 
-Start-up is server.py; each worker's state is a WorkerProcess
-(worker_process.py), and what it is given one WorkerOptions.
+Start-up is server.py; each worker is a WorkerProcess (worker_process.py) given a WorkerOptions.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import time
 from collections.abc import Callable
 
 from spoa_mp import control, systemd
-from spoa_mp.access import exposure_warning
 from spoa_mp.agent import Agent
 from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ServerConfig
@@ -112,19 +110,6 @@ class Supervisor(Replacing):
         self._next_rss_check = time.monotonic() + RSS_CHECK_INTERVAL
         self._watcher = FileWatcher(watched_files(config))
 
-    def _log_access(self) -> None:
-        limits = self.options.limits
-        if limits.tls is not None:
-            auth = "client certificates required" if self.config.tls_client_ca else "no client auth"
-            log.info("TLS on every listener (%s; %s)", self.config.tls_cert, auth)
-        if limits.allow:
-            log.info("allowed: %s", ", ".join(self.config.allow))
-        warning = exposure_warning(
-            (s.getsockname() for s in self.listeners), limits.tls is not None, limits.allow
-        )
-        if warning:
-            log.warning("%s", warning)
-
     # ---------------------------------------------------------------- main loop
 
     def run(self) -> int:
@@ -143,7 +128,6 @@ class Supervisor(Replacing):
                 self.config.max_frame_size, ",".join(caps) or "none",
                 self.config.reload_mode, self.config.app or "built-in IP reputation",
             )  # fmt: skip
-            self._log_access()
             for index in range(1, self.config.workers + 1):
                 self._spawn(index)
             while self.workers or not self._stopping:

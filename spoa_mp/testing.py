@@ -26,13 +26,14 @@ fixtures making both: ``pytest_plugins = ["spoa_mp.testing_pytest"]``.
 """
 
 from spoa_mp.testing_client import AgentClient, Msg, Result, notify_args, reply_actions
-from spoa_mp.testing_server import RunningAgent, SpoaError, serve
+from spoa_mp.testing_server import RunningAgent, ServeTimeouts, SpoaError, serve
 
 __all__ = [
     "AgentClient",
     "Msg",
     "Result",
     "RunningAgent",
+    "ServeTimeouts",
     "SpoaError",
     "notify_args",
     "reply_actions",

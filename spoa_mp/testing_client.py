@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
 
@@ -24,7 +24,9 @@ from spoa_mp.agent import Agent, load_app
 from spoa_mp.codec import Decoder, Encoder, FrameType, status_reason
 from spoa_mp.counters import Counters
 from spoa_mp.dispatch import Dispatcher, DispatchSettings
+from spoa_mp.events import ProtocolError
 from spoa_mp.exchange import Reply, hello_frame, parse_reply
+from spoa_mp.handshake import AgentSettings
 from spoa_mp.model import (
     ACTION_SET_VAR,
     Action,
@@ -39,7 +41,8 @@ from spoa_mp.model import (
     set_var,
     unset_var,
 )
-from spoa_mp.protocol import AgentConnection, AgentSettings, Notifies, ProtocolError
+from spoa_mp.notifies import Notifies
+from spoa_mp.protocol import AgentConnection
 
 __all__ = ["AgentClient", "Msg", "Result", "notify_args", "reply_actions"]
 
@@ -176,11 +179,14 @@ class AgentClient:
     `asend_many` on the running loop instead (one loop per client). The
     agent's `on_worker_start` hooks run once, before the first message (as
     in a worker after the fork), unless `worker_start=False`. The agent is
-    not frozen. `handler_timeout`, `blocking_threads` and `max_in_flight`
-    are the server's options of those names. A message no handler takes
-    raises KeyError (a typo, most likely) unless `strict=False`, which
-    sends it as HAProxy would (an empty ACK comes back). Each ACK is waited
-    for at most `wait_timeout` seconds (TimeoutError).
+    not frozen. `dispatch` holds the server's handler options
+    (--handler-timeout, --max-in-flight, --max-pending, --blocking-threads;
+    by default the server's, with 4 blocking threads); `handler_timeout`,
+    the one a test sets most, replaces its handler_timeout. A message no
+    handler takes raises KeyError (a typo, most likely) unless
+    `strict=False`, which sends it as HAProxy would (an empty ACK comes
+    back). Each ACK is waited for at most `wait_timeout` seconds
+    (TimeoutError).
     """
 
     def __init__(
@@ -188,8 +194,7 @@ class AgentClient:
         agent: Agent | str,
         *,
         handler_timeout: float | None = None,
-        blocking_threads: int = 4,
-        max_in_flight: int = 256,
+        dispatch: DispatchSettings | None = None,
         worker_start: bool = True,
         strict: bool = True,
         wait_timeout: float = WAIT_TIMEOUT,
@@ -197,11 +202,10 @@ class AgentClient:
         self.agent = load_app(agent) if isinstance(agent, str) else agent
         self.counters = Counters()
         self.wait_timeout = wait_timeout
-        self._settings = DispatchSettings(
-            handler_timeout=handler_timeout,
-            max_in_flight=max_in_flight,
-            blocking_threads=blocking_threads,
-        )
+        settings = DispatchSettings(blocking_threads=4) if dispatch is None else dispatch
+        if handler_timeout is not None:
+            settings = replace(settings, handler_timeout=handler_timeout)
+        self._settings = settings
         self._worker_start = worker_start
         self._strict = strict
         self._encoder = Encoder()
@@ -328,12 +332,8 @@ class AgentClient:
         groups = [msgs] if one_notify else [[m] for m in msgs]
         sids = [next(self._sids) for _ in groups]
         data = b"".join(
-            self._encoder.frame(
-                FrameType.NOTIFY,
-                sid,
-                1,
-                messages=[(m.name, m.args) for m in group],
-                max_frame_size=size,
+            self._encoder.notify_frame(
+                sid, 1, messages=[(m.name, m.args) for m in group], max_frame_size=size
             )
             for sid, group in zip(sids, groups, strict=True)
         )

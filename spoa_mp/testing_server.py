@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,12 +23,21 @@ from spoa_mp.exchange import exchange
 from spoa_mp.send import health_text, report_text
 from spoa_mp.testing_client import Result, notify_args, reply_actions
 
-__all__ = ["RunningAgent", "SpoaError", "serve"]
+__all__ = ["RunningAgent", "ServeTimeouts", "SpoaError", "serve"]
 
 HOST = "127.0.0.1"
 READY_LINE = re.compile(r"worker \d+ ready \(pid \d+\)")
 LOG_TAIL = 4000  # characters of the server's log in error messages
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeTimeouts:
+    """How long serve() waits: for every worker to be ready, and for the
+    server to exit after SIGTERM (then SIGKILL), in seconds."""
+
+    start: float = 15.0
+    stop: float = 10.0
 
 
 class SpoaError(RuntimeError):
@@ -134,8 +144,7 @@ def serve(
     workers: int = 1,
     cwd: str | os.PathLike[str] | None = None,
     env: dict[str, str] | None = None,
-    start_timeout: float = 15.0,
-    stop_timeout: float = 10.0,
+    timeouts: ServeTimeouts = ServeTimeouts(),
 ) -> Iterator[RunningAgent]:
     """Run ``python -m spoa_mp --app APP ARGS...`` on a free 127.0.0.1 port
     for the time of a ``with`` block::
@@ -145,10 +154,10 @@ def serve(
 
     `app` None serves the built-in IP-reputation agent; `args` are more
     command-line options; `cwd` is where the app module is imported from
-    (default: the current directory). Entering waits (bounded) until every
-    worker is ready; leaving stops the server (SIGTERM, then SIGKILL) and
-    reaps it. When the block raises, the server's log is added to the
-    exception's notes.
+    (default: the current directory). Entering waits until every worker is
+    ready (at most `timeouts.start`); leaving stops the server (SIGTERM,
+    then SIGKILL after `timeouts.stop`) and reaps it. When the block
+    raises, the server's log is added to the exception's notes.
     """
     argv = [sys.executable, "-m", "spoa_mp", "--host", HOST, "--port", "0"]
     argv += ["--workers", str(workers), "--graceful-timeout", "1"]
@@ -172,14 +181,14 @@ def serve(
             )
         server = RunningAgent(popen, log_path)
         try:
-            server.wait_ready(workers, start_timeout)  # its errors hold the log
+            server.wait_ready(workers, timeouts.start)  # its errors hold the log
             try:
                 yield server
             except Exception as e:
                 e.add_note(f"spoa-mp log:\n{server._tail()}")
                 raise
         finally:
-            server.stop(stop_timeout)
+            server.stop(timeouts.stop)
     finally:
         with contextlib.suppress(OSError):
             log_path.unlink()

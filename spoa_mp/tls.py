@@ -193,3 +193,20 @@ def server_context_for(config: ServerConfig) -> ssl.SSLContext | None:
     """The listeners' context for `config` (None without TLS); raises TLSError."""
     files = files_of(config)
     return None if files is None else build_server_context(files)
+
+
+def settings_problem(cert: object, key: object, client_ca: object) -> tuple[str, str] | None:
+    """What is wrong with the tls-* settings taken together, as (setting,
+    reason), the setting "tls_cert", "tls_key" or "tls_client_ca"; None when
+    they are fine or absent."""
+    if bool(cert) != bool(key):
+        return ("tls_cert", "needs --tls-key too") if cert else ("tls_key", "needs --tls-cert too")
+    if client_ca and not cert:
+        return "tls_client_ca", "needs --tls-cert and --tls-key"
+    if not cert:
+        return None
+    assert isinstance(cert, str)
+    assert isinstance(key, str)
+    files = TLSFiles(cert, key, client_ca if isinstance(client_ca, str) else None)
+    problems = file_problems(files)
+    return (f"tls_{problems[0][0]}", problems[0][1]) if problems else None

@@ -36,16 +36,11 @@ from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.connection import Connection
 from spoa_mp.counters import Counters, gauges
 from spoa_mp.dispatch import Dispatcher
+from spoa_mp.events import HandshakeDone, HealthCheck, PeerDisconnected, ProtocolError
 from spoa_mp.handover import Handover
 from spoa_mp.logs import RateLimitedLog
 from spoa_mp.process import EXIT_BOOT_ERROR, EXIT_OK, SUPERVISOR_SIGNALS, set_title
-from spoa_mp.protocol import (
-    AgentConnection,
-    HandshakeDone,
-    HealthCheck,
-    PeerDisconnected,
-    ProtocolError,
-)
+from spoa_mp.protocol import AgentConnection
 from spoa_mp.relay import Relay
 from spoa_mp.worker_options import WorkerOptions
 

@@ -13,7 +13,7 @@ from spoa_mp.access import AllowList
 from spoa_mp.agent import Agent
 from spoa_mp.config import ServerConfig
 from spoa_mp.dispatch import DispatchSettings
-from spoa_mp.protocol import AgentSettings
+from spoa_mp.handshake import AgentSettings
 from spoa_mp.tls import server_context_for
 
 

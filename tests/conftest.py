@@ -3,17 +3,21 @@
 * The SPOP vectors of tests/data/spop-vectors.json (spop.md §12): tests that
   take a `frame_vector`, `varint_vector` or `truncated_varint_hex` argument
   are parametrized over every vector of that kind, one test id each.
-* `processes`, `servers`, `clients`: what a test starts or opens, killed or
-  closed at teardown; when a test fails, the output of its `processes` is
-  appended to the report.
+* `processes`, `servers`, `clients` (and `client(port)`, which opens one):
+  what a test starts or opens, killed or closed at teardown; when a test
+  fails, the output of its `processes` is appended to the report.
+* `sockdir`: a directory short enough for Unix sockets.
 
 The tools behind them are in tests/support/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,12 +65,37 @@ def servers() -> Iterator[list[Server]]:
 
 
 @pytest.fixture
+def sockdir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for Unix sockets (sun_path holds 107 bytes: keep it short)."""
+    if len(str(tmp_path)) < 80:
+        yield tmp_path
+        return
+    short = Path(tempfile.mkdtemp(prefix="spoa-sock-", dir="/tmp"))
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
 def clients() -> Iterator[list[SpopClient]]:
     """Clients appended here are closed at teardown."""
     made: list[SpopClient] = []
     yield made
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def client(clients: list[SpopClient]) -> Callable[[int], SpopClient]:
+    """client(port): a SpopClient connected to 127.0.0.1:port, closed at teardown."""
+
+    def _client(port: int) -> SpopClient:
+        c = SpopClient(port)
+        clients.append(c)
+        return c
+
+    return _client
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -191,6 +220,25 @@ def frame_meaning(data: bytes, frame: tuple, items: list) -> dict[str, Any]:
     return m
 
 
+def notes_meaning(notes: Iterable[tuple[int, int, Iterable[Any]]]) -> Any:
+    """Notifications (sid, fid, messages), as protocol.py hands them over, in
+    the form [[sid, fid, [[name, [[arg, type_code, value], ...]], ...]], ...],
+    tagged (see `tagged()`)."""
+    return tagged(
+        [
+            [
+                sid,
+                fid,
+                [
+                    [m.name, [[a, int(m.type_of(i)), v] for i, (a, v) in enumerate(m.items())]]
+                    for m in msgs
+                ],
+            ]
+            for sid, fid, msgs in notes
+        ]
+    )
+
+
 _DECODERS: dict[int, Decoder] = {}  # decoders keep no state between calls
 _ENCODER = Encoder()  # nor do encoders; a new one allocates a 16 MiB output buffer
 
@@ -225,18 +273,20 @@ def action_of(a: list[Any]) -> Any:
 
 
 def encode_meaning(m: dict[str, Any], encoder: Any = None, **kw: Any) -> bytes:
-    """Encoder.frame(...) of a meaning (values forced to their exact types)."""
-    return (encoder or _ENCODER).frame(
-        m["type"],
-        m["sid"],
-        m["fid"],
-        kv=[(k, typed_encoding(t, v)) for k, t, v in m.get("kv", ())],
-        messages=[
-            (name, [(a, typed_encoding(t, v)) for a, t, v in args])
-            for name, args in m.get("messages", ())
-        ],
-        actions=[action_of(a) for a in m.get("actions", ())],
-        raw=m.get("raw", b""),
-        flags=m["flags"],
-        **kw,
-    )
+    """The Encoder's *_frame(...) of a meaning (values forced to their exact types)."""
+    enc = encoder or _ENCODER
+    kw["flags"] = m["flags"]
+    if "raw" in m:
+        return enc.raw_frame(m["type"], m["sid"], m["fid"], payload=m["raw"], **kw)
+    if "messages" in m:
+        assert m["type"] == 3
+        msgs = [
+            (name, [(a, typed_encoding(t, v)) for a, t, v in args]) for name, args in m["messages"]
+        ]
+        return enc.notify_frame(m["sid"], m["fid"], messages=msgs, **kw)
+    if "actions" in m:
+        assert m["type"] == 103
+        actions = [action_of(a) for a in m["actions"]]
+        return enc.ack_frame(m["sid"], m["fid"], actions=actions, **kw)
+    kv = [(k, typed_encoding(t, v)) for k, t, v in m.get("kv", ())]
+    return enc.kv_frame(m["type"], m["sid"], m["fid"], kv=kv, **kw)

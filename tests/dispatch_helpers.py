@@ -93,7 +93,7 @@ class Harness:
     async def send(self, conn: FakeConn, *notifies: Notify) -> Sent:
         """One read holding these NOTIFY frames, handed to dispatch() from a
         loop callback (as the worker's reader does: no current task)."""
-        data = b"".join(ENC.frame(FrameType.NOTIFY, s, f, messages=m) for s, f, m in notifies)
+        data = b"".join(ENC.notify_frame(s, f, messages=m) for s, f, m in notifies)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Sent] = loop.create_future()
 

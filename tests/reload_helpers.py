@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
+from support.apps import SLOW_HANDLER
 from support.haproxy import HAProxyConfig, render_haproxy_cfg, render_spoe_cfg
 from support.processes import gone
 
@@ -27,8 +28,8 @@ from support.processes import gone
 #   fail-hook          -> every new worker's start hook raises
 #   fail-hook-worker-N -> only worker N's start hook raises
 #   slow-hook          -> the start hook sleeps that many seconds (file content)
-# `ver` answers txn.ver = VERSION (the module's text decides it), `slow` logs
-# "slow start N" once running (tests wait for that line), then sleeps MS ms.
+# `ver` answers txn.ver = VERSION (the module's text decides it), `slow` is
+# support.apps.SLOW_HANDLER ("slow start N" in the log, then MS ms of sleep).
 APP_TEMPLATE = """
 import asyncio
 import logging
@@ -51,13 +52,7 @@ def ver(msg):
     return set_var("txn", "ver", VERSION)
 
 
-@agent.on_message("slow")
-async def slow(msg):
-    n = msg[0]
-    log.info("slow start %s", n)
-    await asyncio.sleep(msg[1] / 1000)
-    return set_var("txn", "slow", n)
-
+{slow_handler}
 
 @agent.on_worker_start
 async def start_hook():
@@ -85,6 +80,7 @@ def write_app(
             version=version,
             prelude=IMPORT_ERROR if import_error else "",
             hook_body=HOOK_ERROR if hook_error else "pass",
+            slow_handler=SLOW_HANDLER,
         )
     )
     cache = directory / "__pycache__"

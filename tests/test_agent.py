@@ -68,6 +68,25 @@ def test_add_handler_is_the_non_decorator_form() -> None:
     }
 
 
+def test_add_batch_handler_is_the_non_decorator_form_of_on_batch() -> None:
+    agent = Agent("t")
+    fallback = set_var("txn", "fallback", 1)
+    agent.add_batch_handler("b", sync_handler, timeout=0.5, on_error=fallback)
+    assert agent.handlers["b"] == Registered(
+        sync_handler, False, batch=True, timeout=0.5, on_error=(fallback,)
+    )
+
+
+def test_decorator_fallbacks_may_be_one_shot_iterables() -> None:
+    # checked once at the decorator line: the iterator is read once, not twice
+    agent = Agent("t")
+    fallback = set_var("txn", "fallback", 1)
+    agent.on_message("m", on_error=iter([fallback]))(sync_handler)
+    agent.on_batch("b", on_timeout=iter([fallback]), timeout=1)(sync_handler)
+    assert agent.handlers["m"].on_error == (fallback,)
+    assert agent.handlers["b"].on_timeout == (fallback,)
+
+
 def test_agent_name_defaults_to_agent() -> None:
     assert Agent().name == "agent"
     assert Agent("iprep").name == "iprep"
@@ -147,9 +166,16 @@ def test_freeze() -> None:
         ("on_message", lambda agent: agent.on_message("b")),
         ("on_message", lambda agent: agent.on_message("b")(sync_handler)),
         ("add_handler", lambda agent: agent.add_handler("b", sync_handler)),
+        ("add_batch_handler", lambda agent: agent.add_batch_handler("b", sync_handler)),
         ("on_worker_start", lambda agent: agent.on_worker_start(sync_handler)),
     ],
-    ids=["on_message", "on_message-decorate", "add_handler", "on_worker_start"],
+    ids=[
+        "on_message",
+        "on_message-decorate",
+        "add_handler",
+        "add_batch_handler",
+        "on_worker_start",
+    ],
 )
 def test_freeze_blocks_every_registration_method(method: str, register: Any) -> None:
     agent = Agent("frozen-one")
@@ -342,6 +368,13 @@ def write(path: Path, source: str) -> None:
     path.write_text(textwrap.dedent(source))
 
 
+def load_error(spec: str) -> AppLoadError:
+    """The AppLoadError that load_app(spec) must raise."""
+    with pytest.raises(AppLoadError) as info:
+        load_app(spec)
+    return info.value
+
+
 AGENT_MODULE = """
     from types import SimpleNamespace
     from spoa_mp.agent import Agent
@@ -389,9 +422,7 @@ def test_load_app_dotted_module_and_attribute(app_dir: Path) -> None:
     "spec", ["la_x", "la_x:", ":agent", "la_x:a:b", "la x:agent", "la_x:1a", ".la_x:agent"]
 )
 def test_load_app_bad_spec(spec: str) -> None:
-    with pytest.raises(AppLoadError) as info:
-        load_app(spec)
-    assert str(info.value) == (
+    assert str(load_error(spec)) == (
         f"invalid app spec {spec!r}: expected 'module:attribute', e.g. 'myapp.handlers:agent'"
     )
 
@@ -401,29 +432,21 @@ def test_load_app_errors_are_value_errors() -> None:
 
 
 def test_load_app_module_not_found(app_dir: Path) -> None:
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_missing_xyz:agent")
-    assert str(info.value) == "module 'la_missing_xyz' not found"
+    assert str(load_error("la_missing_xyz:agent")) == "module 'la_missing_xyz' not found"
 
 
 def test_load_app_parent_package_not_found(app_dir: Path) -> None:
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_missing_pkg.sub:agent")
-    assert str(info.value) == "module 'la_missing_pkg.sub' not found"
+    assert str(load_error("la_missing_pkg.sub:agent")) == "module 'la_missing_pkg.sub' not found"
 
 
 def test_load_app_submodule_not_found(app_dir: Path) -> None:
     write(app_dir / "la_pkg2" / "__init__.py", "")
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_pkg2.nope:agent")
-    assert str(info.value) == "module 'la_pkg2.nope' not found"
+    assert str(load_error("la_pkg2.nope:agent")) == "module 'la_pkg2.nope' not found"
 
 
 def test_load_app_missing_import_inside_the_module(app_dir: Path) -> None:
     write(app_dir / "la_inner.py", "import la_not_installed_xyz\n")
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_inner:agent")
-    assert str(info.value) == (
+    assert str(load_error("la_inner:agent")) == (
         "error while importing 'la_inner': "
         "ModuleNotFoundError: No module named 'la_not_installed_xyz'"
     )
@@ -431,9 +454,7 @@ def test_load_app_missing_import_inside_the_module(app_dir: Path) -> None:
 
 def test_load_app_import_error_inside_the_module(app_dir: Path) -> None:
     write(app_dir / "la_importerror.py", "from os import no_such_name\n")
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_importerror:agent")
-    message = str(info.value)
+    message = str(load_error("la_importerror:agent"))
     assert message.startswith(
         "error while importing 'la_importerror': "
         "ImportError: cannot import name 'no_such_name' from 'os'"
@@ -443,31 +464,24 @@ def test_load_app_import_error_inside_the_module(app_dir: Path) -> None:
 
 def test_load_app_exception_while_importing(app_dir: Path) -> None:
     write(app_dir / "la_boom.py", 'raise RuntimeError("boom\\n  on two lines")\n')
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_boom:agent")
-    assert str(info.value) == "error while importing 'la_boom': RuntimeError: boom on two lines"
-    assert isinstance(info.value.__cause__, RuntimeError)
+    error = load_error("la_boom:agent")
+    assert str(error) == "error while importing 'la_boom': RuntimeError: boom on two lines"
+    assert isinstance(error.__cause__, RuntimeError)
 
 
 def test_load_app_exception_without_message(app_dir: Path) -> None:
     write(app_dir / "la_bare.py", "raise KeyError\n")
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_bare:agent")
-    assert str(info.value) == "error while importing 'la_bare': KeyError"
+    assert str(load_error("la_bare:agent")) == "error while importing 'la_bare': KeyError"
 
 
 def test_load_app_sys_exit_while_importing(app_dir: Path) -> None:
     write(app_dir / "la_exit.py", "import sys\nsys.exit(3)\n")
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_exit:agent")
-    assert str(info.value) == "error while importing 'la_exit': SystemExit: 3"
+    assert str(load_error("la_exit:agent")) == "error while importing 'la_exit': SystemExit: 3"
 
 
 def test_load_app_syntax_error(app_dir: Path) -> None:
     write(app_dir / "la_syntax.py", "def broken(:\n    pass\n")
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_syntax:agent")
-    message = str(info.value)
+    message = str(load_error("la_syntax:agent"))
     assert message.startswith("error while importing 'la_syntax': SyntaxError: ")
     assert "la_syntax.py" in message
     assert "\n" not in message
@@ -476,37 +490,30 @@ def test_load_app_syntax_error(app_dir: Path) -> None:
 @pytest.mark.parametrize("attr", ["nope", "factory.nope", "nope.agent"])
 def test_load_app_attribute_not_found(app_dir: Path, attr: str) -> None:
     write(app_dir / "la_attr.py", AGENT_MODULE)
-    with pytest.raises(AppLoadError) as info:
-        load_app(f"la_attr:{attr}")
-    assert str(info.value) == f"attribute {attr!r} not found in module 'la_attr'"
+    assert str(load_error(f"la_attr:{attr}")) == f"attribute {attr!r} not found in module 'la_attr'"
 
 
 def test_load_app_attribute_is_not_an_agent(app_dir: Path) -> None:
     write(app_dir / "la_notagent.py", AGENT_MODULE)
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_notagent:not_an_agent")
-    assert str(info.value) == "'la_notagent:not_an_agent' is a int, not an Agent"
+    error = load_error("la_notagent:not_an_agent")
+    assert str(error) == "'la_notagent:not_an_agent' is a int, not an Agent"
 
 
 def test_load_app_factory_returns_something_else(app_dir: Path) -> None:
     write(app_dir / "la_badfactory.py", AGENT_MODULE)
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_badfactory:returns_none")
-    assert str(info.value) == (
+    assert str(load_error("la_badfactory:returns_none")) == (
         "app factory 'la_badfactory:returns_none' returned a NoneType, not an Agent"
     )
 
 
 def test_load_app_factory_raises(app_dir: Path) -> None:
     write(app_dir / "la_raises.py", AGENT_MODULE)
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_raises:raises")
-    assert str(info.value) == (
+    error = load_error("la_raises:raises")
+    assert str(error) == (
         "error while calling app factory 'la_raises:raises': ValueError: bad config"
     )
-    with pytest.raises(AppLoadError) as info:
-        load_app("la_raises:needs_args")
-    assert str(info.value).startswith(
+    error = load_error("la_raises:needs_args")
+    assert str(error).startswith(
         "error while calling app factory 'la_raises:needs_args': TypeError: "
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import subprocess
@@ -10,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.apps import importable_app
 
 from spoa_mp import check_config, cli
-
-_module_ids = itertools.count()
 
 GOOD_REPUTATION = "10.0.0.0/8 5\n192.0.2.7 90   # a host\n2001:db8::/32 80\n"
 
@@ -28,15 +26,6 @@ def run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, 
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def make_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
-    """A module `ccapp_N` in tmp_path, importable for this test; returns its spec."""
-    name = f"ccapp_{next(_module_ids)}"
-    write(tmp_path / f"{name}.py", "from spoa_mp.agent import Agent\nagent = Agent('x')\n" + body)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    return f"{name}:agent"
 
 
 HANDLER = """
@@ -108,7 +97,7 @@ def test_paths_are_relative_to_the_file(
 def test_valid_app(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = make_app(tmp_path, monkeypatch, HANDLER)
+    spec = importable_app(tmp_path, monkeypatch, HANDLER)
     config = write(tmp_path / "spoa.toml", f'app = "{spec}"\n')
     code, out, err = run(capsys, [str(config)])
     assert (code, err) == (0, [])
@@ -118,7 +107,7 @@ def test_valid_app(
 def test_app_flag_alone(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = make_app(tmp_path, monkeypatch, HANDLER)
+    spec = importable_app(tmp_path, monkeypatch, HANDLER)
     code, out, _ = run(capsys, ["--app", spec])
     assert code == 0
     assert out.startswith("OK: listen 127.0.0.1:12345")
@@ -127,7 +116,7 @@ def test_app_flag_alone(
 def test_app_flag_overrides_the_file(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = make_app(tmp_path, monkeypatch, HANDLER)
+    spec = importable_app(tmp_path, monkeypatch, HANDLER)
     config = write(tmp_path / "spoa.toml", 'app = "no_such_module_cc:agent"\n')
     code, out, err = run(capsys, [str(config), "--app", spec])
     assert (code, err) == (0, [])
@@ -200,7 +189,7 @@ def test_bad_app_import(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
 def test_app_that_raises_at_import(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = make_app(tmp_path, monkeypatch, "raise RuntimeError('no database')\n")
+    spec = importable_app(tmp_path, monkeypatch, "raise RuntimeError('no database')\n")
     code, _, err = run(capsys, ["--app", spec])
     assert code == 2
     assert len(err) == 1
@@ -211,7 +200,7 @@ def test_app_that_raises_at_import(
 def test_app_attribute_missing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = make_app(tmp_path, monkeypatch, HANDLER).replace(":agent", ":nope")
+    spec = importable_app(tmp_path, monkeypatch, HANDLER).replace(":agent", ":nope")
     code, _, err = run(capsys, ["--app", spec])
     assert code == 2
     assert "attribute 'nope' not found" in err[0]
@@ -220,7 +209,7 @@ def test_app_attribute_missing(
 def test_app_without_handlers(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = make_app(tmp_path, monkeypatch, "")
+    spec = importable_app(tmp_path, monkeypatch, "")
     config = write(tmp_path / "spoa.toml", f'app = "{spec}"\n')
     code, out, err = run(capsys, [str(config)])
     assert (code, out) == (2, "")

@@ -11,8 +11,10 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from support.logging_state import restored_logging
 
 from spoa_mp import __version__, cli, logs
 from spoa_mp.config import ServerConfig
@@ -24,16 +26,8 @@ from spoa_mp.logs import RateLimitedLog
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """main() and setup_logging() change the root logger and the role: undo it."""
-    root = logging.getLogger()
-    handlers, level, role = root.handlers[:], root.level, logs.get_role()
-    yield
-    if logs._handler is not None and logs._handler not in handlers:
-        root.removeHandler(logs._handler)
-        logs._handler.close()
-    logs._handler = None
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logs.set_role(role)
+    with restored_logging():
+        yield
 
 
 def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
@@ -420,21 +414,31 @@ class FakeClock:
         return self.now
 
 
+ONE_SUPPRESSED = " (1 similar messages suppressed)"
+
+
+class Limited(NamedTuple):
+    """A RateLimitedLog (10 s interval) on a fake clock, and what it logged."""
+
+    noisy: RateLimitedLog
+    clock: FakeClock
+    caplog: pytest.LogCaptureFixture
+
+
 @pytest.fixture
-def limited(caplog: pytest.LogCaptureFixture) -> tuple[RateLimitedLog, FakeClock]:
+def limited(caplog: pytest.LogCaptureFixture) -> Limited:
     caplog.set_level(logging.DEBUG, logger="spoa_mp.test.rate")
     clock = FakeClock()
-    return RateLimitedLog(logging.getLogger("spoa_mp.test.rate"), 10.0, clock=clock), clock
+    noisy = RateLimitedLog(logging.getLogger("spoa_mp.test.rate"), 10.0, clock=clock)
+    return Limited(noisy, clock, caplog)
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "spoa_mp.test.rate"]
 
 
-def test_rate_limit_counts_suppressed(
-    caplog: pytest.LogCaptureFixture, limited: tuple[RateLimitedLog, FakeClock]
-) -> None:
-    noisy, clock = limited
+def test_rate_limit_counts_suppressed(limited: Limited) -> None:
+    noisy, clock, caplog = limited
     assert noisy.warning("proto", "protocol error %d", 1) is True
     for i in range(5):
         clock.now += 1
@@ -451,10 +455,8 @@ def test_rate_limit_counts_suppressed(
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
-def test_rate_limit_interval_is_per_key(
-    caplog: pytest.LogCaptureFixture, limited: tuple[RateLimitedLog, FakeClock]
-) -> None:
-    noisy, clock = limited
+def test_rate_limit_interval_is_per_key(limited: Limited) -> None:
+    noisy, clock, caplog = limited
     assert noisy.warning("a", "a")
     assert noisy.warning("b", "b")
     assert not noisy.warning("a", "a")
@@ -463,32 +465,20 @@ def test_rate_limit_interval_is_per_key(
     clock.now += 0.001
     assert noisy.warning("a", "a")
     assert noisy.warning("b", "b")
-    assert messages(caplog) == [
-        "a",
-        "b",
-        "a (1 similar messages suppressed)",
-        "b (1 similar messages suppressed)",
-    ]
+    assert messages(caplog) == ["a", "b", "a" + ONE_SUPPRESSED, "b" + ONE_SUPPRESSED]
 
 
-def test_rate_limit_literal_percent_without_args(
-    caplog: pytest.LogCaptureFixture, limited: tuple[RateLimitedLog, FakeClock]
-) -> None:
-    noisy, clock = limited
+def test_rate_limit_literal_percent_without_args(limited: Limited) -> None:
+    noisy, clock, caplog = limited
     noisy.error("full", "queue 100% full")
     noisy.error("full", "queue 100% full")
     clock.now += 10
     noisy.error("full", "queue 100% full")
-    assert messages(caplog) == [
-        "queue 100% full",
-        "queue 100% full (1 similar messages suppressed)",
-    ]
+    assert messages(caplog) == ["queue 100% full", "queue 100% full" + ONE_SUPPRESSED]
 
 
-def test_rate_limit_levels_and_exception(
-    caplog: pytest.LogCaptureFixture, limited: tuple[RateLimitedLog, FakeClock]
-) -> None:
-    noisy, _ = limited
+def test_rate_limit_levels_and_exception(limited: Limited) -> None:
+    noisy, _, caplog = limited
     noisy.debug("d", "d")
     noisy.info("i", "i")
     noisy.log(logging.CRITICAL, "c", "c %s", "!")
@@ -508,10 +498,8 @@ def test_rate_limit_levels_and_exception(
     assert isinstance(exc_info[1], RuntimeError)
 
 
-def test_rate_limit_records_name_the_caller(
-    caplog: pytest.LogCaptureFixture, limited: tuple[RateLimitedLog, FakeClock]
-) -> None:
-    noisy, _ = limited
+def test_rate_limit_records_name_the_caller(limited: Limited) -> None:
+    noisy, _, caplog = limited
     noisy.warning("w", "w")
     noisy.log(logging.WARNING, "l", "l")
     assert [r.funcName for r in caplog.records] == ["test_rate_limit_records_name_the_caller"] * 2
@@ -526,10 +514,8 @@ def test_rate_limit_disabled_level_is_not_counted(caplog: pytest.LogCaptureFixtu
     assert messages(caplog) == ["loud"]
 
 
-def test_rate_limit_bounded_keys(
-    caplog: pytest.LogCaptureFixture, limited: tuple[RateLimitedLog, FakeClock]
-) -> None:
-    _, clock = limited
+def test_rate_limit_bounded_keys(limited: Limited) -> None:
+    _, clock, caplog = limited
     noisy = RateLimitedLog(logging.getLogger("spoa_mp.test.rate"), 10.0, max_keys=2, clock=clock)
     assert noisy.warning("a", "a")
     assert noisy.warning("b", "b")

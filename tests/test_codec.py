@@ -280,8 +280,8 @@ def test_varint_size_classes() -> None:
 
 
 def test_messages_and_items_api() -> None:
-    data = Encoder().frame(
-        3, 5, 6, messages=[("a", [("x", 1), ("", None)]), ("", []), ("b", [("y", "s")])]
+    data = Encoder().notify_frame(
+        5, 6, messages=[("a", [("x", 1), ("", None)]), ("", []), ("b", [("y", "s")])]
     )
     frames, items, _, error = Decoder().decode(data, MAX)
     assert error == 0
@@ -299,7 +299,7 @@ def test_messages_and_items_api() -> None:
 
 
 def test_kv_items_last_one_wins() -> None:
-    data = Encoder().frame(2, 0, 0, kv=[("k", 1), ("m", "x"), ("k", 2)])
+    data = Encoder().kv_frame(2, 0, 0, kv=[("k", 1), ("m", "x"), ("k", 2)])
     frames, items, _, _ = Decoder().decode(data, MAX)
     kv = kv_items(data, frames[0], items)
     assert list(kv) == ["k", "m"]
@@ -317,7 +317,7 @@ def test_bool_and_type_byte_flags() -> None:
 
 
 def test_decoded_ipv4_record_carries_host_order_int() -> None:
-    data = Encoder().frame(3, 1, 1, messages=[("m", [("", IPv4Address("10.1.2.3"))])])
+    data = Encoder().notify_frame(1, 1, messages=[("m", [("", IPv4Address("10.1.2.3"))])])
     _, items, _, _ = Decoder().decode(data, MAX)
     arg = items[1]
     assert arg[6] == DataType.IPV4
@@ -694,7 +694,7 @@ def test_many_acks_larger_than_the_output_buffer() -> None:
 def test_frame_larger_than_the_output_buffer() -> None:
     enc = Encoder(out_size=1024)
     value = String(bytes(range(256)) * 400)  # 102400 bytes
-    data = enc.frame(3, 1, 1, messages=[("m", [("v", value)])])
+    data = enc.notify_frame(1, 1, messages=[("m", [("v", value)])])
     (m,), consumed, error = decode_meanings(data, 1 << 18)
     assert (consumed, error) == (len(data), 0)
     assert m["messages"] == [["m", [["v", 8, value]]]]
@@ -703,39 +703,39 @@ def test_frame_larger_than_the_output_buffer() -> None:
 def test_acks_after_frame_on_the_same_encoder() -> None:
     # ACK records leave no stale item references behind from an earlier frame()
     enc = Encoder()
-    enc.frame(3, 1, 1, messages=[("m", [("a", 1), ("b", "x")])])
-    enc.frame(1, 0, 0, kv=[("k", 1)])
+    enc.notify_frame(1, 1, messages=[("m", [("a", 1), ("b", "x")])])
+    enc.kv_frame(1, 0, 0, kv=[("k", 1)])
     data, cut = enc.acks([(1, 1, [unset_var("txn", "foo")])], MAX)
     assert (data, cut) == (bytes.fromhex("0000000e6700000001010102020203666f6f"), [])
 
 
 def test_frame_raises_when_items_do_not_fit() -> None:
     with pytest.raises(CodecError) as exc:
-        Encoder().frame(1, 0, 0, kv=[("k", b"x" * 300)], max_frame_size=256)
+        Encoder().kv_frame(1, 0, 0, kv=[("k", b"x" * 300)], max_frame_size=256)
     assert exc.value.status == Status.TOO_BIG
     with pytest.raises(CodecError) as exc:
-        Encoder().frame(0, 1, 1, raw=b"x" * 300, flags=0, max_frame_size=256)
+        Encoder().raw_frame(0, 1, 1, payload=b"x" * 300, flags=0, max_frame_size=256)
     assert exc.value.status == Status.TOO_BIG
     # exactly at the limit is fine
-    data = Encoder().frame(0, 1, 1, raw=b"x" * 249, flags=0, max_frame_size=256)
+    data = Encoder().raw_frame(0, 1, 1, payload=b"x" * 249, flags=0, max_frame_size=256)
     assert len(data) == 4 + 256
 
 
 def test_frame_refuses_bad_records() -> None:
     with pytest.raises(CodecError) as exc:
-        Encoder().frame(1, 0, 0, kv=[("k", (DataType.IPV4, 0, b"abc"))])
+        Encoder().kv_frame(1, 0, 0, kv=[("k", (DataType.IPV4, 0, b"abc"))])
     assert exc.value.status == Status.INVALID
     with pytest.raises(CodecError):
-        Encoder().frame(1, 0, 0, kv=[("k", (12, 0, b""))])
+        Encoder().kv_frame(1, 0, 0, kv=[("k", (12, 0, b""))])
     with pytest.raises(CodecError):  # items on a frame type that has none
-        Encoder().frame(50, 0, 0, kv=[("k", 1)])
+        Encoder().kv_frame(50, 0, 0, kv=[("k", 1)])
 
 
 def test_encoded_frame_uses_the_max_frame_size_header_budget() -> None:
     # a frame exactly max_frame_size long, with 10-byte ids
     enc = Encoder()
     raw = b"r" * (256 - 25)
-    data = enc.frame(0, U64, U64, raw=raw, flags=0, max_frame_size=256)
+    data = enc.raw_frame(0, U64, U64, payload=raw, flags=0, max_frame_size=256)
     assert int.from_bytes(data[:4], "big") == 256
     (m,), _, error = decode_meanings(data, 256)
     assert (m["sid"], m["fid"], m["raw"], error) == (U64, U64, raw, 0)
@@ -758,7 +758,7 @@ def test_encode_varint_rejects_out_of_range() -> None:
 
 
 def test_uint32_subclass_value_in_kv() -> None:
-    data = Encoder().frame(101, 0, 0, kv=[("max-frame-size", UInt32(300))])
+    data = Encoder().kv_frame(101, 0, 0, kv=[("max-frame-size", UInt32(300))])
     (m,), _, _ = decode_meanings(data)
     assert tagged(m["kv"]) == tagged([["max-frame-size", 3, 300]])
     frames = Decoder().decode(data, MAX).frames

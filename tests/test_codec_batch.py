@@ -1,9 +1,9 @@
 """Decoder.index (spop_decode_batch), notify_messages and Encoder.acks_for.
 
-Decoder.decode and Encoder.frame are the references: index() must read the
+Decoder.decode and the Encoder's *_frame methods are the references: index() must read the
 same frames, records and ids as decode(), with columns an independent
 walk of the records predicts; acks_for() must write the same bytes as one
-Encoder.frame() per ACK (and as acks()), whatever shape the results take.
+Encoder.ack_frame() per ACK (and as acks()), whatever shape the results take.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ NAMES = ("check-client-ip", "ip", "a", "")
 VECTOR_FRAMES = [bytes.fromhex(f["hex"]) for f in VECTORS["frames"]]
 CONCAT = b"".join(VECTOR_FRAMES)
 CONCAT_ENDS = list(accumulate(len(f) for f in VECTOR_FRAMES))
-REFERENCE = Encoder()  # Encoder.frame(): the ACK bytes acks_for must produce
+REFERENCE = Encoder()  # Encoder.ack_frame(): the ACK bytes acks_for must produce
 WIRES = Encoder()  # encodes (and caches) an Action's wire
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -332,7 +332,7 @@ def test_unlisted_names_are_read_from_the_records() -> None:
         ("a", [("x", String(b"s")), ("y", None)]),
         ("ipp", [("ip", 2)]),  # nor is a longer one
     ]
-    data = b"".join(REFERENCE.frame(3, i, 1, messages=[f]) for i, f in enumerate(frames))
+    data = b"".join(REFERENCE.notify_frame(i, 1, messages=[f]) for i, f in enumerate(frames))
     for names in ((), ("a",), ("check-client-ip", "ip")):
         dec = decoder_for(names)
         ix = dec.index(data, MAX)
@@ -371,7 +371,7 @@ def test_messages_takes_item_tuples_or_records() -> None:
     assert by_list[0].type_of("u64") == DataType.UINT64
 
 
-# ------------------------------------------------------------ acks_for against frame() and acks()
+# -------------------------------------------------------- acks_for against ack_frame() and acks()
 
 
 def as_actions(result: Action | Sequence[Action] | None) -> tuple[Action, ...]:
@@ -383,9 +383,9 @@ def as_actions(result: Action | Sequence[Action] | None) -> tuple[Action, ...]:
 
 
 def reference_acks(pairs: Sequence[tuple[int, int]], results: Sequence[Any]) -> bytes:
-    """One Encoder.frame() per ACK: encodes from the actions' fields, not their cached wire."""
+    """One Encoder.ack_frame() per ACK: encodes from the actions' fields, not their cached wire."""
     return b"".join(
-        REFERENCE.frame(FrameType.ACK, sid, fid, actions=list(as_actions(r)))
+        REFERENCE.ack_frame(sid, fid, actions=list(as_actions(r)))
         for (sid, fid), r in zip(pairs, results, strict=True)
     )
 
@@ -643,15 +643,13 @@ def test_acks_for_refuses_ids_that_are_not_uint64(typecode: str) -> None:
 def test_whole_notify_messages_grows_its_records_until_they_fit(n_messages: int) -> None:
     """Records start at 256 and grow: a payload of many items decodes whole."""
     msgs = [("m", [("", i), ("s", String(b"x" * (i % 7)))]) for i in range(n_messages)]
-    frame = REFERENCE.frame(FrameType.NOTIFY, 9, 1, messages=msgs)
+    frame = REFERENCE.notify_frame(9, 1, messages=msgs)
     got = whole_notify_messages(frame)
     assert [(m.name, m[0], m["s"]) for m in got] == [(n, a[0][1], a[1][1]) for n, a in msgs]
 
 
 def test_whole_notify_messages_refuses_a_malformed_payload() -> None:
-    frame = bytearray(
-        REFERENCE.frame(FrameType.NOTIFY, 9, 1, messages=[("m", [("", 1)] * 3)] * 100)
-    )
+    frame = bytearray(REFERENCE.notify_frame(9, 1, messages=[("m", [("", 1)] * 3)] * 100))
     frame[-2] = 0x0F  # a reserved type code in the last argument
     with pytest.raises(CodecError) as e:
         whole_notify_messages(bytes(frame))

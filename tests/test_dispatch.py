@@ -553,14 +553,14 @@ def test_async_batch(suspends: bool) -> None:
 def test_batch_with_wrong_results_gets_on_error_for_every_message(kind: str, result: Any) -> None:
     agent = Agent()
     if kind == "sync":
-        agent.add_handler("b", lambda msgs: result, batch=True, on_error=FALLBACK)
+        agent.add_batch_handler("b", lambda msgs: result, on_error=FALLBACK)
     else:
 
         async def batch(msgs: list[Any]) -> Any:
             await asyncio.sleep(0)
             return result
 
-        agent.add_handler("b", batch, batch=True, on_error=FALLBACK)
+        agent.add_batch_handler("b", batch, on_error=FALLBACK)
 
     async def main() -> None:
         h = Harness(agent)
@@ -575,7 +575,7 @@ def test_batch_with_wrong_results_gets_on_error_for_every_message(kind: str, res
 
 def test_batch_garbage_items_fail_alone() -> None:
     agent = Agent()
-    agent.add_handler("b", lambda msgs: [X1, "junk", None, [X2]], batch=True, on_error=FALLBACK)
+    agent.add_batch_handler("b", lambda msgs: [X1, "junk", None, [X2]], on_error=FALLBACK)
 
     async def main() -> None:
         h = Harness(agent)
@@ -607,7 +607,7 @@ def test_raising_batch(kind: str) -> None:
         raise KeyError("x")
 
     fn = {"sync": sync, "eager": now, "suspended": later}[kind]
-    agent.add_handler("b", fn, batch=True, on_error=FALLBACK)
+    agent.add_batch_handler("b", fn, on_error=FALLBACK)
 
     async def main() -> None:
         h = Harness(agent)

@@ -51,7 +51,7 @@ def test_a_batch_call_is_one_latency_observation(kind: str) -> None:
     def sync(msgs: list[Any]) -> list[None]:
         return [None] * len(msgs)
 
-    agent.add_handler("b", {"sync": sync, "eager": eager, "suspended": suspended}[kind], batch=True)
+    agent.add_batch_handler("b", {"sync": sync, "eager": eager, "suspended": suspended}[kind])
 
     async def main() -> None:
         h = Harness(agent)
@@ -66,40 +66,49 @@ def test_a_batch_call_is_one_latency_observation(kind: str) -> None:
 # ------------------------------------------------------------ bounds
 
 
-def gated_agent(started: list[int], gates: dict[int, asyncio.Future[None]]) -> Agent:
-    agent = Agent()
+class Gated:
+    """An agent whose handler "m" records its argument in `started`, then
+    waits until `open()` opens the gate of that number; answers x = it."""
 
-    @agent.on_message("m")
-    async def handler(m: Any) -> Action:
-        started.append(m[0])
-        fut = gates.setdefault(m[0], asyncio.get_running_loop().create_future())
-        await fut
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.gates: dict[int, asyncio.Future[None]] = {}
+        self.agent = Agent()
+        self.agent.add_handler("m", self._handler)
+
+    async def _handler(self, m: Any) -> Action:
+        self.started.append(m[0])
+        await self._gate(m[0])
         return one("x", m[0])
 
-    return agent
+    def _gate(self, key: int) -> asyncio.Future[None]:
+        return self.gates.setdefault(key, asyncio.get_running_loop().create_future())
+
+    def open(self, *keys: int) -> None:
+        for key in keys:
+            self._gate(key).set_result(None)
 
 
-def open_gate(gates: dict[int, asyncio.Future[None]], key: int) -> None:
-    gates.setdefault(key, asyncio.get_running_loop().create_future()).set_result(None)
+def five_notifies(sid: int = 1) -> list[tuple[int, int, list[Any]]]:
+    """NOTIFYs sid..sid+4 (frame 1), each one "m" with its sid as argument."""
+    return [(n, 1, [msg("m", n)]) for n in range(sid, sid + 5)]
 
 
 def test_max_in_flight_defers_notifies_and_starts_them_in_order() -> None:
-    started: list[int] = []
-    gates: dict[int, asyncio.Future[None]] = {}
+    g = Gated()
 
     async def main() -> None:
-        h = Harness(gated_agent(started, gates), DispatchSettings(max_in_flight=2))
+        h = Harness(g.agent, DispatchSettings(max_in_flight=2))
         c = h.conn()
-        await h.send(c, *[(sid, 1, [msg("m", sid)]) for sid in range(1, 6)])
-        assert started == [1, 2]
+        await h.send(c, *five_notifies())
+        assert g.started == [1, 2]
         assert c.in_flight == 5  # two running, three waiting unstarted
-        open_gate(gates, 2)
+        g.open(2)
         assert names(await h.wait_acks(c, 1)) == [(2, [("x", 2)])]
-        await until(lambda: started == [1, 2, 3])
-        for sid in (1, 3, 4, 5):
-            open_gate(gates, sid)
+        await until(lambda: g.started == [1, 2, 3])
+        g.open(1, 3, 4, 5)
         acks = await h.wait_acks(c, 5)
-        assert started == [1, 2, 3, 4, 5]
+        assert g.started == [1, 2, 3, 4, 5]
         assert sorted(names(acks)) == [(sid, [("x", sid)]) for sid in range(1, 6)]
         assert (c.in_flight, h.dispatcher.pending) == (0, 0)
         assert h.counters.messages == {"m": 5}  # counted once, not again when started
@@ -108,22 +117,20 @@ def test_max_in_flight_defers_notifies_and_starts_them_in_order() -> None:
 
 
 def test_max_pending_pauses_and_calls_on_capacity() -> None:
-    started: list[int] = []
-    gates: dict[int, asyncio.Future[None]] = {}
+    g = Gated()
 
     async def main() -> None:
-        h = Harness(gated_agent(started, gates), DispatchSettings(max_pending=3))
+        h = Harness(g.agent, DispatchSettings(max_pending=3))
         a, b = h.conn(), h.conn()
         await h.send(a, (1, 1, [msg("m", 1)]), (2, 1, [msg("m", 2)]))
         assert not h.dispatcher.paused
         await h.send(b, (1, 1, [msg("m", 3)]))
         assert (h.dispatcher.paused, h.dispatcher.pending) == (True, 3)
         assert (h.counters.backpressure, h.capacity) == (1, 0)
-        open_gate(gates, 3)
+        g.open(3)
         await h.wait_acks(b, 1)
         assert (h.dispatcher.paused, h.dispatcher.pending, h.capacity) == (False, 2, 1)
-        open_gate(gates, 1)
-        open_gate(gates, 2)
+        g.open(1, 2)
         await h.wait_acks(a, 2)
         assert (h.dispatcher.pending, h.capacity, h.counters.backpressure) == (0, 1, 1)
 
@@ -131,38 +138,35 @@ def test_max_pending_pauses_and_calls_on_capacity() -> None:
 
 
 def test_forget_drops_deferred_notifies_of_a_closed_connection() -> None:
-    started: list[int] = []
-    gates: dict[int, asyncio.Future[None]] = {}
+    g = Gated()
 
     async def main() -> None:
-        h = Harness(gated_agent(started, gates), DispatchSettings(max_in_flight=2))
+        h = Harness(g.agent, DispatchSettings(max_in_flight=2))
         c = h.conn()
-        await h.send(c, *[(sid, 1, [msg("m", sid)]) for sid in range(1, 6)])
+        await h.send(c, *five_notifies())
         c.closed = True
         h.dispatcher.forget(c)
         assert c.in_flight == 2
-        open_gate(gates, 1)
-        open_gate(gates, 2)
+        g.open(1, 2)
         await until(lambda: h.dispatcher.pending == 0)
         await iterations()
-        assert (started, c.in_flight, h.acks(c)) == ([1, 2], 0, [])
+        assert (g.started, c.in_flight, h.acks(c)) == ([1, 2], 0, [])
         assert [conn for conn, _ in h.progress] == [c]
 
     run(main)
 
 
 def test_closed_connection_gets_no_late_ack_and_no_error(caplog: Any) -> None:
-    started: list[int] = []
-    gates: dict[int, asyncio.Future[None]] = {}
+    g = Gated()
 
     async def main() -> None:
-        h = Harness(gated_agent(started, gates))
+        h = Harness(g.agent)
         c = h.conn()
         spy = spy_ack_for(c)
         await h.send(c, (1, 1, [msg("m", 1)]))
         c.closed = True
         h.dispatcher.forget(c)
-        open_gate(gates, 1)
+        g.open(1)
         await until(lambda: h.progress)
         assert (spy, c.in_flight, h.dispatcher.pending) == ([], 0, 0)
 

@@ -36,6 +36,17 @@ def release() -> Iterator[threading.Event]:
     event.set()
 
 
+def sleeper(agent: Agent, name: str, **options: Any) -> None:
+    """Handler `name`: sleeps 5 s (past every deadline here), then would
+    answer LATE; `options` as for Agent.on_message."""
+
+    async def sleep_then_late(m: Any) -> Action:
+        await asyncio.sleep(5)
+        return LATE
+
+    agent.add_handler(name, sleep_then_late, **options)
+
+
 def sleepers(release: threading.Event, seen: dict[str, Any]) -> Agent:
     agent = Agent()
 
@@ -164,10 +175,7 @@ def test_timed_out_handler_in_a_notify_with_others() -> None:
     def fast(m: Any) -> Action:
         return set_var("txn", "fast", m[0])
 
-    @agent.on_message("slow", timeout=TIMEOUT, on_timeout=[FALLBACK, set_var("txn", "f2", 2)])
-    async def slow(m: Any) -> Action:
-        await asyncio.sleep(5)
-        return LATE
+    sleeper(agent, "slow", timeout=TIMEOUT, on_timeout=[FALLBACK, set_var("txn", "f2", 2)])
 
     async def main() -> None:
         h = Harness(agent)
@@ -187,10 +195,7 @@ def test_one_notify_waits_for_all_its_calls_then_acks_once() -> None:
         await asyncio.sleep(0.01)
         return set_var("txn", "quick", 1)
 
-    @agent.on_message("slow", timeout=TIMEOUT, on_timeout=FALLBACK)
-    async def slow(m: Any) -> Action:
-        await asyncio.sleep(5)
-        return LATE
+    sleeper(agent, "slow", timeout=TIMEOUT, on_timeout=FALLBACK)
 
     async def main() -> None:
         h = Harness(agent)
@@ -207,10 +212,7 @@ def test_one_notify_waits_for_all_its_calls_then_acks_once() -> None:
 def test_connection_closed_before_the_deadline_gets_nothing() -> None:
     agent = Agent()
 
-    @agent.on_message("slow", timeout=TIMEOUT, on_timeout=FALLBACK)
-    async def slow(m: Any) -> Action:
-        await asyncio.sleep(5)
-        return LATE
+    sleeper(agent, "slow", timeout=TIMEOUT, on_timeout=FALLBACK)
 
     async def main() -> None:
         h = Harness(agent)
@@ -228,14 +230,8 @@ def test_connection_closed_before_the_deadline_gets_nothing() -> None:
 def test_different_timeouts_each_fire_on_time() -> None:
     agent = Agent()
     for timeout in (0.03, 0.06, 0.09):
-
-        async def slow(m: Any) -> Action:
-            await asyncio.sleep(5)
-            return LATE
-
-        agent.add_handler(
-            f"t{timeout}", slow, timeout=timeout, on_timeout=set_var("txn", "t", int(timeout * 100))
-        )
+        fallback = set_var("txn", "t", int(timeout * 100))
+        sleeper(agent, f"t{timeout}", timeout=timeout, on_timeout=fallback)
 
     async def main() -> None:
         h = Harness(agent)
@@ -257,10 +253,7 @@ def test_different_timeouts_each_fire_on_time() -> None:
 def test_server_wide_default_timeout_applies_to_handlers_without_their_own() -> None:
     agent = Agent()
 
-    @agent.on_message("default")
-    async def default(m: Any) -> Action:
-        await asyncio.sleep(5)
-        return LATE
+    sleeper(agent, "default")
 
     @agent.on_message("own", timeout=1.0)
     async def own(m: Any) -> Action:
@@ -283,10 +276,7 @@ def test_server_wide_default_timeout_applies_to_handlers_without_their_own() -> 
 def test_timeouts_are_logged_rate_limited(caplog: Any) -> None:
     agent = Agent()
 
-    @agent.on_message("m", timeout=0.01)
-    async def slow(m: Any) -> Action:
-        await asyncio.sleep(5)
-        return LATE
+    sleeper(agent, "m", timeout=0.01)
 
     async def main() -> None:
         h = Harness(agent)

@@ -6,13 +6,13 @@ binary is available here, so the 3.x output is checked as text only.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.apps import importable_app
 
 from spoa_mp import cli, haproxy_config
 from spoa_mp.agent import AppLoadError
@@ -23,7 +23,6 @@ SPOE = "spoe-iprep.conf"
 CFG = "haproxy.cfg"
 HAPROXY = shutil.which("haproxy")
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
-_module_ids = itertools.count()
 
 
 def lines(text: str) -> list[str]:
@@ -36,17 +35,6 @@ def cfg_and_spoe(config: ServerConfig, **options: object) -> tuple[list[str], li
     spoe_name = f"spoe-{options.get('engine', 'iprep')}.conf"
     assert set(files) == {CFG, spoe_name}
     return lines(files[CFG]), lines(files[spoe_name])
-
-
-def make_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
-    """A module `hcapp_N` in tmp_path (on sys.path for the test); returns its app spec."""
-    name = f"hcapp_{next(_module_ids)}"
-    (tmp_path / f"{name}.py").write_text(
-        "from spoa_mp.agent import Agent\nagent = Agent('custom')\n" + body
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))  # restored (with build_agent's cwd) at undo
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    return f"{name}:agent"
 
 
 TWO_HANDLERS = """
@@ -246,7 +234,7 @@ def test_bad_options(options: dict[str, object], match: str) -> None:
 
 
 def test_app_messages_come_from_the_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = make_app(tmp_path, monkeypatch, TWO_HANDLERS)
+    spec = importable_app(tmp_path, monkeypatch, TWO_HANDLERS)
     cfg, spoe = cfg_and_spoe(ServerConfig(app=spec), event="on-frontend-http-request")
     assert "messages check-token score-request" in spoe
     for name in ("check-token", "score-request"):
@@ -261,7 +249,7 @@ def test_app_messages_come_from_the_agent(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_app_without_handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = make_app(tmp_path, monkeypatch, "")
+    spec = importable_app(tmp_path, monkeypatch, "")
     with pytest.raises(ConfigError, match="no message handler"):
         render(ServerConfig(app=spec))
 
@@ -274,7 +262,7 @@ def test_app_that_cannot_be_imported() -> None:
 def test_app_with_a_name_haproxy_cannot_take(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = make_app(tmp_path, monkeypatch, "agent.add_handler('two words', print)\n")
+    spec = importable_app(tmp_path, monkeypatch, "agent.add_handler('two words', print)\n")
     with pytest.raises(ConfigError, match="two words"):
         render(ServerConfig(app=spec))
 
@@ -426,7 +414,7 @@ def test_haproxy_26_accepts_the_generated_config(
 @needs_haproxy
 def test_haproxy_26_accepts_the_app_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Messages without args (the commented placeholder) are valid too."""
-    spec = make_app(tmp_path, monkeypatch, TWO_HANDLERS)
+    spec = importable_app(tmp_path, monkeypatch, TWO_HANDLERS)
     out = tmp_path / "out"
     haproxy_config.write_files(render(ServerConfig(app=spec), Options(output_dir=str(out))), out)
     haproxy_check(out)
@@ -462,7 +450,7 @@ def test_processing_timeout_is_above_the_longest_deadline(
 ) -> None:
     """Without --handler-timeout, "quick" has no deadline: the old default.
     With it, the longest is slow's 0.2 s, plus a quarter (at least 50 ms)."""
-    app = make_app(tmp_path, monkeypatch, DEADLINES)
+    app = importable_app(tmp_path, monkeypatch, DEADLINES)
     config = ServerConfig(app=app, handler_timeout=handler_timeout)
     _, spoe = cfg_and_spoe(config)
     assert processing_line(spoe) == expected
@@ -484,7 +472,7 @@ def test_builtin_agent_uses_the_handler_timeout() -> None:
 def test_processing_timeout_at_or_below_the_deadline_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
 ) -> None:
-    app = make_app(tmp_path, monkeypatch, DEADLINES)
+    app = importable_app(tmp_path, monkeypatch, DEADLINES)
     with pytest.raises(ConfigError, match=r"not above the handlers' deadline of 0\.2 s"):
         render(ServerConfig(app=app, handler_timeout=0.1), Options(processing_timeout=given))
 

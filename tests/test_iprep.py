@@ -23,7 +23,7 @@ DECODER = codec.Decoder()
 
 def notify(args: Sequence[tuple[str, Any]], name: str = "check-client-ip") -> Message:
     """The Message HAProxy would send with these (name, value) arguments."""
-    data = ENCODER.frame(3, 1, 1, messages=[(name, list(args))])
+    data = ENCODER.notify_frame(1, 1, messages=[(name, list(args))])
     frames, items, consumed, error = DECODER.decode(data, 16380)
     assert (consumed, error) == (len(data), 0)
     (msg,) = codec.messages(data, frames[0], items)

@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from support.logging_state import restored_logging
 from support.server import Server
 
 from spoa_mp import logs
@@ -25,20 +26,11 @@ KEYS = {"time", "level", "pid", "role", "logger", "event", "message"}
 
 @pytest.fixture
 def json_log() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level, role, hook = root.handlers[:], root.level, logs.get_role(), sys.excepthook
-    stream = io.StringIO()
-    logs.setup_logging(True, stream, log_format="json")
-    yield stream
-    assert logs._handler is not None
-    root.removeHandler(logs._handler)
-    logs._handler.close()
-    logs._handler = None
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logs.set_role(role)
-    sys.excepthook = hook
-    logging.captureWarnings(False)
+    with restored_logging():
+        stream = io.StringIO()
+        logs.setup_logging(True, stream, log_format="json")
+        yield stream
+        assert logs._handler is not None
 
 
 def records(stream: io.StringIO) -> list[dict[str, object]]:

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.apps import TEST_APP, slow_msg
+from support.apps import Messages as Message
 from support.processes import gone, owner_of
 from support.server import Server
-from support.spop_peer import ConnectionClosedError, Frame, SpopClient, vector
+from support.spop_peer import ConnectionClosedError, Frame, SpopClient, handshaken, vector
 from support.waits import HOST, wait_for
 from test_metrics import EXPECTED, Family, Labels, counter_series, parse_exposition
 
@@ -37,32 +39,8 @@ from spoa_mp.codec import FrameType, Status
 
 pytestmark = pytest.mark.e2e
 
-APP_NAME = "metricsapp"
-APP = """
-import asyncio
-
-from spoa_mp.agent import Agent
-from spoa_mp.model import set_var
-
-agent = Agent("metricsapp")
-
-
-@agent.on_message("ok")
-def ok(msg):
-    return set_var("txn", "ok", 1)
-
-
-@agent.on_message("boom")
-def boom(msg):
-    raise ValueError("boom: the metrics test handler fails on purpose")
-
-
-@agent.on_message("slow")
-async def slow(msg):
-    await asyncio.sleep(0.2)
-    return set_var("txn", "slow", 1)
-"""
-BROKEN_APP = 'raise RuntimeError("metricsapp: the import fails on purpose")\n'
+APP_NAME = "testapp"  # support.apps.TEST_APP
+BROKEN_APP = 'raise RuntimeError("testapp: the import fails on purpose")\n'
 
 SET_VAR, TXN = 1, 2
 WAIT = 10.0  # seconds: a condition carried by heartbeats (about 1 s apart)
@@ -70,10 +48,9 @@ METRICS_LINE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 # urllib without proxies from the environment: 127.0.0.1 only
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-Message = list[tuple[str, list[tuple[str, object]]]]
-OK: Message = [("ok", [])]
+FAST: Message = [("fast", [])]
 BOOM: Message = [("boom", [])]
-SLOW: Message = [("slow", [])]
+SLOW: Message = slow_msg(1, 200)  # answers txn.slow = 1 after 0.2 s
 
 
 # ------------------------------------------------------------------ scraping
@@ -160,12 +137,13 @@ class Metrics:
             text = last[0].text if last else "(no scrape)"
             raise TimeoutError(f"{e}\n--- last /metrics ---\n{text}") from None
 
+    def wait_fast(self, n: int, what: str, timeout: float = WAIT) -> Scrape:
+        """Scrape until exactly `n` "fast" messages are counted."""
+        return self.wait(lambda s: s("messages_total", message="fast") == n, what, timeout)
+
     def client(self) -> SpopClient:
         """A connection whose HAProxy 2.6 handshake is done."""
-        c = SpopClient(self.srv.port)
-        hello = c.hello("haproxy-hello 2.6")
-        assert hello.type == FrameType.AGENT_HELLO, hello
-        return c
+        return handshaken(SpopClient(self.srv.port))
 
     def pids(self) -> set[int]:
         return set(self.srv.workers_by_index().values())
@@ -176,7 +154,7 @@ def metrics(tmp_path: Path) -> Iterator[Metrics]:
     """A running spoa-mp: 2 workers, the test app, --metrics on a port the OS
     picks (read from its "metrics on" log line)."""
     app = tmp_path / f"{APP_NAME}.py"
-    app.write_text(APP)
+    app.write_text(TEST_APP)
     srv = Server(tmp_path, "--app", f"{APP_NAME}:agent", "--metrics", f"{HOST}:0", workers=2)
     with srv:
         m = METRICS_LINE.search(srv.log())
@@ -193,14 +171,21 @@ def open_client(mx: Metrics, clients: list[SpopClient]) -> SpopClient:
     return c
 
 
-def send_ok(c: SpopClient, n: int, first_sid: int = 1) -> None:
-    """n pipelined NOTIFYs of "ok" in one write; every ACK checked."""
-    c.send(b"".join(c.notify_bytes(first_sid + i, 1, OK) for i in range(n)))
+def fast_traffic(mx: Metrics, clients: list[SpopClient], n: int) -> SpopClient:
+    """A new connection (closed at teardown) that sent n "fast" NOTIFYs, all ACKed."""
+    c = open_client(mx, clients)
+    send_fast(c, n)
+    return c
+
+
+def send_fast(c: SpopClient, n: int, first_sid: int = 1) -> None:
+    """n pipelined NOTIFYs of "fast" in one write; every ACK checked."""
+    c.send(b"".join(c.notify_bytes(first_sid + i, 1, FAST) for i in range(n)))
     acks = c.read_frames(n)
     assert [(a.type, a.sid, a.fid) for a in acks] == [
         (FrameType.ACK, first_sid + i, 1) for i in range(n)
     ]
-    assert all(a.actions == [(SET_VAR, TXN, "ok", 1)] for a in acks), acks
+    assert all(a.actions == [(SET_VAR, TXN, "fast", 1)] for a in acks), acks
 
 
 def disconnect_status(frames: list[Frame]) -> int:
@@ -251,9 +236,8 @@ def test_every_family_is_served_and_changes_with_traffic(
         (("type", t),): 0 for t in ("haproxy-disconnect", "haproxy-hello", "notify")
     }
 
-    c = open_client(metrics, clients)
-    send_ok(c, 1)
-    after = metrics.wait(lambda s: s("messages_total", message="ok") == 1, "the first message")
+    fast_traffic(metrics, clients, 1)
+    after = metrics.wait_fast(1, "the first message")
     assert after.families.keys() == s.families.keys()
     assert {n: (f.help, f.type) for n, f in after.families.items()} == {
         n: (f.help, f.type) for n, f in s.families.items()
@@ -276,13 +260,13 @@ def test_hello_and_notifies_are_counted(metrics: Metrics, clients: list[SpopClie
     accepted = before("connections_accepted_total")
     c = open_client(metrics, clients)
     for i in range(n):  # one at a time: n reads, n handler calls, n ACKs
-        c.notify(i + 1, 1, OK)
+        c.notify(i + 1, 1, FAST)
         ack = c.read_frame()
         assert (ack.type, ack.sid, ack.fid) == (FrameType.ACK, i + 1, 1)
-        assert ack.actions == [(SET_VAR, TXN, "ok", 1)]
+        assert ack.actions == [(SET_VAR, TXN, "fast", 1)]
 
     s = metrics.wait(
-        lambda s: s("messages_total", message="ok") == n and s("connections_open") == 1,
+        lambda s: s("messages_total", message="fast") == n and s("connections_open") == 1,
         f"{n} messages and 1 open connection",
     )
     assert s("frames_in_total", type="notify") == n
@@ -294,7 +278,7 @@ def test_hello_and_notifies_are_counted(metrics: Metrics, clients: list[SpopClie
     assert s("handler_latency_seconds", "_count") == n
     assert s("handler_latency_seconds", "_bucket", le="+Inf") == n
     assert s("handler_latency_seconds", "_sum") > 0
-    assert s("handler_errors_total", message="ok") == 0
+    assert s("handler_errors_total", message="fast") == 0
     assert s("connections_accepted_total") == accepted + 1
     assert s.labeled("negotiated_max_frame_size_connections") == {(("size", "16380"),): 1}
     assert s.labeled("negotiated_capabilities_connections") == {
@@ -307,7 +291,7 @@ def test_hello_and_notifies_are_counted(metrics: Metrics, clients: list[SpopClie
     closed = metrics.wait(lambda s: s("connections_open") == 0, "the connection closed")
     assert sum(closed.labeled("negotiated_max_frame_size_connections").values()) == 0
     assert sum(closed.labeled("negotiated_capabilities_connections").values()) == 0
-    assert closed("messages_total", message="ok") == n
+    assert closed("messages_total", message="fast") == n
     assert closed("connections_accepted_total") == accepted + 1
     assert_not_down(s, closed)
 
@@ -328,18 +312,18 @@ def test_handler_errors_are_counted_and_acked(metrics: Metrics, clients: list[Sp
     assert s("protocol_errors_total") == 0
 
     # the connection carries on: another error, then a message that works
-    c.send(c.notify_bytes(2, 7, BOOM) + c.notify_bytes(3, 7, OK))
+    c.send(c.notify_bytes(2, 7, BOOM) + c.notify_bytes(3, 7, FAST))
     acks = c.read_frames(2)
-    assert [(a.sid, a.actions) for a in acks] == [(2, []), (3, [(SET_VAR, TXN, "ok", 1)])]
+    assert [(a.sid, a.actions) for a in acks] == [(2, []), (3, [(SET_VAR, TXN, "fast", 1)])]
     s2 = metrics.wait(
         lambda s: (
             s("handler_errors_total", message="boom") == 2
-            and s("messages_total", message="ok") == 1
+            and s("messages_total", message="fast") == 1
         ),
-        "a second error and an ok",
+        "a second error and a fast one",
     )
     assert s2("messages_total", message="boom") == 2
-    assert s2("handler_errors_total", message="ok") == 0
+    assert s2("handler_errors_total", message="fast") == 0
     assert s2("handler_latency_seconds", "_count") == 3
     assert s2("frames_out_total", type="ack") == 3
     assert_not_down(before, s)
@@ -450,11 +434,11 @@ def test_protocol_errors_and_disconnects(metrics: Metrics, clients: list[SpopCli
 
 def test_counters_survive_a_killed_worker(metrics: Metrics, clients: list[SpopClient]) -> None:
     c1, c2 = open_client(metrics, clients), open_client(metrics, clients)
-    send_ok(c1, 30)
-    send_ok(c2, 12)
+    send_fast(c1, 30)
+    send_fast(c2, 12)
     n = 42
     before = metrics.wait(
-        lambda s: s("messages_total", message="ok") == n and s("connections_open") == 2,
+        lambda s: s("messages_total", message="fast") == n and s("connections_open") == 2,
         f"{n} messages",
     )
     pids = metrics.pids()
@@ -467,7 +451,7 @@ def test_counters_survive_a_killed_worker(metrics: Metrics, clients: list[SpopCl
 
     def monotonic(s: Scrape) -> None:
         assert_not_down(seen[-1], s)
-        assert s("messages_total", message="ok") == n  # never lower, nothing new
+        assert s("messages_total", message="fast") == n  # never lower, nothing new
         seen.append(s)
 
     s = metrics.wait(
@@ -486,9 +470,8 @@ def test_counters_survive_a_killed_worker(metrics: Metrics, clients: list[SpopCl
     with pytest.raises(ConnectionClosedError):
         c1.read_frame(5)
 
-    c3 = open_client(metrics, clients)
-    send_ok(c3, 5)
-    after = metrics.wait(lambda s: s("messages_total", message="ok") == n + 5, "new traffic")
+    fast_traffic(metrics, clients, 5)
+    after = metrics.wait_fast(n + 5, "new traffic")
     assert after("frames_in_total", type="notify") == n + 5
     assert after("handler_latency_seconds", "_count") == n + 5
     assert after("worker_restarts_total") == 1
@@ -501,11 +484,10 @@ def test_counters_survive_a_killed_worker(metrics: Metrics, clients: list[SpopCl
 def test_counters_survive_reloads_and_failed_reloads(
     metrics: Metrics, clients: list[SpopClient]
 ) -> None:
-    c = open_client(metrics, clients)
-    send_ok(c, 20)
+    c = fast_traffic(metrics, clients, 20)
     c.close()
     before = metrics.wait(
-        lambda s: s("messages_total", message="ok") == 20 and s("connections_open") == 0,
+        lambda s: s("messages_total", message="fast") == 20 and s("connections_open") == 0,
         "20 messages, connection closed",
     )
     seen = [before]
@@ -519,12 +501,11 @@ def test_counters_survive_reloads_and_failed_reloads(
     assert s("reloads_total") == 1
     assert s("reloads_failed_total") == 0
     assert s("generation") == 2
-    assert s("messages_total", message="ok") == 20
+    assert s("messages_total", message="fast") == 20
     assert s("worker_restarts_total") == 0
 
-    c = open_client(metrics, clients)
-    send_ok(c, 7)
-    s = metrics.wait(lambda s: s("messages_total", message="ok") == 27, "new traffic on top")
+    c = fast_traffic(metrics, clients, 7)
+    s = metrics.wait_fast(27, "new traffic on top")
     assert s("frames_in_total", type="haproxy-hello") == 2
     assert s("handler_latency_seconds", "_count") == 27
     assert_not_down(seen[-1], s)
@@ -538,8 +519,8 @@ def test_counters_survive_reloads_and_failed_reloads(
     assert failed("reloads_total") == 1
     assert failed("workers_alive") == 2
     assert metrics.pids() == pids
-    send_ok(c, 3, first_sid=100)  # the running workers keep serving and counting
-    s2 = metrics.wait(lambda s: s("messages_total", message="ok") == 30, "traffic after it")
+    send_fast(c, 3, first_sid=100)  # the running workers keep serving and counting
+    s2 = metrics.wait_fast(30, "traffic after it")
     assert s2("reloads_failed_total") == 1
     assert s2("generation") == 2
     assert_not_down(s, s2)
@@ -551,9 +532,9 @@ def test_counters_survive_reloads_and_failed_reloads(
 def open_three(mx: Metrics, clients: list[SpopClient]) -> list[SpopClient]:
     conns = [open_client(mx, clients) for _ in range(3)]
     for i, c in enumerate(conns):
-        send_ok(c, i + 1)
+        send_fast(c, i + 1)
     mx.wait(
-        lambda s: s("connections_open") == 3 and s("messages_total", message="ok") == 6,
+        lambda s: s("connections_open") == 3 and s("messages_total", message="fast") == 6,
         "3 open connections",
     )
     return conns
@@ -561,8 +542,8 @@ def open_three(mx: Metrics, clients: list[SpopClient]) -> list[SpopClient]:
 
 def still_serving(mx: Metrics, conns: list[SpopClient]) -> None:
     for c in conns:
-        send_ok(c, 2, first_sid=50)
-    mx.wait(lambda s: s("messages_total", message="ok") == 6 + 2 * len(conns), "more traffic")
+        send_fast(c, 2, first_sid=50)
+    mx.wait_fast(6 + 2 * len(conns), "more traffic")
 
 
 def test_connections_adopted_across_a_reload(metrics: Metrics, clients: list[SpopClient]) -> None:
@@ -599,14 +580,13 @@ def test_connections_handed_over_across_a_reload(
 def test_messages_just_before_a_reload_are_counted(
     metrics: Metrics, clients: list[SpopClient]
 ) -> None:
-    c = open_client(metrics, clients)
-    send_ok(c, 1)
+    c = fast_traffic(metrics, clients, 1)
     # polled fast: the scrape that first shows it follows that worker's heartbeat
     # closely, and the next one is about a second away
-    metrics.wait(lambda s: s("messages_total", message="ok") == 1, "the first message")
-    send_ok(c, 20, first_sid=2)
+    metrics.wait_fast(1, "the first message")
+    send_fast(c, 20, first_sid=2)
     reload_and_wait(metrics, 2, lambda s: None)  # the old workers are reaped
-    metrics.wait(lambda s: s("messages_total", message="ok") == 21, "all 21 messages counted", 1.5)
+    metrics.wait_fast(21, "all 21 messages counted", 1.5)
 
 
 # ------------------------------------------------------------------ 9. HTTP
@@ -629,8 +609,8 @@ def test_http_through_the_real_server(metrics: Metrics, clients: list[SpopClient
     assert headers["Content-Type"].startswith("text/plain; version=")
 
     # the answers follow the traffic; a 404 in between changes nothing
-    send_ok(open_client(metrics, clients), 3)
+    fast_traffic(metrics, clients, 3)
     assert http_get(metrics.port, "/nope")[0] == 404
-    s = metrics.wait(lambda s: s("messages_total", message="ok") == 3, "3 messages")
+    s = metrics.wait_fast(3, "3 messages")
     assert s.text != first.text
     assert_not_down(first, s)

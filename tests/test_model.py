@@ -285,7 +285,7 @@ def test_action_wire_is_cached_and_correct() -> None:
 
 
 def _message(args: list[tuple[str, Any]], name: str = "msg") -> Message:
-    data = Encoder().frame(3, 1, 1, messages=[("other", [("z", 0)]), (name, args)])
+    data = Encoder().notify_frame(1, 1, messages=[("other", [("z", 0)]), (name, args)])
     frames, items, _, error = Decoder().decode(data, 16380)
     assert error == 0
     return messages(data, frames[0], items)[1]

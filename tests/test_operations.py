@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -200,19 +200,6 @@ class NotifyReceiver:
                 return len(self.seen) - 1, fields
 
 
-@pytest.fixture
-def sockdir(tmp_path: Path) -> Iterator[Path]:
-    """A directory for Unix sockets (sun_path holds 107 bytes: keep it short)."""
-    if len(str(tmp_path)) < 80:
-        yield tmp_path
-        return
-    short = Path(tempfile.mkdtemp(prefix="spoa-ops-", dir="/tmp"))
-    try:
-        yield short
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
-
-
 def stop(srv: Server, timeout: float = 10.0) -> int:
     srv.signal(signal.SIGTERM)
     return srv.wait_exit(timeout)
@@ -232,24 +219,18 @@ def bench(tmp_path: Path, processes: list[Process]) -> Callable[..., Process]:
 def spoa_mp_run(cwd: Path, *args: str, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
     """(exit status, stderr) of a spoa-mp command expected to end by itself
     within `timeout`; AssertionError (its process group killed) otherwise."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spoa_mp", *args],
-        cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=clean_env(), start_new_session=True,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "spoa_mp", *args]
+    proc = Process("spoa-mp-run", argv, cwd, cwd=cwd, env=clean_env())
     try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=10)
+        code = proc.wait(timeout)
+    except TimeoutError:
+        proc.kill()
         raise AssertionError(
-            f"spoa-mp {' '.join(args)} still ran after {timeout} s:\n{err.decode()}"
+            f"spoa-mp {' '.join(args)} still ran after {timeout} s:\n{proc.stderr()}"
         ) from None
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # a worker it may have left behind
-    return proc.returncode, err.decode(errors="replace")
+        proc.kill()  # a worker it may have left behind
+    return code, proc.stderr()
 
 
 def server_connections(pid: int, port: int) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.processes import Process
 from support.server import Server
 from support.waits import HOST, free_port, wait_for
 
@@ -112,16 +113,17 @@ def prometheus(server: tuple[Server, int], tmp_path: Path) -> Iterator[str]:
         f"    static_configs:\n      - targets: ['{HOST}:{metrics_port}']\n"
     )
     port = free_port()
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [exe, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address={HOST}:{port}"],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=tmp_path,
-    )  # fmt: skip
+    argv = [
+        exe,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address={HOST}:{port}",
+    ]
+    proc = Process("prometheus", argv, tmp_path, merge_output=True, cwd=tmp_path)
     base = f"http://{HOST}:{port}"
 
     def ready() -> bool:
-        assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+        proc.check_alive()
         try:
             return get(base + "/-/ready")[1].startswith(b"Prometheus")
         except OSError:
@@ -131,13 +133,7 @@ def prometheus(server: tuple[Server, int], tmp_path: Path) -> Iterator[str]:
         wait_for(ready, 30.0, "Prometheus to be ready")
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+        proc.shutdown()
 
 
 def query(base: str, expr: str) -> float | None:

@@ -6,7 +6,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import VECTORS, decode_meanings, json_meaning, tagged
+from conftest import VECTORS, decode_meanings, json_meaning, notes_meaning, tagged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -99,22 +99,6 @@ def assert_failed(conn: AgentConnection, status: int) -> None:
     assert conn.closing
 
 
-def notes_meaning(notes: list) -> list:
-    return tagged(
-        [
-            [
-                sid,
-                fid,
-                [
-                    [m.name, [[a, int(m.type_of(i)), v] for i, (a, v) in enumerate(m.items())]]
-                    for m in msgs
-                ],
-            ]
-            for sid, fid, msgs in notes
-        ]
-    )
-
-
 def vector_notes(name: str) -> list:
     m = json_meaning(next(f["decoded"] for f in VECTORS["frames"] if f["name"] == name))
     return tagged([[m["sid"], m["fid"], m["messages"]]])
@@ -129,7 +113,7 @@ def hello(**kv: Any) -> bytes:
         "engine-id": "e",
     }
     items.update({k.replace("_", "-"): v for k, v in kv.items()})
-    return ENC.frame(1, 0, 0, kv=[(k, v) for k, v in items.items() if v is not None])
+    return ENC.kv_frame(1, 0, 0, kv=[(k, v) for k, v in items.items() if v is not None])
 
 
 def payload_of(frame: bytes) -> bytes:
@@ -142,10 +126,10 @@ def fragmented(sid: int, fid: int, payload: bytes, cuts: list[int], last_flags: 
     """NOTIFY (FIN clear), UNSET..., UNSET (FIN): the payload split at `cuts`."""
     bounds = [0, *sorted(cuts), len(payload)]
     parts = [payload[a:b] for a, b in pairwise(bounds)]
-    out = ENC.frame(3, sid, fid, raw=parts[0], flags=0)
+    out = ENC.raw_frame(3, sid, fid, payload=parts[0], flags=0)
     for p in parts[1:-1]:
-        out += ENC.frame(0, sid, fid, raw=p, flags=0)
-    return out + ENC.frame(0, sid, fid, raw=parts[-1], flags=last_flags)
+        out += ENC.raw_frame(0, sid, fid, payload=p, flags=0)
+    return out + ENC.raw_frame(0, sid, fid, payload=parts[-1], flags=last_flags)
 
 
 # ------------------------------------------------------------------ handshake
@@ -304,7 +288,7 @@ def test_hello_without_capabilities_or_engine_id() -> None:
 def test_hello_with_non_zero_ids(sid: int, fid: int) -> None:
     conn = AgentConnection()
     conn.receive(
-        ENC.frame(1, sid, fid, kv=[("supported-versions", "2.0"), ("max-frame-size", 16380)])
+        ENC.kv_frame(1, sid, fid, kv=[("supported-versions", "2.0"), ("max-frame-size", 16380)])
     )
     assert_failed(conn, Status.INVALID)
 
@@ -402,14 +386,14 @@ def test_haproxy_disconnect(name: str, after_hello: bool) -> None:
 def test_haproxy_disconnect_with_other_integer_types() -> None:
     for value in (Int32(3), Int64(3), UInt64(3)):
         conn = ready()
-        conn.receive(ENC.frame(2, 0, 0, kv=[("message", "m"), ("status-code", value)]))
+        conn.receive(ENC.kv_frame(2, 0, 0, kv=[("message", "m"), ("status-code", value)]))
         assert conn.take_events() == [PeerDisconnected(3, "m")]
         assert disconnect_status(conn.data_to_send()) == 3
 
 
 def test_haproxy_disconnect_without_items() -> None:
     conn = ready()
-    conn.receive(ENC.frame(2, 0, 0))
+    conn.receive(ENC.kv_frame(2, 0, 0))
     assert conn.take_events() == [PeerDisconnected(0, "")]
     assert disconnect_status(conn.data_to_send()) == 0
 
@@ -417,7 +401,7 @@ def test_haproxy_disconnect_without_items() -> None:
 def test_haproxy_disconnect_with_a_huge_status_code() -> None:
     conn = ready()
     code = UInt32(2**32 - 1)  # also 2^31 and UInt64(2^64-1)
-    conn.receive(ENC.frame(2, 0, 0, kv=[("status-code", code), ("message", "x")]))
+    conn.receive(ENC.kv_frame(2, 0, 0, kv=[("status-code", code), ("message", "x")]))
     assert conn.closing
     assert conn.take_events() == [PeerDisconnected(code, "x")]
     assert conn.data_to_send()[4] == 102
@@ -430,7 +414,7 @@ def test_hello_with_a_huge_version_number() -> None:
 
 
 def test_frame_behind_hello_uses_the_negotiated_limit() -> None:
-    big = ENC.frame(3, 1, 1, messages=[("m", [("", String(b"x" * 1000))])])
+    big = ENC.notify_frame(1, 1, messages=[("m", [("", String(b"x" * 1000))])])
     conn = AgentConnection()
     assert conn.receive(hello(max_frame_size=UInt32(300)) + big) == []
     assert conn.max_frame_size == 300
@@ -456,7 +440,7 @@ def test_our_disconnect() -> None:
 @pytest.mark.parametrize("type_", [0, 4, 10, 15, 50, 100, 104, 255])
 def test_unknown_frame_type_is_skipped(type_: int) -> None:
     conn = ready()
-    unknown = ENC.frame(type_, 5, 6, raw=b"\x01\x02anything", flags=1)
+    unknown = ENC.raw_frame(type_, 5, 6, payload=b"\x01\x02anything", flags=1)
     if type_ == 0:  # UNSET with FIN and nothing to continue: not skippable
         conn.receive(unknown)
         assert_failed(conn, Status.INTERLACED_FRAMES)
@@ -567,7 +551,7 @@ def test_every_notify_vector_byte_by_byte_in_one_stream() -> None:
 
 def test_empty_notify() -> None:
     # HAProxy 3.1.0 .. 3.3-dev6 sent NOTIFY frames without any message (spop.md §5.1)
-    empty = ENC.frame(3, 5, 1)
+    empty = ENC.notify_frame(5, 1)
     assert empty == bytes.fromhex("0000000703000000010501")
     conn = ready()
     assert conn.receive(empty) == [(5, 1, [])]
@@ -589,7 +573,7 @@ def test_pipelined_notifies_3x_style() -> None:
     conn = AgentConnection()
     sids = [2 * i + 1 for i in range(20)]
     batch = b"".join(
-        ENC.frame(3, sid, 1, messages=[("check-client-ip", [("", String(str(sid).encode()))])])
+        ENC.notify_frame(sid, 1, messages=[("check-client-ip", [("", String(str(sid).encode()))])])
         for sid in sids
     )
     notes = conn.receive(HELLO_3X + batch)
@@ -602,7 +586,7 @@ def test_pipelined_notifies_3x_style() -> None:
 
 def test_more_notifies_than_the_decoder_takes_at_once() -> None:
     conn = ready()
-    stream = b"".join(ENC.frame(3, i, 1, messages=[("m", [("", i)])]) for i in range(300))
+    stream = b"".join(ENC.notify_frame(i, 1, messages=[("m", [("", i)])]) for i in range(300))
     notes = conn.receive(stream + NOTIFY_20[:10])
     assert [(sid, msgs[0][0]) for sid, _, msgs in notes] == [(i, i) for i in range(300)]
     assert conn.buffered == 10
@@ -719,8 +703,8 @@ def test_fragmented_notify_any_split(name: str, cuts: list[int], chunk: int) -> 
 def test_fragment_abort() -> None:
     conn = ready()
     payload = payload_of(NOTIFY_20)
-    start = ENC.frame(3, 20, 1, raw=payload[:5], flags=0)
-    more = ENC.frame(0, 20, 1, raw=payload[5:9], flags=0)
+    start = ENC.raw_frame(3, 20, 1, payload=payload[:5], flags=0)
+    more = ENC.raw_frame(0, 20, 1, payload=payload[5:9], flags=0)
     assert conn.receive(start + more + ABORT_20) == []
     assert not conn.take_events()
     assert conn.data_to_send() == b""
@@ -738,29 +722,29 @@ def test_fragment_abort() -> None:
 def test_continuation_after_abort_is_interlaced() -> None:
     conn = ready()
     payload = payload_of(NOTIFY_20)
-    conn.receive(ENC.frame(3, 20, 1, raw=payload[:5], flags=0) + ABORT_20)
-    conn.receive(ENC.frame(0, 20, 1, raw=payload[5:], flags=1))
+    conn.receive(ENC.raw_frame(3, 20, 1, payload=payload[:5], flags=0) + ABORT_20)
+    conn.receive(ENC.raw_frame(0, 20, 1, payload=payload[5:], flags=1))
     assert_failed(conn, Status.INTERLACED_FRAMES)
 
 
 @pytest.mark.parametrize(
     "second",
     [
-        pytest.param(lambda p: ENC.frame(3, 3, 1, raw=p, flags=0), id="second-notify"),
-        pytest.param(lambda p: ENC.frame(0, 3, 1, raw=p, flags=1), id="other-sid"),
-        pytest.param(lambda p: ENC.frame(0, 1, 2, raw=p, flags=0), id="other-fid"),
+        pytest.param(lambda p: ENC.raw_frame(3, 3, 1, payload=p, flags=0), id="second-notify"),
+        pytest.param(lambda p: ENC.raw_frame(0, 3, 1, payload=p, flags=1), id="other-sid"),
+        pytest.param(lambda p: ENC.raw_frame(0, 1, 2, payload=p, flags=0), id="other-fid"),
     ],
 )
 def test_interlaced_fragments(second: Any) -> None:
     conn = ready()
     payload = payload_of(NOTIFY_20)
-    conn.receive(ENC.frame(3, 1, 1, raw=payload[:5], flags=0) + second(payload[5:]))
+    conn.receive(ENC.raw_frame(3, 1, 1, payload=payload[:5], flags=0) + second(payload[5:]))
     assert_failed(conn, Status.INTERLACED_FRAMES)
 
 
 def test_unset_without_a_started_notify() -> None:
     conn = ready()
-    conn.receive(ENC.frame(0, 1, 1, raw=b"abc", flags=0))
+    conn.receive(ENC.raw_frame(0, 1, 1, payload=b"abc", flags=0))
     assert_failed(conn, Status.INTERLACED_FRAMES)
 
 
@@ -770,17 +754,19 @@ def test_fragments_when_fragmentation_is_off(type_: int, flags: int) -> None:
     sent_caps = AgentConnection(AgentSettings(fragmentation=False))
     sent_caps.receive(HELLO_26)
     assert sent(sent_caps)[0]["kv"][2] == ["capabilities", 8, String(b"pipelining")]
-    conn.receive(ENC.frame(type_, 20, 1, raw=payload_of(NOTIFY_20)[:5], flags=flags))
+    conn.receive(ENC.raw_frame(type_, 20, 1, payload=payload_of(NOTIFY_20)[:5], flags=flags))
     assert_failed(conn, Status.FRAGMENTATION_NOT_SUPPORTED)
 
 
 def test_reassembly_above_the_limit() -> None:
     conn = ready(AgentSettings(max_reassembled_size=1000))
     chunk = b"\x00" * 400
-    data = ENC.frame(3, 1, 1, raw=chunk, flags=0) + ENC.frame(0, 1, 1, raw=chunk, flags=0)
+    data = ENC.raw_frame(3, 1, 1, payload=chunk, flags=0) + ENC.raw_frame(
+        0, 1, 1, payload=chunk, flags=0
+    )
     assert conn.receive(data) == []
     assert not conn.closing
-    conn.receive(ENC.frame(0, 1, 1, raw=chunk, flags=0))
+    conn.receive(ENC.raw_frame(0, 1, 1, payload=chunk, flags=0))
     assert_failed(conn, Status.TOO_BIG)
 
 
@@ -788,7 +774,7 @@ def test_reassembly_bigger_than_one_frame() -> None:
     # the reassembled NOTIFY may exceed max-frame-size; each fragment does not
     conn = ready(AgentSettings(max_frame_size=256))
     big = String(b"A" * 600)
-    whole = ENC.frame(3, 2, 1, messages=[("check-big", [("ip", big)])])
+    whole = ENC.notify_frame(2, 1, messages=[("check-big", [("ip", big)])])
     payload = payload_of(whole)
     data = fragmented(2, 1, payload, [200, 400])
     notes = conn.receive(data)

@@ -14,11 +14,11 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import VECTORS, encode_meaning, tagged
+from conftest import encode_meaning, notes_meaning, tagged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_codec import values
-from test_protocol import disconnect_status
+from test_protocol import MAX, V, disconnect_status
 
 from spoa_mp.codec import F_PLEN, F_POFF, Decoder, Encoder, FrameType, Status
 from spoa_mp.model import Action, DataType, String, UInt32, set_var, unset_var
@@ -31,8 +31,6 @@ from spoa_mp.protocol import (
     ProtocolError,
 )
 
-MAX = 16380
-V = {f["name"]: bytes.fromhex(f["hex"]) for f in VECTORS["frames"]}
 HELLO = V["haproxy-hello 2.6"]
 ENC = Encoder()
 NAMES = ("check-client-ip", "ip", "a")
@@ -70,10 +68,10 @@ class Stream:
         payload = payload_of(whole)
         bounds = [0, *sorted(min(c, len(payload)) for c in cuts), len(payload)]
         parts = [payload[a:b] for a, b in pairwise(bounds)]
-        self.data += ENC.frame(FrameType.NOTIFY, sid, fid, raw=parts[0], flags=0)
+        self.data += ENC.raw_frame(FrameType.NOTIFY, sid, fid, payload=parts[0], flags=0)
         for i, part in enumerate(parts[1:], start=2):
             flags = 1 if i == len(parts) else 0
-            self.data += ENC.frame(FrameType.UNSET, sid, fid, raw=part, flags=flags)
+            self.data += ENC.raw_frame(FrameType.UNSET, sid, fid, payload=part, flags=flags)
         self.expected.append([sid, fid, msgs])
         return self
 
@@ -96,23 +94,6 @@ def payload_of(frame: bytes) -> bytes:
     d = Decoder().decode(frame, MAX)
     assert d.error == 0
     return frame[d.frames[0][F_POFF] : d.frames[0][F_POFF] + d.frames[0][F_PLEN]]
-
-
-def meaning_of(notes: Iterable[Notification]) -> Any:
-    """Notifications in the form of Stream.expected."""
-    return tagged(
-        [
-            [
-                sid,
-                fid,
-                [
-                    [m.name, [[a, int(m.type_of(i)), v] for i, (a, v) in enumerate(m.items())]]
-                    for m in msgs
-                ],
-            ]
-            for sid, fid, msgs in notes
-        ]
-    )
 
 
 def pieces(data: bytes, size: int) -> list[bytes]:
@@ -171,8 +152,8 @@ def assert_feed_and_receive_agree(
     fed, received = connection(max_frames, names), connection(max_frames, names)
     batches = feed_all(fed, reads)
     notes = receive_all(received, reads)
-    assert meaning_of(n for b in batches for n in b.notifications()) == stream.want()
-    assert meaning_of(notes) == stream.want()
+    assert notes_meaning(n for b in batches for n in b.notifications()) == stream.want()
+    assert notes_meaning(notes) == stream.want()
     for conn in (fed, received):
         assert not conn.closing
         assert conn.buffered == 0
@@ -239,7 +220,7 @@ def mixed_stream() -> Stream:
         .notify(1, 1, [ip_message(1)])
         .notify(3, 1, [ip_message(3), ["ip", [["x", STRING, String(b"y")]]]])
         .notify(5, 1, [])
-        .skipped(ENC.frame(50, 7, 7, raw=b"\x01\x02", flags=1))
+        .skipped(ENC.raw_frame(50, 7, 7, payload=b"\x01\x02", flags=1))
         .fragmented(7, 2, [ip_message(7), ["a", [["", BINARY, b"\x00" * 40]]]], [3, 30])
         .skipped(V["unset fragment fin+abort"])  # an ABORT with nothing in progress
         .notify(9, 1, [ip_message(9)])
@@ -286,8 +267,8 @@ def test_more_frames_than_max_frames_in_one_read(several_at: int | None) -> None
     read = bytes(stream.data) + tail[:9]
     fed, received = connection(max_frames=4), connection(max_frames=4)
     (batch,) = feed_all(fed, [read])
-    assert meaning_of(batch.notifications()) == stream.want()
-    assert meaning_of(received.receive(read)) == stream.want()
+    assert notes_meaning(batch.notifications()) == stream.want()
+    assert notes_meaning(received.receive(read)) == stream.want()
     if several_at is None:
         assert batch.counts is None
     else:
@@ -295,8 +276,8 @@ def test_more_frames_than_max_frames_in_one_read(several_at: int | None) -> None
     for conn in (fed, received):
         assert conn.buffered == 9
     (rest,) = feed_all(fed, [tail[9:]])
-    assert meaning_of(rest.notifications()) == tagged([[999, 1, [ip_message(999)]]])
-    assert meaning_of(received.receive(tail[9:])) == meaning_of(rest.notifications())
+    assert notes_meaning(rest.notifications()) == tagged([[999, 1, [ip_message(999)]]])
+    assert notes_meaning(received.receive(tail[9:])) == notes_meaning(rest.notifications())
 
 
 def test_a_zero_message_notify_early_in_a_long_pipelined_read_loses_nothing() -> None:
@@ -308,11 +289,11 @@ def test_a_zero_message_notify_early_in_a_long_pipelined_read_loses_nothing() ->
     conn = ready()
     notes = conn.receive(bytes(stream.data))
     assert len(notes) == 150
-    assert meaning_of(notes) == stream.want()
+    assert notes_meaning(notes) == stream.want()
 
 
 def test_hello_with_a_smaller_max_frame_size_then_notifies_in_one_read() -> None:
-    hello = ENC.frame(
+    hello = ENC.kv_frame(
         1,
         0,
         0,
@@ -329,8 +310,8 @@ def test_hello_with_a_smaller_max_frame_size_then_notifies_in_one_read() -> None
     fed = connection()
     (batch,) = feed_all(fed, [bytes(stream.data)])
     assert fed.max_frame_size == 300
-    assert meaning_of(batch.notifications()) == stream.want()
-    assert meaning_of(connection().receive(bytes(stream.data))) == stream.want()
+    assert notes_meaning(batch.notifications()) == stream.want()
+    assert notes_meaning(connection().receive(bytes(stream.data))) == stream.want()
 
 
 # ------------------------------------------------------------------ any stream, any reads
@@ -366,7 +347,7 @@ def build(parts: list[tuple[Any, ...]]) -> Stream:
         elif kind == "fragmented":
             stream.fragmented(sid, 2, rest[0], rest[1])
         else:
-            stream.skipped(ENC.frame(rest[0], sid, 1, raw=b"\xff\x00", flags=1))
+            stream.skipped(ENC.raw_frame(rest[0], sid, 1, payload=b"\xff\x00", flags=1))
     return stream
 
 
@@ -433,11 +414,11 @@ def test_ack_for_writes_what_ack_writes(kind: str) -> None:
     assert by_tuples.ack(replies) == []
     data = by_columns.data_to_send()
     assert data == by_tuples.data_to_send()
-    assert data == b"".join(ENC.frame(FrameType.ACK, s, f, actions=a) for s, f, a in replies)
+    assert data == b"".join(ENC.ack_frame(s, f, actions=a) for s, f, a in replies)
 
 
 def test_ack_for_cuts_like_ack_at_the_negotiated_size() -> None:
-    hello = ENC.frame(
+    hello = ENC.kv_frame(
         1, 0, 0, kv=[("supported-versions", String(b"2.0")), ("max-frame-size", UInt32(256))]
     )
     many = [set_var("txn", f"v{i}", i) for i in range(60)]
@@ -498,7 +479,7 @@ def test_after_a_protocol_error_feed_returns_what_came_before(
     after = Stream.notify_bytes(7, 1, [ip_message(7)])
     conn = ready()
     (batch,) = feed_all(conn, [bytes(stream.data) + bad + after])
-    assert meaning_of(batch.notifications()) == stream.want()
+    assert notes_meaning(batch.notifications()) == stream.want()
     assert conn.closing
     assert disconnect_status(conn.data_to_send()) == status
     events = conn.take_events()
@@ -539,7 +520,7 @@ def test_a_frame_arriving_byte_by_byte_is_joined_once() -> None:
         # a partial frame is held as one growing buffer, never re-made
         if conn.buffered > 4:
             assert conn.bytes_to_boundary() > 0
-    assert meaning_of(got) == stream.want()
+    assert notes_meaning(got) == stream.want()
     assert conn.at_frame_boundary
     assert conn.buffered == 0
 
@@ -555,7 +536,7 @@ def test_the_rest_of_a_read_after_a_completed_partial_frame_is_decoded_in_place(
     assert first == []
     assert conn.buffered == 10
     rest = conn.feed(data[cut:]).notifications()
-    assert meaning_of(rest) == stream.want()
+    assert notes_meaning(rest) == stream.want()
     assert conn.buffered == 0
 
 
@@ -575,7 +556,7 @@ def test_one_notify_fast_path_gives_what_the_general_path_gives() -> None:
             assert msg.name == name
             assert msg[0] == IPv4Address("10.0.0.1")
             assert msg["x"] == 4
-            assert meaning_of(notes.notifications()) == stream.want()
+            assert notes_meaning(notes.notifications()) == stream.want()
 
 
 def test_a_decoder_smaller_than_the_settings_is_refused() -> None:
@@ -594,7 +575,7 @@ def test_ack_for_one_notify_takes_one_call_and_still_refuses_narrow_ids() -> Non
     wires = Encoder()
     wires.action_wire(SCORE)
     assert conn.ack_for(array("Q", [1000, 1]), [SCORE]) == []
-    assert conn.data_to_send() == ENC.frame(FrameType.ACK, 1000, 1, actions=[SCORE])
+    assert conn.data_to_send() == ENC.ack_frame(1000, 1, actions=[SCORE])
     with pytest.raises(TypeError, match="array\\('Q'\\)"):
         conn.ack_for(array("I", [1000, 1]), [SCORE])
     assert conn.data_to_send() == b""

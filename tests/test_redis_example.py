@@ -21,7 +21,8 @@ import pytest
 
 redis = pytest.importorskip("redis", reason="redis-py not installed (pip install '.[test]')")
 
-from redis_helpers import MISSING, REDIS_SERVER, LoadDriver, RedisServer  # noqa: E402
+from support.load import LoadDriver  # noqa: E402
+from support.redis_server import MISSING, REDIS_SERVER, RedisServer  # noqa: E402
 from support.server import Server  # noqa: E402
 from support.spop_peer import SpopClient  # noqa: E402
 from support.waits import free_port, wait_for  # noqa: E402
@@ -104,7 +105,7 @@ def redis_unix() -> Iterator[RedisServer]:
 
 
 def message(name: str, *args: tuple[str, object]) -> Message:
-    frame = Encoder().frame(3, 1, 1, messages=[(name, list(args))])
+    frame = Encoder().notify_frame(1, 1, messages=[(name, list(args))])
     decoded = Decoder().decode(frame, 16380)
     return messages(frame, decoded.frames[0], decoded.items)[0]
 

@@ -41,11 +41,12 @@ from reload_helpers import (
     rx_queue,
     write_app,
 )
+from support.apps import Messages, slow_msg
 from support.haproxy import HAProxy, HAProxyBinary, SpoeForm, haproxy_params, http_get
 from support.load import bench, bench_result, parse_wrk, start_wrk
 from support.processes import Process, owner_of
 from support.server import Server, started
-from support.spop_peer import Frame, SpopClient
+from support.spop_peer import Frame, SpopClient, handshaken
 from support.waits import HOST, wait_for
 
 from spoa_mp.codec import F_PLEN, F_POFF, Decoder, FrameType, Status
@@ -59,7 +60,6 @@ APP = ("--app", "reloadapp:agent")
 
 StartServer = Callable[..., Server]
 MakeClient = Callable[[int], SpopClient]
-Messages = list[tuple[str, list[tuple[str, object]]]]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -79,17 +79,9 @@ def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servers: list[Server]
 
 
 @pytest.fixture
-def client(clients: list[SpopClient]) -> MakeClient:
-    """client(port): a SpopClient whose HAProxy 2.6 handshake is done."""
-
-    def _client(port: int) -> SpopClient:
-        c = SpopClient(port)
-        clients.append(c)
-        hello = c.hello("haproxy-hello 2.6")
-        assert hello.type == FrameType.AGENT_HELLO, hello
-        return c
-
-    return _client
+def client(client: MakeClient) -> MakeClient:
+    """client(port): conftest's client, its HAProxy 2.6 handshake done."""
+    return lambda port: handshaken(client(port))
 
 
 # ------------------------------------------------------------------ helpers
@@ -97,10 +89,6 @@ def client(clients: list[SpopClient]) -> MakeClient:
 
 def ver_msg(n: int = 0) -> Messages:
     return [("ver", [("n", n)])]
-
-
-def slow_msg(n: int, ms: int) -> Messages:
-    return [("slow", [("n", n), ("ms", ms)])]
 
 
 def ip_msg(ip: str) -> Messages:
@@ -134,6 +122,17 @@ def reload_and_wait(srv: Server, gen: int, timeout: float = 10.0) -> tuple[str, 
 def wait_reload_outcome(srv: Server, gen: int, timeout: float = 10.0) -> str:
     """Until the reload either failed or serves; returns the log."""
     return srv.wait_log(rf"{RELOAD_FAILED.pattern}|{SERVING.format(gen=gen)}", timeout)
+
+
+def failed_reload_reason(srv: Server) -> re.Match[str]:
+    """SIGHUP, then the reload must fail: its "reload failed" log line
+    (group 1: the reason), printed."""
+    srv.signal(signal.SIGHUP)
+    log = wait_reload_outcome(srv, 2)
+    m = RELOAD_FAILED.search(log)
+    assert m, f"the reload did not fail:\n{log}"
+    print(m[0])
+    return m
 
 
 def assert_exits_within(exits: dict[int, float], budget: float, what: str) -> None:
@@ -297,19 +296,26 @@ def assert_still_serving(srv: Server, c: SpopClient, make: MakeClient, workers: 
         assert owner_of(conn.sock, workers.values()) in workers.values()
 
 
+def failed_reload(
+    start: StartServer, make: MakeClient, reason: str, **app: bool
+) -> tuple[Server, SpopClient, dict[int, int]]:
+    """A server whose app is rewritten as `write_app(**app)` then reloaded:
+    the reload fails for `reason` and the old workers keep serving.
+    Returns the server, a connection made before, and the workers."""
+    srv = start(*APP, workers=2)
+    before = current_workers(srv, 2)
+    c = make(srv.port)
+    write_app(srv.cwd, **app)
+    m = failed_reload_reason(srv)
+    assert reason in m[1], m[0]
+    assert_still_serving(srv, c, make, before)
+    return srv, c, before
+
+
 def test_failed_reload_app_import_error(
     start: StartServer, client: MakeClient, tmp_path: Path
 ) -> None:
-    srv = start(*APP, workers=2)
-    before = current_workers(srv, 2)
-    c = client(srv.port)
-    write_app(tmp_path, import_error=True)
-    srv.signal(signal.SIGHUP)
-    log = wait_reload_outcome(srv, 2)
-    m = RELOAD_FAILED.search(log)
-    assert m, f"the reload did not fail:\n{log}"
-    assert "frobnicator" in m[1], m[0]
-    assert_still_serving(srv, c, client, before)
+    srv, c, before = failed_reload(start, client, "frobnicator", import_error=True)
     write_app(tmp_path, version=2)  # fixed: the next reload succeeds, with the new code
     reload_and_wait(srv, 2)
     current_workers(srv, 2, not_in=set(before.values()))
@@ -318,18 +324,9 @@ def test_failed_reload_app_import_error(
 
 
 def test_failed_reload_hook_error_after_module_rewrite(
-    start: StartServer, client: MakeClient, tmp_path: Path
+    start: StartServer, client: MakeClient
 ) -> None:
-    srv = start(*APP, workers=2)
-    before = current_workers(srv, 2)
-    c = client(srv.port)
-    write_app(tmp_path, hook_error=True)
-    srv.signal(signal.SIGHUP)
-    log = wait_reload_outcome(srv, 2)
-    m = RELOAD_FAILED.search(log)
-    assert m, f"the reload did not fail:\n{log}"
-    assert "database unreachable" in m[1], m[0]
-    assert_still_serving(srv, c, client, before)
+    failed_reload(start, client, "database unreachable", hook_error=True)
 
 
 def test_failed_reload_worker_start_hook_keeps_old_generation(
@@ -343,11 +340,7 @@ def test_failed_reload_worker_start_hook_keeps_old_generation(
     c = client(srv.port)
     flag = tmp_path / "fail-hook"
     flag.touch()
-    srv.signal(signal.SIGHUP)
-    log = wait_reload_outcome(srv, 2)
-    m = RELOAD_FAILED.search(log)
-    assert m, f"the reload did not fail:\n{log}"
-    print(m[0])
+    m = failed_reload_reason(srv)
     assert "start_hook" in m[1], m[0]
     assert "hook refused to start worker" in m[1], m[0]
     assert "generation 2 serving" not in srv.log()
@@ -361,21 +354,26 @@ def test_failed_reload_worker_start_hook_keeps_old_generation(
     assert owner_of(c.sock, new.values()) in new.values()
 
 
-def test_failed_reload_bad_reputation_file_keeps_old_generation(
-    start: StartServer, client: MakeClient, tmp_path: Path
-) -> None:
+def reputation_server(
+    start: StartServer, make: MakeClient, tmp_path: Path
+) -> tuple[Path, Server, dict[int, int], SpopClient]:
+    """(rep.txt, a server of 2 workers scoring from it, its workers, a
+    connection opened before any reload): 127.0.0.0/8 scores 10."""
     rep = tmp_path / "rep.txt"
     rep.write_text("127.0.0.0/8 10\n")
     srv = start("--reputation-file", str(rep), workers=2)
-    before = current_workers(srv, 2)
-    c = client(srv.port)
+    workers = current_workers(srv, 2)
+    c = make(srv.port)
     assert score_of(c, 1, "127.0.0.1") == 10
+    return rep, srv, workers, c
+
+
+def test_failed_reload_bad_reputation_file_keeps_old_generation(
+    start: StartServer, client: MakeClient, tmp_path: Path
+) -> None:
+    rep, srv, before, c = reputation_server(start, client, tmp_path)
     rep.write_text("127.0.0.0/8 10\n10.0.0.1/8 20\n")  # host bits set: rejected
-    srv.signal(signal.SIGHUP)
-    log = wait_reload_outcome(srv, 2)
-    m = RELOAD_FAILED.search(log)
-    assert m, f"the reload did not fail:\n{log}"
-    print(m[0])
+    m = failed_reload_reason(srv)
     assert f"{rep}:2" in m[1], m[0]
     assert current_workers(srv, 2) == before
     assert score_of(c, 2, "127.0.0.1") == 10
@@ -392,12 +390,7 @@ def test_failed_reload_bad_reputation_file_keeps_old_generation(
 def test_reload_picks_up_new_reputation_data(
     start: StartServer, client: MakeClient, tmp_path: Path
 ) -> None:
-    rep = tmp_path / "rep.txt"
-    rep.write_text("127.0.0.0/8 10\n")
-    srv = start("--reputation-file", str(rep), workers=2)
-    old = current_workers(srv, 2)
-    c = client(srv.port)  # opened before the reload: it moves
-    assert score_of(c, 1, "127.0.0.1") == 10
+    rep, srv, old, c = reputation_server(start, client, tmp_path)  # c: it moves
     assert score_of(c, 2, "127.200.1.2") == 10
     rep.write_text("127.0.0.0/8 90\n")
     reload_and_wait(srv, 2)
@@ -578,13 +571,13 @@ def test_fragmented_notify_under_way_at_the_reload(start: StartServer, client: M
     frames, _, _, _ = Decoder().decode(full, 16380)
     payload = full[frames[0][F_POFF] : frames[0][F_POFF] + frames[0][F_PLEN]]
     enc = c._encoder
-    c.send(enc.frame(FrameType.NOTIFY, 1, 1, raw=payload[:4], flags=0))  # FIN clear
+    c.send(enc.raw_frame(FrameType.NOTIFY, 1, 1, payload=payload[:4], flags=0))  # FIN clear
     client_port = c.sock.getsockname()[1]
     wait_for(lambda: rx_queue(srv.port, client_port) == 0, what="the first fragment read")
     with ExitWatcher(old.values()) as watcher:
         reload_and_wait(srv, 2)
         srv.wait_log(HANDING, count=2)
-        c.send(enc.frame(FrameType.UNSET, 1, 1, raw=payload[4:], flags=1))  # the rest, FIN
+        c.send(enc.raw_frame(FrameType.UNSET, 1, 1, payload=payload[4:], flags=1))  # the rest, FIN
         assert_ack(c.read_frame(3.0), 1, 1, (SET_VAR, TXN, "ver", 1))
         wait_for(watcher.all_gone, 5.0, "the old workers to exit")
     c.notify(2, 1, ver_msg())
@@ -608,10 +601,7 @@ def test_rolling_reload_failing_midway_keeps_every_connection(
     assert set(owners.values()) == set(old.values()), owners
     conns = list(owners)
     (tmp_path / "fail-hook-worker-2").touch()
-    srv.signal(signal.SIGHUP)
-    log = wait_reload_outcome(srv, 2)
-    assert RELOAD_FAILED.search(log), log
-    print(RELOAD_FAILED.search(log)[0])  # type: ignore[index]
+    failed_reload_reason(srv)
     lost = []
     for sid, c in enumerate(conns, 1):
         try:

@@ -35,6 +35,11 @@ def score(tab: ReputationTable, addr: str) -> int | None:
     return by_int
 
 
+def assert_scores(tab: ReputationTable, expected: dict[str, int | None]) -> None:
+    """score() of every address is the one given (all compared at once)."""
+    assert {addr: score(tab, addr) for addr in expected} == expected
+
+
 # --- longest-prefix match -------------------------------------------------------------------
 
 
@@ -45,19 +50,24 @@ def test_nested_ipv4_prefixes_resolve_to_most_specific() -> None:
         "10.1.2.0/24 60",
         "10.1.2.3/32 90",
     )
-    assert score(tab, "9.255.255.255") == 1
-    assert score(tab, "10.0.0.0") == 15
-    assert score(tab, "10.1.1.255") == 15
-    assert score(tab, "10.1.2.0") == 60
-    assert score(tab, "10.1.2.2") == 60
-    assert score(tab, "10.1.2.3") == 90
-    assert score(tab, "10.1.2.4") == 60
-    assert score(tab, "10.1.2.255") == 60
-    assert score(tab, "10.1.3.0") == 15
-    assert score(tab, "10.255.255.255") == 15
-    assert score(tab, "11.0.0.0") == 1
-    assert score(tab, "0.0.0.0") == 1
-    assert score(tab, "255.255.255.255") == 1
+    assert_scores(
+        tab,
+        {
+            "9.255.255.255": 1,
+            "10.0.0.0": 15,
+            "10.1.1.255": 15,
+            "10.1.2.0": 60,
+            "10.1.2.2": 60,
+            "10.1.2.3": 90,
+            "10.1.2.4": 60,
+            "10.1.2.255": 60,
+            "10.1.3.0": 15,
+            "10.255.255.255": 15,
+            "11.0.0.0": 1,
+            "0.0.0.0": 1,
+            "255.255.255.255": 1,
+        },
+    )
 
 
 def test_nested_prefixes_order_in_file_does_not_matter() -> None:
@@ -78,30 +88,40 @@ def test_nested_ipv6_prefixes() -> None:
         "2001:db8:1:2::/64 30",
         "2001:db8:1:2::5/128 99",
     )
-    assert score(tab, "::1") == 2
-    assert score(tab, "2001:db7:ffff:ffff:ffff:ffff:ffff:ffff") == 2
-    assert score(tab, "2001:db8::") == 80
-    assert score(tab, "2001:db8:0:ffff::1") == 80
-    assert score(tab, "2001:db8:1::") == 40
-    assert score(tab, "2001:db8:1:1:ffff:ffff:ffff:ffff") == 40
-    assert score(tab, "2001:db8:1:2::") == 30
-    assert score(tab, "2001:db8:1:2::4") == 30
-    assert score(tab, "2001:db8:1:2::5") == 99
-    assert score(tab, "2001:db8:1:2::6") == 30
-    assert score(tab, "2001:db8:1:3::") == 40
-    assert score(tab, "2001:db8:2::") == 80
-    assert score(tab, "2001:db9::") == 2
-    assert score(tab, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff") == 2
+    assert_scores(
+        tab,
+        {
+            "::1": 2,
+            "2001:db7:ffff:ffff:ffff:ffff:ffff:ffff": 2,
+            "2001:db8::": 80,
+            "2001:db8:0:ffff::1": 80,
+            "2001:db8:1::": 40,
+            "2001:db8:1:1:ffff:ffff:ffff:ffff": 40,
+            "2001:db8:1:2::": 30,
+            "2001:db8:1:2::4": 30,
+            "2001:db8:1:2::5": 99,
+            "2001:db8:1:2::6": 30,
+            "2001:db8:1:3::": 40,
+            "2001:db8:2::": 80,
+            "2001:db9::": 2,
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff": 2,
+        },
+    )
 
 
 def test_ipv6_prefixes_no_longer_than_64() -> None:
     # Every boundary is a /64 multiple here, which takes the single-bisect path.
     tab = table("2001:db8::/32 80", "2001:db8:0:5::/64 10", "2a00::/12 3")
-    assert score(tab, "2001:db8:0:4:ffff:ffff:ffff:ffff") == 80
-    assert score(tab, "2001:db8:0:5::") == 10
-    assert score(tab, "2001:db8:0:5:ffff:ffff:ffff:ffff") == 10
-    assert score(tab, "2001:db8:0:6::") == 80
-    assert score(tab, "2a0f:ffff::1") == 3
+    assert_scores(
+        tab,
+        {
+            "2001:db8:0:4:ffff:ffff:ffff:ffff": 80,
+            "2001:db8:0:5::": 10,
+            "2001:db8:0:5:ffff:ffff:ffff:ffff": 10,
+            "2001:db8:0:6::": 80,
+            "2a0f:ffff::1": 3,
+        },
+    )
     assert score(tab, "2a10::") is None
     assert score(tab, "2001:db7::") is None
 
@@ -146,11 +166,16 @@ def test_range_boundaries(
 
 def test_adjacent_prefixes_keep_their_own_scores() -> None:
     tab = table("10.0.0.0/24 5", "10.0.1.0/24 5", "10.0.2.0/24 6", "10.0.2.0/25 5")
-    assert score(tab, "10.0.0.0") == 5
-    assert score(tab, "10.0.1.255") == 5
-    assert score(tab, "10.0.2.0") == 5
-    assert score(tab, "10.0.2.127") == 5
-    assert score(tab, "10.0.2.128") == 6
+    assert_scores(
+        tab,
+        {
+            "10.0.0.0": 5,
+            "10.0.1.255": 5,
+            "10.0.2.0": 5,
+            "10.0.2.127": 5,
+            "10.0.2.128": 6,
+        },
+    )
     assert score(tab, "10.0.3.0") is None
 
 
@@ -235,11 +260,16 @@ def test_comments_blank_lines_and_whitespace(tmp_path: Path) -> None:
     )
     tab = ReputationTable.load(path)
     assert len(tab) == 5
-    assert score(tab, "10.0.0.1") == 15
-    assert score(tab, "10.1.0.1") == 20
-    assert score(tab, "2001:db8::1") == 80
-    assert score(tab, "192.0.2.1") == 5
-    assert score(tab, "192.0.2.2") == 6
+    assert_scores(
+        tab,
+        {
+            "10.0.0.1": 15,
+            "10.1.0.1": 20,
+            "2001:db8::1": 80,
+            "192.0.2.1": 5,
+            "192.0.2.2": 6,
+        },
+    )
     assert score(tab, "192.0.2.3") is None
 
 

@@ -14,8 +14,9 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
+from support.processes import Process
 from support.server import Server
-from support.waits import accepting, free_port, wait_for
+from support.waits import free_port, wait_for
 
 from spoa_mp import send
 from spoa_mp.codec import Encoder, FrameType, Status
@@ -168,22 +169,16 @@ def test_unix_socket(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def example_agent() -> Iterator[int]:
+def example_agent(tmp_path: Path) -> Iterator[int]:
     if not os.access(EXAMPLE_AGENT, os.X_OK):
         pytest.skip(f"HAProxy's example agent is not at {EXAMPLE_AGENT}")
     port = free_port()
-    proc = subprocess.Popen(
-        [str(EXAMPLE_AGENT), "-p", str(port), "-n", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = Process("spoa-example", [str(EXAMPLE_AGENT), "-p", str(port), "-n", "1"], tmp_path)
     try:
-        wait_for(lambda: proc.poll() is not None or accepting(port), 10.0, "spoa-example")
-        assert proc.poll() is None, "spoa-example exited"
+        proc.wait_accepting(port, 10.0)
         yield port
     finally:
         proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.e2e
@@ -211,7 +206,7 @@ def refusing_peer() -> Iterator[int]:
     """Answers any HELLO with AGENT-DISCONNECT status 8 (bad version), then closes."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
-    frame = Encoder().frame(
+    frame = Encoder().kv_frame(
         FrameType.AGENT_DISCONNECT, 0, 0,
         kv=[("status-code", UInt32(Status.BAD_VERSION)), ("message", "unsupported version")],
     )  # fmt: skip

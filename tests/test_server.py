@@ -4,7 +4,8 @@ process tree, driven over TCP on 127.0.0.1 by a small SPOP client.
 Every wait is bounded and polls a condition (tests/support/server.py); every
 server runs in its own session and is killed with its whole process group at
 teardown, and its stderr is printed then (pytest shows it when a test fails).
-Test apps are written to tmp_path, which is the server's working directory.
+Test apps (tests/support/apps.py and two here) are written to tmp_path, which
+is the server's working directory.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.apps import TEST_APP, slow_msg
 from support.processes import gone, owner_of, title
 from support.server import SUPERVISOR_TITLE, Server, started
-from support.spop_peer import Frame, SpopClient, vector
+from support.spop_peer import Frame, SpopClient, handshaken, vector
 from support.waits import HOST, connect_refused, wait_for
 
 from spoa_mp.codec import FrameType, Status
@@ -33,43 +35,6 @@ pytestmark = pytest.mark.e2e
 
 SET_VAR = 1
 SESS, TXN = 1, 2
-
-# Handlers of the tests. `slow` logs "slow start N" once it runs (the tests
-# wait for that line instead of sleeping), then sleeps MS milliseconds.
-TEST_APP = """
-import asyncio
-import logging
-import time
-
-from spoa_mp.agent import Agent
-from spoa_mp.model import set_var
-
-log = logging.getLogger("testapp")
-agent = Agent("testapp")
-
-
-@agent.on_message("fast")
-def fast(msg):
-    return set_var("txn", "fast", 1)
-
-
-@agent.on_message("boom")
-def boom(msg):
-    raise ValueError("kaboom from the boom handler")
-
-
-@agent.on_message("hang")
-def hang(msg):
-    time.sleep(3600)
-
-
-@agent.on_message("slow")
-async def slow(msg):
-    n = msg[0]
-    log.info("slow start %s", n)
-    await asyncio.sleep(msg[1] / 1000)
-    return set_var("txn", "slow", n)
-"""
 
 BOOT_FAIL_APP = """
 from spoa_mp.agent import Agent
@@ -110,32 +75,13 @@ def start(app_dir: Path, servers: list[Server]) -> StartServer:
     return _start
 
 
-@pytest.fixture
-def client(clients: list[SpopClient]) -> MakeClient:
-    """client(port): a connected SpopClient, closed at teardown."""
-
-    def _client(port: int) -> SpopClient:
-        c = SpopClient(port)
-        clients.append(c)
-        return c
-
-    return _client
-
-
 def ready_client(make: MakeClient, port: int) -> SpopClient:
     """A client whose HAProxy 2.6 handshake is done."""
-    c = make(port)
-    hello = c.hello("haproxy-hello 2.6")
-    assert hello.type == FrameType.AGENT_HELLO, hello
-    return c
+    return handshaken(make(port))
 
 
 def ip_msg(i: int) -> list[tuple[str, list[tuple[str, object]]]]:
     return [("check-client-ip", [("", IPv4Address(0x0A000000 + i % 2**24))])]
-
-
-def slow_msg(n: int, ms: int) -> list[tuple[str, list[tuple[str, object]]]]:
-    return [("slow", [("n", n), ("ms", ms)])]
 
 
 def assert_ip_score_ack(ack: Frame) -> None:
@@ -456,16 +402,25 @@ def test_garbage_never_kills_a_worker(start: StartServer, client: MakeClient) ->
 # ------------------------------------------------------------------ 8. stopping
 
 
+def slow_in_flight(
+    start: StartServer, make: MakeClient, sid: int, fid: int, n: int, ms: int
+) -> tuple[Server, SpopClient, list[psutil.Process]]:
+    """(a server of 2 workers with --graceful-timeout 5, a client whose
+    NOTIFY sid/fid of slow_msg(n, ms) is running, the server's processes)."""
+    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
+    srv.wait_workers(lambda w: len(w) == 2)
+    procs = [srv.ps, *srv.children()]
+    c = ready_client(make, srv.port)
+    c.notify(sid, fid, slow_msg(n, ms))
+    srv.wait_log(rf"slow start {n}")
+    return srv, c, procs
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_graceful_stop_finishes_in_flight_work(
     start: StartServer, client: MakeClient, signum: int
 ) -> None:
-    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
-    srv.wait_workers(lambda w: len(w) == 2)
-    procs = [srv.ps, *srv.children()]
-    c = ready_client(client, srv.port)
-    c.notify(3, 4, slow_msg(7, 1000))
-    srv.wait_log(r"slow start 7")
+    srv, c, procs = slow_in_flight(start, client, 3, 4, 7, 1000)
 
     t0 = time.monotonic()
     srv.signal(signum)
@@ -487,10 +442,7 @@ def test_graceful_stop_finishes_in_flight_work(
 def test_graceful_stop_refuses_new_connections_at_once(
     start: StartServer, client: MakeClient
 ) -> None:
-    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
-    c = ready_client(client, srv.port)
-    c.notify(3, 4, slow_msg(8, 1500))
-    srv.wait_log(r"slow start 8")
+    srv, c, _ = slow_in_flight(start, client, 3, 4, 8, 1500)
     srv.signal(signal.SIGTERM)
     t0 = time.monotonic()
 
@@ -518,12 +470,7 @@ def test_graceful_stop_refuses_new_connections_at_once(
 
 
 def test_sigquit_stops_at_once(start: StartServer, client: MakeClient) -> None:
-    srv = start("--app", "testapp:agent", "--graceful-timeout", "5", workers=2)
-    srv.wait_workers(lambda w: len(w) == 2)
-    procs = [srv.ps, *srv.children()]
-    c = ready_client(client, srv.port)
-    c.notify(1, 1, slow_msg(9, 30_000))
-    srv.wait_log(r"slow start 9")
+    srv, c, procs = slow_in_flight(start, client, 1, 1, 9, 30_000)
     t0 = time.monotonic()
     srv.signal(signal.SIGQUIT)
     code = srv.wait_exit(5)

@@ -16,7 +16,6 @@ Every wait has a deadline; only 127.0.0.1, ::1 and Unix sockets are used.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -26,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.processes import Process
 from support.waits import free_port
 
 from spoa_mp import systemd
@@ -55,19 +54,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees (or leaves behind) the variables of the runner's own systemd."""
     for name in LISTEN_VARS + NOTIFY_VARS:
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def sockdir(tmp_path: Path) -> Iterator[Path]:
-    """A directory for Unix sockets (sun_path holds 107 bytes: keep it short)."""
-    if len(str(tmp_path)) < 80:
-        yield tmp_path
-        return
-    short = Path(tempfile.mkdtemp(prefix="spoa-sd-", dir="/tmp"))
-    try:
-        yield short
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
 
 
 # ------------------------------------------------- listen_fds in a forked child
@@ -381,16 +367,24 @@ def receiver(request: pytest.FixtureRequest, sockdir: Path) -> Iterator[tuple[st
         yield address, sock
 
 
+Notified = tuple[Notifier, str, socket.socket]
+
+
+@pytest.fixture
+def notified(monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]) -> Notified:
+    """(Notifier.from_environment() with NOTIFY_SOCKET naming the receiver,
+    that address, the receiver's socket)."""
+    address, sock = receiver
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    return Notifier.from_environment(), address, sock
+
+
 def _no_datagram(sock: socket.socket) -> bool:
     return not select.select([sock], [], [], 0.05)[0]
 
 
-def test_notifier_sends_one_datagram_per_call(
-    monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]
-) -> None:
-    address, sock = receiver
-    monkeypatch.setenv("NOTIFY_SOCKET", address)
-    notifier = Notifier.from_environment()
+def test_notifier_sends_one_datagram_per_call(notified: Notified) -> None:
+    notifier, address, sock = notified
     assert notifier.enabled
     assert notifier.address == address
     assert "NOTIFY_SOCKET" not in os.environ  # workers must not notify
@@ -414,12 +408,8 @@ def test_notifier_sends_one_datagram_per_call(
     assert _no_datagram(sock)
 
 
-def test_notifier_reloading_carries_the_monotonic_clock(
-    monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]
-) -> None:
-    address, sock = receiver
-    monkeypatch.setenv("NOTIFY_SOCKET", address)
-    notifier = Notifier.from_environment()
+def test_notifier_reloading_carries_the_monotonic_clock(notified: Notified) -> None:
+    notifier, _, sock = notified
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert notifier.reloading()
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -513,12 +503,8 @@ def test_vanished_notify_socket_never_raises(
     assert all(r.levelname == "DEBUG" for r in failures)
 
 
-def test_closed_receiver_never_raises(
-    monkeypatch: pytest.MonkeyPatch, receiver: tuple[str, socket.socket]
-) -> None:
-    address, sock = receiver
-    monkeypatch.setenv("NOTIFY_SOCKET", address)
-    notifier = Notifier.from_environment()
+def test_closed_receiver_never_raises(notified: Notified) -> None:
+    notifier, _, sock = notified
     sock.close()  # the manager went away (abstract name released, path left dangling)
     assert notifier.ready() is False
 
@@ -691,7 +677,7 @@ def _read_all(conn: socket.socket, deadline: float) -> bytes:
 
 
 @pytest.mark.e2e
-def test_systemd_socket_activate_passes_a_listening_socket(sockdir: Path) -> None:
+def test_systemd_socket_activate_passes_a_listening_socket(sockdir: Path, tmp_path: Path) -> None:
     tool = _tool("systemd-socket-activate")
     port = free_port()
     unix_path = sockdir / "admin.sock"
@@ -707,27 +693,21 @@ def test_systemd_socket_activate_passes_a_listening_socket(sockdir: Path) -> Non
         "-c",
         CHILD_SCRIPT,
     ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        env={k: v for k, v in os.environ.items() if k not in LISTEN_VARS + NOTIFY_VARS},
-    )
+    env = {k: v for k, v in os.environ.items() if k not in LISTEN_VARS + NOTIFY_VARS}
+    proc = Process("socket-activate", cmd, tmp_path, env=env)
     try:
         deadline = time.monotonic() + CHILD_TIMEOUT
         # it listens, waits for a first connection, then execs the child (same pid)
         with _connect_until(port, deadline) as conn:
             conn.settimeout(IO_TIMEOUT)
             data = _read_all(conn, deadline)
-        proc.wait(timeout=CHILD_TIMEOUT)
+        proc.wait(CHILD_TIMEOUT)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=CHILD_TIMEOUT)
-    assert data, err.decode(errors="replace")
+        proc.kill()
+    err = proc.stderr()
+    assert data, err
     report = json.loads(data)
-    assert proc.returncode == 0, err.decode(errors="replace")
+    assert proc.returncode == 0, err
 
     assert report["pid"] == proc.pid  # exec'd in place: LISTEN_PID is right
     assert report["accepted_by"] != proc.pid

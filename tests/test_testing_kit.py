@@ -17,8 +17,9 @@ import psutil
 import pytest
 
 from spoa_mp.agent import Agent
+from spoa_mp.dispatch import DispatchSettings
 from spoa_mp.model import DataType, Int32, Message, String, UInt64, set_var, unset_var
-from spoa_mp.testing import AgentClient, Msg, RunningAgent, SpoaError, serve
+from spoa_mp.testing import AgentClient, Msg, RunningAgent, ServeTimeouts, SpoaError, serve
 
 pytest_plugins = ["spoa_mp.testing_pytest"]
 
@@ -157,6 +158,15 @@ def test_server_wide_handler_timeout_applies_to_handlers_without_one() -> None:
     with AgentClient(make_agent(), handler_timeout=0.05) as c:
         result = c.send("forever")
     assert (result.actions, result.timed_out) == ([], True)
+    assert c.timeouts == {"forever": 1}
+
+
+def test_the_server_dispatch_settings_apply_and_handler_timeout_replaces_theirs() -> None:
+    with AgentClient(make_agent(), dispatch=DispatchSettings(handler_timeout=0.05)) as c:
+        assert c.send("forever").timed_out
+    settings = DispatchSettings(handler_timeout=60, blocking_threads=1)
+    with AgentClient(make_agent(), handler_timeout=0.05, dispatch=settings) as c:
+        assert c.send("forever").timed_out  # within the ACK wait: 0.05 s won, not 60
     assert c.timeouts == {"forever": 1}
 
 
@@ -337,6 +347,16 @@ def test_serve_reports_a_server_that_cannot_start(app_dir: Path) -> None:
     with (
         pytest.raises(SpoaError, match=r"exited with status 2[\s\S]*nosuchmodule"),
         serve("nosuchmodule:agent", cwd=app_dir),
+    ):
+        pass
+
+
+@pytest.mark.e2e
+def test_serve_gives_up_on_a_server_not_ready_within_timeouts_start(app_dir: Path) -> None:
+    # two workers asked for, the ready lines of both cannot come within 1 ms
+    with (
+        pytest.raises(SpoaError, match=r"no (listening socket|2 worker\(s\) ready) within 0.001 s"),
+        serve("kitapp:agent", workers=2, cwd=app_dir, timeouts=ServeTimeouts(start=0.001)),
     ):
         pass
 

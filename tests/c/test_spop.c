@@ -57,24 +57,16 @@ static int check_(int ok, const char *file, int line, const char *expr, const ch
     return ok;
 }
 
-static int check_eq_(long long got, long long exp, const char *file, int line,
-                     const char *fmt, ...)
+/* EQ and EQU: got == exp, both printed (as signed values when is_signed). */
+static int check_equal_(int is_signed, unsigned long long got, unsigned long long exp, const char *file,
+                        int line, const char *fmt, ...)
 {
     char detail[96];
     va_list ap;
-    snprintf(detail, sizeof(detail), "got %lld, expected %lld", got, exp);
-    va_start(ap, fmt);
-    report(got == exp, file, line, detail, fmt, ap);
-    va_end(ap);
-    return got == exp;
-}
-
-static int check_equ_(unsigned long long got, unsigned long long exp, const char *file,
-                      int line, const char *fmt, ...)
-{
-    char detail[96];
-    va_list ap;
-    snprintf(detail, sizeof(detail), "got %llu, expected %llu", got, exp);
+    if (is_signed)
+        snprintf(detail, sizeof(detail), "got %lld, expected %lld", (long long)got, (long long)exp);
+    else
+        snprintf(detail, sizeof(detail), "got %llu, expected %llu", got, exp);
     va_start(ap, fmt);
     report(got == exp, file, line, detail, fmt, ap);
     va_end(ap);
@@ -83,9 +75,11 @@ static int check_equ_(unsigned long long got, unsigned long long exp, const char
 
 /* CHECK(cond, fmt, ...): one check. EQ/EQU: one check, printing both values. */
 #define CHECK(cond, ...) check_((cond) != 0, __FILE__, __LINE__, #cond, __VA_ARGS__)
-#define EQ(got, exp, ...) check_eq_((long long)(got), (long long)(exp), __FILE__, __LINE__, __VA_ARGS__)
+#define EQ(got, exp, ...)                                                                     \
+    check_equal_(1, (unsigned long long)(long long)(got), (unsigned long long)(long long)(exp), __FILE__, \
+                 __LINE__, __VA_ARGS__)
 #define EQU(got, exp, ...) \
-    check_equ_((unsigned long long)(got), (unsigned long long)(exp), __FILE__, __LINE__, __VA_ARGS__)
+    check_equal_(0, (unsigned long long)(got), (unsigned long long)(exp), __FILE__, __LINE__, __VA_ARGS__)
 
 /* ------------------------------------------------------------ buffers */
 
@@ -259,64 +253,48 @@ typedef struct {
 #define SETVAR(sc, n, t, v, num) {SPOP_ITEM_ACTION, t, 3, SPOP_ACTION_SET_VAR, sc, n, v, num}
 #define UNSETVAR(sc, n) {SPOP_ITEM_ACTION, SPOP_DATA_NULL, 2, SPOP_ACTION_UNSET_VAR, sc, n, NOVAL, 0}
 
+/* Item groups that several vectors share. */
+#define CCI_IPV4 MSG(B("check-client-ip"), 1), ARG(B(""), 6, B("\x7f\x00\x00\x01"), 0ull)
+#define STATUS_KV(code, msg) KV(B("status-code"), 3, NOVAL, code), KV(B("message"), 8, B(msg), 0ull)
+#define HELLO_KV(version_key, caps)                                                      \
+    KV(B(version_key), 8, B("2.0"), 0ull), KV(B("max-frame-size"), 3, NOVAL, 16380ull), \
+        KV(B("capabilities"), 8, B(caps), 0ull)
+
 /* Generated from spop-vectors.json; integers are the raw 64-bit patterns. */
 static const exp_frame FRAME_VECTORS[] = {
     {"haproxy-hello 2.6",
      "000000810100000001000012737570706f727465642d76657273696f6e730803322e300e6d61782d6672616d652d73697a6503fcf0060c6361706162696c69746965730810706970656c696e696e672c6173796e6309656e67696e652d6964082462393138633366632d373566312d346665322d613566662d333438393063663930626238",
      1, 1, 0ull, 0ull, 1, 4, {
-         KV(B("supported-versions"), 8, B("2.0"), 0ull),
-         KV(B("max-frame-size"), 3, NOVAL, 16380ull),
-         KV(B("capabilities"), 8, B("pipelining,async"), 0ull),
+         HELLO_KV("supported-versions", "pipelining,async"),
          KV(B("engine-id"), 8, B("b918c3fc-75f1-4fe2-a5ff-34890cf90bb8"), 0ull),
      }},
     {"haproxy-hello 3.x",
      "0000007b0100000001000012737570706f727465642d76657273696f6e730803322e300e6d61782d6672616d652d73697a6503fcf0060c6361706162696c6974696573080a706970656c696e696e6709656e67696e652d6964082463636334333638352d383636612d343834352d623139632d623064666365636561366136",
      1, 1, 0ull, 0ull, 1, 4, {
-         KV(B("supported-versions"), 8, B("2.0"), 0ull),
-         KV(B("max-frame-size"), 3, NOVAL, 16380ull),
-         KV(B("capabilities"), 8, B("pipelining"), 0ull),
+         HELLO_KV("supported-versions", "pipelining"),
          KV(B("engine-id"), 8, B("ccc43685-866a-4845-b19c-b0dfcecea6a6"), 0ull),
      }},
     {"haproxy-hello healthcheck",
      "0000004e0100000001000012737570706f727465642d76657273696f6e730803322e300e6d61782d6672616d652d73697a6503fcf0060c6361706162696c697469657308000b6865616c7468636865636b11",
      1, 1, 0ull, 0ull, 1, 4, {
-         KV(B("supported-versions"), 8, B("2.0"), 0ull),
-         KV(B("max-frame-size"), 3, NOVAL, 16380ull),
-         KV(B("capabilities"), 8, B(""), 0ull),
+         HELLO_KV("supported-versions", ""),
          KV(B("healthcheck"), 1, NOVAL, 1ull),
      }},
     {"agent-hello no capability",
      "00000036650000000100000776657273696f6e0803322e300e6d61782d6672616d652d73697a6503fcf0060c6361706162696c69746965730800",
-     101, 1, 0ull, 0ull, 1, 3, {
-         KV(B("version"), 8, B("2.0"), 0ull),
-         KV(B("max-frame-size"), 3, NOVAL, 16380ull),
-         KV(B("capabilities"), 8, B(""), 0ull),
-     }},
+     101, 1, 0ull, 0ull, 1, 3, {HELLO_KV("version", "")}},
     {"agent-hello pipelining",
      "00000040650000000100000776657273696f6e0803322e300e6d61782d6672616d652d73697a6503fcf0060c6361706162696c6974696573080a706970656c696e696e67",
-     101, 1, 0ull, 0ull, 1, 3, {
-         KV(B("version"), 8, B("2.0"), 0ull),
-         KV(B("max-frame-size"), 3, NOVAL, 16380ull),
-         KV(B("capabilities"), 8, B("pipelining"), 0ull),
-     }},
+     101, 1, 0ull, 0ull, 1, 3, {HELLO_KV("version", "pipelining")}},
     {"notify check-client-ip ipv4 sid 0 (2.6 first stream)",
      "0000001e030000000100010f636865636b2d636c69656e742d69700100067f000001",
-     3, 1, 0ull, 1ull, 1, 2, {
-         MSG(B("check-client-ip"), 1),
-         ARG(B(""), 6, B("\x7f\x00\x00\x01"), 0ull),
-     }},
+     3, 1, 0ull, 1ull, 1, 2, {CCI_IPV4}},
     {"notify check-client-ip ipv4 sid 20",
      "0000001e030000000114010f636865636b2d636c69656e742d69700100067f000001",
-     3, 1, 20ull, 1ull, 1, 2, {
-         MSG(B("check-client-ip"), 1),
-         ARG(B(""), 6, B("\x7f\x00\x00\x01"), 0ull),
-     }},
+     3, 1, 20ull, 1ull, 1, 2, {CCI_IPV4}},
     {"notify check-client-ip ipv4 sid 3 (3.x)",
      "0000001e030000000103010f636865636b2d636c69656e742d69700100067f000001",
-     3, 1, 3ull, 1ull, 1, 2, {
-         MSG(B("check-client-ip"), 1),
-         ARG(B(""), 6, B("\x7f\x00\x00\x01"), 0ull),
-     }},
+     3, 1, 3ull, 1ull, 1, 2, {CCI_IPV4}},
     {"notify check-client-ip ipv6 named arg, sid 300",
      "0000002d0300000001fc03010f636865636b2d636c69656e742d6970010269700720010db8000000000000000000000001",
      3, 1, 300ull, 1ull, 1, 2, {
@@ -339,61 +317,30 @@ static const exp_frame FRAME_VECTORS[] = {
          ARG(B("s"), 8, B("h\xc3\xa9"), 0ull),
          ARG(B("e"), 8, B(""), 0ull),
          ARG(B("b"), 9, B("\x00\xff"), 0ull),
-         MSG(B("check-client-ip"), 1),
-         ARG(B(""), 6, B("\x7f\x00\x00\x01"), 0ull),
+         CCI_IPV4,
      }},
     {"ack set-var sess ip_score uint32 42",
      "00000015670000000114010103010869705f73636f7265032a",
-     103, 1, 20ull, 1ull, 1, 1, {
-         SETVAR(1, B("ip_score"), 3, NOVAL, 42ull),
-     }},
+     103, 1, 20ull, 1ull, 1, 1, {SETVAR(1, B("ip_score"), 3, NOVAL, 42ull)}},
     {"ack set-var sess ip_score int32 42",
      "00000015670000000114010103010869705f73636f7265022a",
-     103, 1, 20ull, 1ull, 1, 1, {
-         SETVAR(1, B("ip_score"), 2, NOVAL, 42ull),
-     }},
+     103, 1, 20ull, 1ull, 1, 1, {SETVAR(1, B("ip_score"), 2, NOVAL, 42ull)}},
     {"ack empty",
      "0000000767000000010101",
-     103, 1, 1ull, 1ull, 1, 0, {
-     }},
+     103, 1, 1ull, 1ull, 1, 0, {}},
     {"ack unset-var txn foo",
      "0000000e6700000001010102020203666f6f",
-     103, 1, 1ull, 1ull, 1, 1, {
-         UNSETVAR(2, B("foo")),
-     }},
+     103, 1, 1ull, 1ull, 1, 1, {UNSETVAR(2, B("foo"))}},
     {"ack set-var txn n int64 -1",
      "0000001767000000010101010302016e04fff0fefefefefefefe0e",
-     103, 1, 1ull, 1ull, 1, 1, {
-         SETVAR(2, B("n"), 4, NOVAL, 18446744073709551615ull),
-     }},
-    {"haproxy-disconnect 0 normal",
-     "00000025020000000100000b7374617475732d636f64650300076d65737361676508066e6f726d616c",
-     2, 1, 0ull, 0ull, 1, 2, {
-         KV(B("status-code"), 3, NOVAL, 0ull),
-         KV(B("message"), 8, B("normal"), 0ull),
-     }},
-    {"haproxy-disconnect 2 timeout",
-     "00000031020000000100000b7374617475732d636f64650302076d6573736167650812612074696d656f7574206f63637572726564",
-     2, 1, 0ull, 0ull, 1, 2, {
-         KV(B("status-code"), 3, NOVAL, 2ull),
-         KV(B("message"), 8, B("a timeout occurred"), 0ull),
-     }},
-    {"agent-disconnect 0 normal",
-     "00000025660000000100000b7374617475732d636f64650300076d65737361676508066e6f726d616c",
-     102, 1, 0ull, 0ull, 1, 2, {
-         KV(B("status-code"), 3, NOVAL, 0ull),
-         KV(B("message"), 8, B("normal"), 0ull),
-     }},
-    {"haproxy-disconnect 8 unsupported version",
-     "00000032020000000100000b7374617475732d636f64650308076d6573736167650813756e737570706f727465642076657273696f6e",
-     2, 1, 0ull, 0ull, 1, 2, {
-         KV(B("status-code"), 3, NOVAL, 8ull),
-         KV(B("message"), 8, B("unsupported version"), 0ull),
-     }},
+     103, 1, 1ull, 1ull, 1, 1, {SETVAR(2, B("n"), 4, NOVAL, 18446744073709551615ull)}},
+    {"haproxy-disconnect 0 normal", "00000025020000000100000b7374617475732d636f64650300076d65737361676508066e6f726d616c", 2, 1, 0ull, 0ull, 1, 2, {STATUS_KV(0ull, "normal")}},
+    {"haproxy-disconnect 2 timeout", "00000031020000000100000b7374617475732d636f64650302076d6573736167650812612074696d656f7574206f63637572726564", 2, 1, 0ull, 0ull, 1, 2, {STATUS_KV(2ull, "a timeout occurred")}},
+    {"agent-disconnect 0 normal", "00000025660000000100000b7374617475732d636f64650300076d65737361676508066e6f726d616c", 102, 1, 0ull, 0ull, 1, 2, {STATUS_KV(0ull, "normal")}},
+    {"haproxy-disconnect 8 unsupported version", "00000032020000000100000b7374617475732d636f64650308076d6573736167650813756e737570706f727465642076657273696f6e", 2, 1, 0ull, 0ull, 1, 2, {STATUS_KV(8ull, "unsupported version")}},
     {"unset fragment fin+abort",
      "0000000700000000031401",
-     0, 3, 20ull, 1ull, 0, 0, {
-     }},
+     0, 3, 20ull, 1ull, 0, 0, {}},
 };
 static const exp_varint VARINT_VECTORS[] = {
     {0ull, "00"},
@@ -1519,6 +1466,17 @@ static int batch_decode(const uint8_t *buf, size_t len, uint32_t mfs, const uint
     return batch_run(b, buf, len, 0, mfs);
 }
 
+/* spop_decode_batch of buf placed at a page end (an over-read faults), with
+ * the standard names read from `names` (on the heap or in static memory). */
+static int batch_at_page_end(hbatch *b, const uint8_t *buf, size_t len, const uint8_t *names)
+{
+    batch_arrays(b, MAX_FRAMES, MAX_ITEMS);
+    b->c.names = names;
+    b->c.names_len = (uint32_t)g_names_len;
+    b->c.n_names = BATCH_N_NAMES;
+    return batch_run(b, guard_place(buf, len), len, 0, SPOP_DEFAULT_FRAME_SIZE);
+}
+
 /* With the standard names unless `empty_names` (then every plain frame is 0). */
 static uint32_t expected_idx(const batch_frame *e, int empty_names)
 {
@@ -1674,11 +1632,7 @@ static void test_decode_batch(void)
         memcpy(cols, b.cols, sizeof(cols));
         uint8_t *names_heap = dup_exact(g_names, g_names_len);
         hbatch b2;
-        batch_arrays(&b2, MAX_FRAMES, MAX_ITEMS);
-        b2.c.names = names_heap;
-        b2.c.names_len = (uint32_t)g_names_len;
-        b2.c.n_names = BATCH_N_NAMES;
-        rc = batch_run(&b2, guard_place(mixed, mlen), mlen, 0, SPOP_DEFAULT_FRAME_SIZE);
+        rc = batch_at_page_end(&b2, mixed, mlen, names_heap);
         CHECK(rc == (int)N_MIXED && b2.n_plain == xm.n_plain && b2.n_items == xm.n_items && b2.consumed == mlen &&
                   memcmp(cols, b2.cols, sizeof(cols)) == 0,
               "batch mixed at a page end: same results");
@@ -1787,11 +1741,7 @@ static void test_decode_batch(void)
             }
             /* the input at a page end, the names in static memory */
             hbatch b2;
-            batch_arrays(&b2, MAX_FRAMES, MAX_ITEMS);
-            b2.c.names = g_names;
-            b2.c.names_len = (uint32_t)g_names_len;
-            b2.c.n_names = BATCH_N_NAMES;
-            rc = batch_run(&b2, guard_place(tmp, p), p, 0, SPOP_DEFAULT_FRAME_SIZE);
+            rc = batch_at_page_end(&b2, tmp, p, g_names);
             ok = rc == x.rc && b2.n_frames == x.n_frames && b2.n_plain == x.n_plain && b2.n_items == x.n_items &&
                  b2.consumed == x.consumed && b2.status == 0;
             if (page_ok && !ok) {

@@ -25,8 +25,8 @@ from support.haproxy import (
     HAProxyBinary,
     HAProxyConfig,
     SpoeForm,
-    check_config,
     haproxy_params,
+    start_haproxy,
 )
 from support.processes import Process, ProcessExitedError
 from support.server import SpoaProcess, spoa_command
@@ -139,16 +139,7 @@ def haproxy_factory(
         config = config_class(
             agent_port, form, workdir, socket_dir, **settings, haproxy=haproxy_bin
         )
-        config.write()
-        checked = check_config(config.cfg_path, haproxy_bin)
-        assert checked.returncode == 0, (
-            f"haproxy -c -f {config.cfg_path} failed ({checked.returncode}):\n"
-            f"{checked.stdout}{checked.stderr}\n{config.cfg_path.read_text()}"
-        )
-        proc = HAProxy(config, tmp_path)
-        processes.append(proc)
-        proc.wait_ready()
-        return proc
+        return start_haproxy(config, tmp_path, processes, HAProxy)
 
     return start
 

@@ -88,6 +88,17 @@ def generate(
     return proc
 
 
+def generator_options(haproxy_bin: HAProxyBinary, port: int, app_server: int) -> list[str]:
+    """The `haproxy-config` options of every test here: the syntax of
+    `haproxy_bin`, the frontend on `port`, the application on `app_server`."""
+    return [
+        "--haproxy", haproxy_bin.generator_version,
+        "--frontend-bind", f"{HOST}:{port}",
+        "--upstream", f"{HOST}:{app_server}",
+        "--processing-timeout", "1s",  # a loaded test machine; the rest is as generated
+    ]  # fmt: skip
+
+
 def start_haproxy(
     out_dir: Path,
     socket_dir: Path,
@@ -111,15 +122,7 @@ def start_haproxy(
     haproxy = HAProxy(harness, tmp_path)
     processes.append(haproxy)
 
-    def frontend_open() -> bool:
-        haproxy.check_alive()
-        try:
-            rows = haproxy.show_stat()
-        except (OSError, RuntimeError):
-            return False
-        return any(r["pxname"] == FRONTEND and r["status"] == "OPEN" for r in rows)
-
-    wait_for(frontend_open, START_TIMEOUT, "HAProxy's stats socket and frontend")
+    haproxy.wait_ready(frontends=(FRONTEND,))
     return haproxy
 
 
@@ -157,12 +160,9 @@ def test_generated_config_denies_low_scores(
         prefix,
         serve_argv,
         out_dir,
-        "--haproxy", haproxy_bin.generator_version,
-        "--frontend-bind", f"{HOST}:{port}",
-        "--upstream", f"{HOST}:{app_server}",
-        "--processing-timeout", "1s",  # a loaded test machine; the rest is as generated
+        *generator_options(haproxy_bin, port, app_server),
         *options,
-    )  # fmt: skip
+    )
     assert f"wrote {out_dir}/haproxy.cfg" in proc.stdout
     cfg = (out_dir / "haproxy.cfg").read_text()
     assert f"server agent1 {HOST}:{spoa.port} check inter 5s" in cfg
@@ -200,11 +200,8 @@ def test_generated_config_over_a_unix_socket(
         prefix,
         serve_argv,
         out_dir,
-        "--haproxy", haproxy_bin.generator_version,
-        "--frontend-bind", f"{HOST}:{port}",
-        "--upstream", f"{HOST}:{app_server}",
-        "--processing-timeout", "1s",
-    )  # fmt: skip
+        *generator_options(haproxy_bin, port, app_server),
+    )
     assert (
         f"server agent1 unix@{agent_socket} check inter 5s" in (out_dir / "haproxy.cfg").read_text()
     )

@@ -97,19 +97,17 @@ def haproxy_hello(
         kv.append(("engine-id", String(engine_id.encode())))
     if healthcheck:
         kv.append(("healthcheck", True))
-    return ENCODER.frame(FrameType.HAPROXY_HELLO, 0, 0, kv=kv)
+    return ENCODER.kv_frame(FrameType.HAPROXY_HELLO, 0, 0, kv=kv)
 
 
 def notify(sid: int, address: str, arg_name: str = "", fid: int = 1) -> bytes:
     """NOTIFY with one check-client-ip message (`args src` / `args ip=src`)."""
     ip: IPv4Address | IPv6Address = ip_address(address)
-    return ENCODER.frame(
-        FrameType.NOTIFY, sid, fid, messages=[("check-client-ip", [(arg_name, ip)])]
-    )
+    return ENCODER.notify_frame(sid, fid, messages=[("check-client-ip", [(arg_name, ip)])])
 
 
 def haproxy_disconnect(status: int = 0, message: str = "normal") -> bytes:
-    return ENCODER.frame(
+    return ENCODER.kv_frame(
         FrameType.HAPROXY_DISCONNECT,
         0,
         0,

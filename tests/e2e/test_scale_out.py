@@ -52,13 +52,14 @@ from support.haproxy import (
     HttpResponse,
     SpoeForm,
     agent_backend_mode,
-    check_config,
     http_get,
+    render_common_cfg,
     render_spoe_cfg,
+    start_haproxy,
 )
 from support.processes import Process
 from support.server import SpoaProcess
-from support.waits import HOST, IO_TIMEOUT, START_TIMEOUT, wait_for
+from support.waits import HOST, IO_TIMEOUT, wait_for
 
 from .conftest import REPUTATION_LINES, SpoaFactory
 
@@ -145,27 +146,9 @@ def render_scale_out_cfg(c: ScaleOutConfig) -> str:
         f" fall {c.fall} rise {c.rise}"
         for name, port in zip(SERVERS, c.agent_ports, strict=True)
     )
-    return f"""\
-global
-    log stderr format raw local0 info
-    stats socket {c.stats_socket} mode 600 level admin
-    stats timeout 30s
-    nbthread {c.nbthread}
-
-defaults
-    mode http
-    log global
-    option httplog
-    timeout connect 5s
-    timeout client  30s
-    timeout server  30s
-
-frontend score
-    bind {HOST}:{c.score_port}
-    filter spoe engine iprep config {c.spoe_path}
-    http-request return status 200 content-type text/plain lf-string \
-"score=%[var(sess.iprep.ip_score)] err=%[var(txn.iprep.error)]\\n"
-
+    return (
+        render_common_cfg(c, f"    nbthread {c.nbthread}\n")
+        + f"""
 backend {AGENT_BACKEND}
     {agent_backend_mode(c.haproxy)}
     balance roundrobin
@@ -176,21 +159,13 @@ backend {AGENT_BACKEND}
     option spop-check
 {servers}
 """
+    )
 
 
 class ScaleOutHAProxy(HAProxy):
     """HAProxy on a ScaleOutConfig: one frontend, the servers' states by name."""
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        def ready() -> bool:
-            self.check_alive()
-            try:
-                rows = self.show_stat()
-            except (OSError, RuntimeError):
-                return False
-            return any(r["pxname"] == "score" and r["status"] == "OPEN" for r in rows)
-
-        wait_for(ready, timeout, "HAProxy's stats socket and frontend")
+    FRONTENDS = ("score",)
 
     def servers(self) -> dict[str, dict[str, str]]:
         """`show stat` rows of agent1 and agent2."""
@@ -245,16 +220,7 @@ def scale_out_haproxy(
             haproxy=haproxy_bin,
             agent_ports=agent_ports,
         )
-        config.write()
-        checked = check_config(config.cfg_path, haproxy_bin)
-        assert checked.returncode == 0, (
-            f"haproxy -c -f {config.cfg_path} failed ({checked.returncode}):\n"
-            f"{checked.stdout}{checked.stderr}\n{config.cfg_path.read_text()}"
-        )
-        proc = ScaleOutHAProxy(config, tmp_path)
-        processes.append(proc)
-        proc.wait_ready()
-        return proc
+        return start_haproxy(config, tmp_path, processes, ScaleOutHAProxy)
 
     return start
 

@@ -31,7 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -224,14 +224,15 @@ def agent_backend_mode(haproxy: HAProxyBinary) -> str:
     return "mode spop" if haproxy.spop else "mode tcp"
 
 
-def render_haproxy_cfg(c: HAProxyConfig) -> str:
-    """haproxy.cfg: a frontend that returns the score, one that denies < 20,
-    and the agents' backend with `option spop-check` (`mode spop` for 3.1+)."""
+def render_common_cfg(c: HAProxyConfig, global_extra: str = "") -> str:
+    """haproxy.cfg's global and defaults sections and the frontend that
+    returns the score; `global_extra`: more lines for the global section."""
     return f"""\
 global
     log stderr format raw local0 info
     stats socket {c.stats_socket} mode 600 level admin
     stats timeout 30s
+{global_extra}\
 
 defaults
     mode http
@@ -246,7 +247,15 @@ frontend score
     filter spoe engine iprep config {c.spoe_path}
     http-request return status 200 content-type text/plain lf-string \
 "score=%[var(sess.iprep.ip_score)] err=%[var(txn.iprep.error)]\\n"
+"""
 
+
+def render_haproxy_cfg(c: HAProxyConfig) -> str:
+    """haproxy.cfg: a frontend that returns the score, one that denies < 20,
+    and the agents' backend with `option spop-check` (`mode spop` for 3.1+)."""
+    return (
+        render_common_cfg(c)
+        + f"""
 frontend guard
     bind {HOST}:{c.deny_port}
     filter spoe engine iprep config {c.spoe_path}
@@ -261,6 +270,7 @@ backend {AGENT_BACKEND}
     option spop-check
     server {AGENT_SERVER} {HOST}:{c.agent_port} check inter {c.check_inter_ms}ms
 """
+    )
 
 
 # ------------------------------------------------------------------ HAProxy process
@@ -277,6 +287,26 @@ def check_config(
         timeout=IO_TIMEOUT * 2,
         check=False,
     )
+
+
+H = TypeVar("H", bound="HAProxy")
+
+
+def start_haproxy(
+    config: HAProxyConfig, log_dir: Path, processes: list[Process], runner: type[H]
+) -> H:
+    """Write `config`, check it (`haproxy -c`), start `runner` on it
+    (registered in `processes` first) and wait until it is ready."""
+    config.write()
+    checked = check_config(config.cfg_path, config.haproxy)
+    assert checked.returncode == 0, (
+        f"haproxy -c -f {config.cfg_path} failed ({checked.returncode}):\n"
+        f"{checked.stdout}{checked.stderr}\n{config.cfg_path.read_text()}"
+    )
+    proc = runner(config, log_dir)
+    processes.append(proc)
+    proc.wait_ready()
+    return proc
 
 
 class HAProxy(Process):
@@ -314,9 +344,14 @@ class HAProxy(Process):
                 return row
         raise KeyError(f"{backend}/{server} not in show stat")
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Until the stats socket answers and both frontends are OPEN (listeners
-        are bound before the stats socket serves)."""
+    FRONTENDS: tuple[str, ...] = ("score", "guard")  # what render_haproxy_cfg binds
+
+    def wait_ready(
+        self, timeout: float = START_TIMEOUT, frontends: tuple[str, ...] | None = None
+    ) -> None:
+        """Until the stats socket answers and the frontends (`FRONTENDS` unless
+        given) are OPEN (listeners are bound before the stats socket serves)."""
+        names = frontends or self.FRONTENDS
 
         def ready() -> bool:
             self.check_alive()
@@ -325,9 +360,9 @@ class HAProxy(Process):
             except (OSError, RuntimeError):
                 return False
             status = {r["pxname"]: r["status"] for r in rows if r["svname"] == "FRONTEND"}
-            return status.get("score") == "OPEN" and status.get("guard") == "OPEN"
+            return all(status.get(name) == "OPEN" for name in names)
 
-        wait_for(ready, timeout, "HAProxy's stats socket and frontends")
+        wait_for(ready, timeout, f"HAProxy's stats socket and frontends {names}")
 
     def wait_server(
         self, status: str, check_status: str | None = None, timeout: float = CHECK_TIMEOUT

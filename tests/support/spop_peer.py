@@ -16,23 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spoa_mp.codec import (
-    F_FID,
-    F_FIRST,
-    F_FLAGS,
-    F_LENGTH,
-    F_NITEMS,
-    F_OFFSET,
-    F_SID,
-    F_TYPE,
-    Decoder,
-    Encoder,
-    FrameType,
-    ItemKind,
-    item_name,
-    item_value,
-    kv_items,
-)
+from spoa_mp import codec
+from spoa_mp.codec import Decoder, Encoder, FrameType
+from spoa_mp.exchange import recv_before
 from spoa_mp.model import Value
 from support.waits import HOST, IO_TIMEOUT, WAIT_TIMEOUT
 
@@ -111,7 +97,7 @@ class SpopClient:
     def notify_bytes(
         self, sid: int, fid: int, messages: Sequence[tuple[str, Sequence[tuple[str, Any]]]]
     ) -> bytes:
-        return self._encoder.frame(FrameType.NOTIFY, sid, fid, messages=messages)
+        return self._encoder.notify_frame(sid, fid, messages=messages)
 
     def notify(
         self, sid: int, fid: int, messages: Sequence[tuple[str, Sequence[tuple[str, Any]]]]
@@ -129,30 +115,29 @@ class SpopClient:
             return None
         f = frames[0]
         data = self._buf
-        frame = Frame(f[F_TYPE], f[F_FLAGS], f[F_SID], f[F_FID], received=time.monotonic())
-        if f[F_TYPE] in (FrameType.AGENT_HELLO, FrameType.AGENT_DISCONNECT):
-            frame.kv = {k: item_value(data, it) for k, it in kv_items(data, f, items).items()}
-        elif f[F_TYPE] == FrameType.ACK:
-            for it in items[f[F_FIRST] : f[F_FIRST] + f[F_NITEMS]]:
-                assert it[5] == ItemKind.ACTION
-                name = item_name(data, it).decode()
-                value = item_value(data, it) if it[8] == 1 else None
+        frame = Frame(
+            f[codec.F_TYPE],
+            f[codec.F_FLAGS],
+            f[codec.F_SID],
+            f[codec.F_FID],
+            received=time.monotonic(),
+        )
+        if f[codec.F_TYPE] in (FrameType.AGENT_HELLO, FrameType.AGENT_DISCONNECT):
+            frame.kv = {
+                k: codec.item_value(data, it) for k, it in codec.kv_items(data, f, items).items()
+            }
+        elif f[codec.F_TYPE] == FrameType.ACK:
+            for it in items[f[codec.F_FIRST] : f[codec.F_FIRST] + f[codec.F_NITEMS]]:
+                assert it[5] == codec.ItemKind.ACTION
+                name = codec.item_name(data, it).decode()
+                value = codec.item_value(data, it) if it[8] == 1 else None
                 frame.actions.append((it[8], it[9], name, value))
-        self._buf = data[f[F_OFFSET] + 4 + f[F_LENGTH] :]
+        self._buf = data[f[codec.F_OFFSET] + 4 + f[codec.F_LENGTH] :]
         return frame
 
     def _recv(self, deadline: float) -> bool:
         """Read once; False at EOF. TimeoutError past the deadline."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no data from the agent before the deadline")
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            raise TimeoutError("no data from the agent before the deadline") from None
-        except ConnectionResetError:
-            data = b""
+        data = recv_before(self.sock, deadline)
         if not data:
             self.eof = True
             return False
@@ -188,6 +173,13 @@ class SpopClient:
                 continue
             if self.eof or not self._recv(deadline):
                 return frames
+
+
+def handshaken(c: SpopClient) -> SpopClient:
+    """`c` once its HAProxy 2.6 handshake is done (the answer must be AGENT-HELLO)."""
+    hello = c.hello("haproxy-hello 2.6")
+    assert hello.type == FrameType.AGENT_HELLO, hello
+    return c
 
 
 class TLSSpopClient(SpopClient):
