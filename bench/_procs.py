@@ -66,14 +66,25 @@ class Procs:
 # ------------------------------------------------------------------ the agents
 
 
-AGENTS = ("spoa-mp", "spoa-mp-tls", "example")  # spoa-mp-tls: spoa-mp with --tls-* (extra)
+# spoa-mp on its default loop or on one asked for, spoa-mp with --tls-* (the
+# caller's extra flags), the same command from another checkout's python
+# (--baseline-python: old against new), HAProxy's example agent
+AGENTS = (
+    "spoa-mp", "spoa-mp:asyncio", "spoa-mp:uvloop", "spoa-mp-tls", "baseline", "example",
+)  # fmt: skip
+
+
+def is_spoa(kind: str) -> bool:
+    return kind != "example"
 
 
 def agent_argv(kind: str, port: int, workers: int, threads: int, python: str) -> list[str]:
-    """spoa-mp `-n workers` or the example agent `-n threads -c pipelining`."""
-    if kind in ("spoa-mp", "spoa-mp-tls"):
+    """spoa-mp `-n workers` (`spoa-mp:LOOP`: with `--loop LOOP`; `baseline`: run by
+    the baseline's python) or the example agent `-n threads -c pipelining`."""
+    if is_spoa(kind) and kind in AGENTS:
         argv = [python, "-m", "spoa_mp", "-p", str(port), "-n", str(workers), "--host", HOST]
-        return [*argv, "--graceful-timeout", "3"]
+        loop = ["--loop", kind.partition(":")[2]] if ":" in kind else []
+        return [*argv, "--graceful-timeout", "3", *loop]
     if kind == "example":
         # binds every address (no option): the port is a free loopback test port
         return [str(EXAMPLE_AGENT), "-p", str(port), "-n", str(threads), "-c", "pipelining"]
@@ -97,7 +108,7 @@ def start_agent(
 
     def ready() -> bool:
         agent.check_alive()
-        if kind != "example" and len(agent.tree()) != workers + 1:
+        if is_spoa(kind) and len(agent.tree()) != workers + 1:
             return False
         return accepting(port)
 

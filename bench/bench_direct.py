@@ -3,6 +3,9 @@
 
     .venv/bin/python bench/bench_direct.py                      # 1x1 4x1 64x1 8x16, 3 rounds
     .venv/bin/python bench/bench_direct.py --loads 8x16 -d 2 --repeat 1 --json
+    .venv/bin/python bench/bench_direct.py --agents spoa-mp:uvloop,spoa-mp:asyncio,example
+    .venv/bin/python bench/bench_direct.py --agents spoa-mp,baseline \
+        --baseline-python ../old/.venv/bin/python      # old against new, same run
 
 For every load (connections x NOTIFYs in flight per connection) and round,
 each agent in turn (spoa-mp, example, spoa-mp, example...) is started afresh on
@@ -88,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=30.0, help="longest quiet wait, s")
     p.add_argument("--noisy-retries", type=int, default=1, help="redos of a noisy run")
     p.add_argument("--python", default=sys.executable, help="python with spoa_mp")
+    p.add_argument(
+        "--baseline-python",
+        help="the `baseline` agent's python: another checkout's .venv/bin/python (old vs new)",
+    )
     p.add_argument("--json", action="store_true", help="JSON on stdout (progress on stderr)")
     args = p.parse_args(argv)
     try:
@@ -99,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--repeat, --workers and --example-threads must be >= 1")
     if args.duration <= 0:
         p.error("--duration must be > 0")
+    if "baseline" in args.agents and not args.baseline_python:
+        p.error("--agents baseline needs --baseline-python")
     if "example" in args.agents and not P.EXAMPLE_AGENT.exists():
         p.error(f"{P.EXAMPLE_AGENT} not found (use --agents spoa-mp)")
     return args
@@ -153,9 +162,8 @@ def one_run(
     procs = P.Procs()
     try:
         port = P.free_port()
-        proc = P.start_agent(
-            procs, agent, port, args.workers, args.example_threads, args.python, tmp
-        )
+        python = args.baseline_python if agent == "baseline" else args.python
+        proc = P.start_agent(procs, agent, port, args.workers, args.example_threads, python, tmp)
         tree = proc.tree()
         gen = procs.start("generator", generator_argv(args, port, conns, in_flight), tmp)
         mine = [*tree, gen.ps]
@@ -181,7 +189,7 @@ def one_run(
             raise RuntimeError("the generator did not finish in time") from None
         out = gen.log.read_text(errors="replace")
         proc.check_alive()
-        if agent == "spoa-mp" and len(proc.tree()) != args.workers + 1:
+        if P.is_spoa(agent) and len(proc.tree()) != args.workers + 1:
             raise RuntimeError("a spoa-mp worker died during the run")
         try:
             data = json.loads(out[out.index("{") :])
@@ -205,7 +213,7 @@ def measure(
         r = one_run(args, agent, conns, in_flight, rnd, tmp)
         r.noisy = args.max_others > 0 and r.others_cpu >= args.max_others
         line = (
-            f"  round {rnd} {r.load:>5} {agent:<8} {r.msg_per_s:>10,.0f} msg/s  p50"
+            f"  round {rnd} {r.load:>5} {agent:<15} {r.msg_per_s:>10,.0f} msg/s  p50"
             f" {P.fmt(r.p50_us, '.0f')} p99 {P.fmt(r.p99_us, '.0f')} us  errors {r.errors}"
             f"  agent {r.agent_cpu:.2f} cores {P.fmt(r.agent_us_per_msg, '.2f')} us/msg"
             f"  others {r.others_cpu:.2f}" + ("  NOISY" if r.noisy else "")
@@ -238,27 +246,33 @@ def summarize(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]
                 "agent_cpu": P.median([r.agent_cpu for r in rs]),
                 "agent_us_per_msg": P.median([r.agent_us_per_msg for r in rs]),
             }
-        if "spoa-mp" in row and "example" in row:
-            row["ratio"] = P.ratio(row["spoa-mp"]["msg_per_s"], row["example"]["msg_per_s"])
-            paired = P.paired_ratio(per_round["spoa-mp"], per_round["example"])
-            row["ratio_paired"] = round(paired, 3) if paired is not None else None
+        # each agent against the last one listed (the reference: the example, or the baseline)
+        ref = args.agents[-1]
+        for agent in args.agents[:-1]:
+            row[agent]["ratio"] = P.ratio(row[agent]["msg_per_s"], row[ref]["msg_per_s"])
+            paired = P.paired_ratio(per_round[agent], per_round[ref])
+            row[agent]["ratio_paired"] = round(paired, 3) if paired is not None else None
+        if len(args.agents) > 1:  # the first against the reference, as a row figure
+            row["ratio"] = row[args.agents[0]]["ratio"]
+            row["ratio_paired"] = row[args.agents[0]]["ratio_paired"]
         rows.append(row)
     return rows
 
 
 def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    head = f"{'load':>6}  {'agent':<8}{'msg/s':>10}{'p50 us':>8}{'p99 us':>8}{'errors':>7}"
+    head = f"{'load':>6}  {'agent':<15}{'msg/s':>10}{'p50 us':>8}{'p99 us':>8}{'errors':>7}"
     head += f"{'cores':>7}{'us/msg':>8}{'ratio':>7}{'paired':>7}  runs"
     print(head)
     print("-" * len(head))
     for row in rows:
         for i, agent in enumerate(args.agents):
             a = row[agent]
-            ratio = P.fmt(row.get("ratio"), ".2f") if i == 0 else ""
-            paired = P.fmt(row.get("ratio_paired"), ".2f") if i == 0 else ""
+            ratio = P.fmt(a.get("ratio"), ".2f") if "ratio" in a else ""
+            paired = P.fmt(a.get("ratio_paired"), ".2f") if "ratio_paired" in a else ""
             errors = a["errors"] + a["no_pipelining"]
             print(
-                f"{row['load'] if i == 0 else '':>6}  {agent:<8}{P.fmt(a['msg_per_s'], ',.0f'):>10}"
+                f"{row['load'] if i == 0 else '':>6}  {agent:<15}"
+                f"{P.fmt(a['msg_per_s'], ',.0f'):>10}"
                 f"{P.fmt(a['p50_us'], '.0f'):>8}{P.fmt(a['p99_us'], '.0f'):>8}{errors:>7}"
                 f"{P.fmt(a['agent_cpu'], '.2f'):>7}{P.fmt(a['agent_us_per_msg'], '.2f'):>8}"
                 f"{ratio:>7}{paired:>7}  {a['runs']}"
@@ -306,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: print_table(args, rows),
         "msg/s, p50, p99: medians over the rounds; errors: generator errors + connections"
         " without pipelining; cores, us/msg: the agent's CPU (all its processes) during"
-        " the generator run, per ACK (warm-up included); ratio: spoa-mp/example medians;"
+        " the generator run, per ACK (warm-up included); ratio: the agent's median over"
+        " the last agent's (--agents order);"
         " paired: median of per-round ratios.",
     )
     bad = any(r.errors or r.no_pipelining for r in runs)

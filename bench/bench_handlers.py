@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_handlers.py                  # 3 rounds of 5 s, 4x1 and 8x16
     .venv/bin/python bench/bench_handlers.py --rounds 1 --duration 1 --kinds sync redis-batched
+    .venv/bin/python bench/bench_handlers.py --loops asyncio uvloop   # both loops, side by side
     .venv/bin/python bench/bench_handlers.py --json > handlers.json
 
 Kinds (bench/handler_kinds.py; the Redis ones are examples/redis_scores.py):
@@ -36,6 +37,7 @@ Everything listens on 127.0.0.1; every process started is stopped by its pid
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -65,13 +67,15 @@ SHAPES = ("4x1", "8x16")
 READY = re.compile(r"worker \d+ ready \(pid (\d+)\)")
 
 
-def start_agent(kind: str, workers: int, tmp: Path, redis_url: str) -> tuple[Proc, int, list]:
+def start_agent(
+    kind: str, loop: str, workers: int, tmp: Path, redis_url: str
+) -> tuple[Proc, int, list]:
     port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{P.REPO / 'bench'}{os.pathsep}{P.REPO / 'examples'}"
     env["SPOA_REDIS_URL"] = redis_url
     env["SPOA_REDIS_TIMEOUT"] = "1"
-    argv = [sys.executable, "-m", "spoa_mp", "-p", str(port), "-n", str(workers)]
+    argv = [sys.executable, "-m", "spoa_mp", "-p", str(port), "-n", str(workers), "--loop", loop]
     (tmp / f"agent-{kind}.log").unlink(missing_ok=True)
     proc = Proc(f"agent-{kind}", [*argv, "--app", KINDS[kind]], tmp, cwd=tmp, env=env)
     log = proc.log
@@ -117,6 +121,7 @@ def measure(
     return {
         "kind": kind,
         "shape": shape,
+        "loop": args.loop_now,
         "msg_per_s": result["msg_per_s"],
         "p50_us": result["latency_us"].get("p50", 0.0),
         "p99_us": result["latency_us"].get("p99", 0.0),
@@ -128,15 +133,15 @@ def measure(
     }
 
 
-def summarize(runs: list[dict[str, Any]], kinds: list[str], shapes: list[str]) -> list[dict]:
+def summarize(
+    runs: list[dict[str, Any]], kinds: list[str], shapes: list[str], loops: list[str]
+) -> list[dict]:
     rows = []
     keys = ("msg_per_s", "p50_us", "p99_us", "worker_cpu_us_per_msg", "redis_cpu_us_per_msg")
-    for shape in shapes:
-        for kind in kinds:
-            mine = [r for r in runs if r["kind"] == kind and r["shape"] == shape]
-            if not mine:
-                continue
-            row = {"kind": kind, "shape": shape, "runs": len(mine)}
+    for shape, kind, loop in itertools.product(shapes, kinds, loops):
+        mine = [r for r in runs if (r["kind"], r["shape"], r["loop"]) == (kind, shape, loop)]
+        if mine:
+            row = {"kind": kind, "shape": shape, "loop": loop, "runs": len(mine)}
             row.update({k: statistics.median(r[k] for r in mine) for k in keys})
             row["others_cores"] = max(r["others_cores"] for r in mine)
             row["errors"] = sum(r["errors"] for r in mine)
@@ -146,13 +151,13 @@ def summarize(runs: list[dict[str, Any]], kinds: list[str], shapes: list[str]) -
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'shape':<6}{'kind':<15}{'msg/s':>10}{'p50 µs':>9}{'p99 µs':>9}"
+        f"{'shape':<6}{'kind':<15}{'loop':<9}{'msg/s':>10}{'p50 µs':>9}{'p99 µs':>9}"
         f"{'worker µs/msg':>15}{'redis µs/msg':>14}{'others':>8}{'errors':>8}"
     )
     lines = [head]
     lines += [
         (
-            f"{r['shape']:<6}{r['kind']:<15}{r['msg_per_s']:>10,.0f}{r['p50_us']:>9,.0f}"
+            f"{r['shape']:<6}{r['kind']:<15}{r['loop']:<9}{r['msg_per_s']:>10,.0f}{r['p50_us']:>9,.0f}"
             f"{r['p99_us']:>9,.0f}{r['worker_cpu_us_per_msg']:>15.1f}"
             f"{r['redis_cpu_us_per_msg']:>14.1f}{r['others_cores']:>8.2f}{r['errors']:>8}"
         )
@@ -169,6 +174,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", "-d", type=float, default=5.0, help="seconds per run (5)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (1)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over every kind (3)")
+    p.add_argument(
+        "--loops",
+        nargs="+",
+        choices=("auto", "asyncio", "uvloop"),
+        default=["auto"],
+        help="the workers' --loop, each kind run on each in turn (default auto)",
+    )
     p.add_argument("--json", action="store_true", help="print runs and medians as JSON")
     args = p.parse_args(argv)
     for shape in args.shapes:
@@ -187,15 +199,17 @@ def main(argv: list[str]) -> int:
         try:
             for rnd in range(args.rounds):
                 k = rnd % len(args.kinds)
-                for kind in args.kinds[k:] + args.kinds[:k]:  # rotate: drift hits all alike
-                    agent, port, workers = start_agent(kind, args.workers, tmp, url)
+                kinds = args.kinds[k:] + args.kinds[:k]  # rotate: drift hits all alike
+                for kind, loop in itertools.product(kinds, args.loops):
+                    args.loop_now = loop
+                    agent, port, workers = start_agent(kind, loop, args.workers, tmp, url)
                     try:
                         for shape in args.shapes:
                             run = measure(kind, shape, port, workers, redis, args)
                             run["round"] = rnd
                             runs.append(run)
                             print(
-                                f"round {rnd + 1} {shape:<5} {kind:<14} "
+                                f"round {rnd + 1} {shape:<5} {kind:<14} {loop:<8} "
                                 f"{run['msg_per_s']:>10,.0f} msg/s",
                                 file=sys.stderr,
                             )
@@ -203,7 +217,7 @@ def main(argv: list[str]) -> int:
                         agent.shutdown()
         finally:
             redis.stop()
-    rows = summarize(runs, args.kinds, args.shapes)
+    rows = summarize(runs, args.kinds, args.shapes, args.loops)
     if args.json:
         cmd = " ".join(["bench/bench_handlers.py", *argv])
         print(json.dumps({"command": cmd, "medians": rows, "runs": runs}, indent=2))

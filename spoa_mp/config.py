@@ -44,7 +44,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
+from spoa_mp import event_loop
 from spoa_mp.addresses import parse_address
+from spoa_mp.event_loop import EVENT_LOOPS
 from spoa_mp.limits import DEFAULT_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
 
 __all__ = [
@@ -122,6 +124,7 @@ class ServerConfig:
     allow: tuple[str, ...] = ()  # CIDRs TCP peers must be in (access.py); () = everyone
     debug: bool = False
     log_format: str = "text"  # text | json (spoa_mp.logs)
+    loop: str = "auto"  # the workers' event loop: auto | asyncio | uvloop (spoa_mp.event_loop)
     config_file: str | None = None  # absolute path of the TOML file read, if any
     # The explicitly given command-line values (already normalised), kept so that a
     # reload re-applies them over the re-read file. Not part of equality.
@@ -174,6 +177,7 @@ _KINDS: dict[str, type] = {
     "allow": tuple,
     "debug": bool,
     "log_format": str,
+    "loop": str,
 }
 _TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")  # checked together (tls.py)
 # may be None (not from TOML)
@@ -365,6 +369,16 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[object], str | None]:
     return check
 
 
+def _check_loop(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be one of {', '.join(EVENT_LOOPS)}, got {value!r}"
+    try:
+        event_loop.resolve(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 _CHECKS: dict[str, Callable[[object], str | None]] = {
     "host": _check_host,
     "port": _between(0, 65535),
@@ -395,6 +409,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "tls_key": _check_readable_file,
     "tls_client_ca": _check_readable_file,
     "log_format": _one_of(("text", "json")),
+    "loop": _check_loop,
 }
 
 

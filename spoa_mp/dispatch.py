@@ -18,6 +18,10 @@ after which `on_progress(conn)` lets the owner send them.
   cancelled and its stream ACKed with its `on_timeout` actions; a late result
   is dropped. A handler that raises, or returns what is not actions, gets
   `on_error`. A stream always gets its ACK.
+
+This module decides what runs when; the calls that outlive their read
+(tasks, thread futures, deadlines, settling) are kept by inflight.py, and
+the ACKs are assembled and queued by acks.py.
 """
 
 from __future__ import annotations
@@ -26,27 +30,23 @@ import asyncio
 import logging
 import time
 import types
-from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import Context, copy_context
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
+from spoa_mp.acks import DEFERRED, PENDING, Acks, Conn, Result, per_notify
 from spoa_mp.agent import Registered, check_timeout, normalize_actions
 from spoa_mp.counters import Counters
-from spoa_mp.deadlines import Deadlines
 from spoa_mp.eager import EagerTask, enter_task, leave_task, resume_task, wrap_awaitable
+from spoa_mp.inflight import Call, InFlight, hold
 from spoa_mp.logs import RateLimitedLog
 from spoa_mp.model import Action, Message
-from spoa_mp.protocol import AgentConnection, Notifies
+from spoa_mp.protocol import Notifies
 
 log = logging.getLogger(__name__)
-
-Result = Action | tuple[Action, ...] | None
-"""A handler's result once checked: what the encoder takes."""
 
 _name_of = attrgetter("name")
 
@@ -66,63 +66,6 @@ class DispatchSettings:
             raise ValueError(f"--max-pending must be at least 1, got {self.max_pending}")
         if self.blocking_threads < 1:
             raise ValueError(f"--blocking-threads must be at least 1, got {self.blocking_threads}")
-
-
-class Conn(Protocol):
-    """What the dispatcher needs of a connection."""
-
-    proto: AgentConnection
-    closed: bool
-    in_flight: int  # NOTIFYs of this connection awaiting a handler
-    fd: int
-
-
-class _Pending:
-    """Marks a message whose result comes later (a slot in a read's results)."""
-
-    __slots__ = ("_name",)
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-PENDING: Any = _Pending("PENDING")
-DEFERRED: Any = _Pending("DEFERRED")  # not started: the connection is at --max-in-flight
-
-
-class _Stream:
-    """A NOTIFY whose ACK waits for at least one handler."""
-
-    __slots__ = ("conn", "fid", "missing", "parts", "sid")
-
-    def __init__(self, conn: Conn, sid: int, fid: int, parts: list[Any]) -> None:
-        self.conn = conn
-        self.sid = sid
-        self.fid = fid
-        self.parts = parts  # one result per message; PENDING until its handler is done
-        self.missing = sum(part is PENDING for part in parts)
-
-    def result(self) -> Result:
-        return self.parts[0] if len(self.parts) == 1 else _joined(self.parts)
-
-
-class _Call:
-    """One handler call in flight: one message, or a batch of them."""
-
-    __slots__ = ("deadline", "n", "name", "reg", "settled", "started", "targets", "task")
-
-    def __init__(self, reg: Registered, name: str, n: int, started: float) -> None:
-        self.reg = reg
-        self.name = name
-        self.n = n  # messages it answers
-        self.started = started  # loop time the NOTIFYs arrived
-        self.deadline = 0.0
-        self.settled = False
-        self.targets: list[tuple[_Stream, int]] = []  # (stream, part) per message, in order
-        self.task: asyncio.Future[Any] | None = None
 
 
 class Dispatcher:
@@ -170,14 +113,12 @@ class Dispatcher:
         self._on_progress = on_progress
         self._on_capacity = on_capacity
         self._noisy = RateLimitedLog(log, interval=10.0)
+        self._acks = Acks(counters, self._noisy, debug, self._flush)
+        self._send = self._acks.send  # bound once: the hot loop calls it every read
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._deadlines: Deadlines[_Call] | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()  # strong references while they run
-        self._late: list[tuple[tuple[int, ...], _Call]] = []  # this read's calls, by message
-        self._ready: dict[Conn, tuple[array[int], list[Result]]] = {}
+        self._inflight: InFlight | None = None  # with the loop, on first use
+        self._late: list[tuple[tuple[int, ...], Call]] = []  # this read's calls, by message
         self._deferred: dict[Conn, Notifies] = {}
-        self._flush_scheduled = False
         # what asyncio.current_task() returns during eager steps; None outside _run
         self._proxy: EagerTask | None = None
         self._entered = False  # we set the current task (none was set: the usual case)
@@ -187,16 +128,25 @@ class Dispatcher:
 
     def close(self) -> None:
         """Drop the timers and the thread pool (its running threads finish)."""
-        if self._deadlines is not None:
-            self._deadlines.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        if self._inflight is not None:
+            self._inflight.close()
+
+    @property
+    def tasks(self) -> set[asyncio.Future[Any]]:
+        """The handler tasks running now."""
+        return set() if self._inflight is None else self._inflight.tasks
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._deadlines = Deadlines(self._loop, self._expire)
+            self._loop = loop = asyncio.get_running_loop()
+            self._inflight = InFlight(
+                loop,
+                self.counters,
+                self._noisy,
+                self.settings.blocking_threads,
+                self._checked,
+                self._acks.ready,
+            )
         return self._loop
 
     # ------------------------------------------------------------ a read
@@ -275,7 +225,8 @@ class Dispatcher:
                 except (Exception, asyncio.CancelledError):
                     result = self._failed(handlers[name], name, 1)
                 else:
-                    add(self._suspended(handlers[name], name, coro, yielded, ctx, (len(results),)))
+                    call = Call(handlers[name], name, 1)
+                    add(self._suspended(call, coro, yielded, ctx, (len(results),)))
                     continue
                 add(result)
                 stamp(clock())
@@ -300,13 +251,18 @@ class Dispatcher:
         self.counters.latency.observe_stamps(stamps)
         if late or any_deferred:
             self._late = []
-            ids, results = self._hold(conn, notifies, results, late)
+            # the NOTIFYs that wait become streams; those ready now are ACKed below
+            ids, results, held = hold(conn, notifies, results, late, self._deferred)
+            self.pending += held
+            if self.pending >= self.settings.max_pending and not self.paused:
+                self.paused = True  # the owner stops reading until on_capacity()
+                self.counters.backpressure += 1
         else:
             ids = notifies.ids
             if notifies.counts is not None:
-                results = _per_notify(results, notifies.counts)
+                results = per_notify(results, notifies.counts)
         if results:
-            self._ack(conn, ids, results)
+            self._send(conn, ids, results)
 
     def _count(self, notifies: Notifies) -> None:
         msgs = notifies.messages
@@ -355,16 +311,11 @@ class Dispatcher:
             except Exception:
                 return self._failed_call(reg, name, n)
             return self._step(reg, name, awaitable, ks, n)
-        loop = self._get_loop()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                self.settings.blocking_threads, thread_name_prefix="spoa-blocking"
-            )
-        call = _Call(reg, name, n, loop.time())
-        fut = loop.run_in_executor(self._pool, reg.fn, arg)
-        call.task = fut
-        fut.add_done_callback(lambda f: self._thread_done(call, f))
-        self._started(call, ks)
+        self._get_loop()
+        assert self._inflight is not None
+        call = Call(reg, name, n)
+        self._inflight.thread(call, arg)
+        self._late.append((ks, call))
         return PENDING
 
     def _step(self, reg: Registered, name: str, coro: Any, ks: tuple[int, ...], n: int) -> Any:
@@ -381,31 +332,21 @@ class Dispatcher:
             return self._checked(reg, name, stop.value, n)
         except (Exception, asyncio.CancelledError):
             return self._failed_call(reg, name, n)
-        return self._suspended(reg, name, coro, yielded, ctx, ks, n)
+        return self._suspended(Call(reg, name, n), coro, yielded, ctx, ks)
 
     def _suspended(
-        self,
-        reg: Registered,
-        name: str,
-        coro: Any,
-        yielded: object,
-        ctx: Context,
-        ks: tuple[int, ...],
-        n: int = 1,
+        self, call: Call, coro: Any, yielded: object, ctx: Context, ks: tuple[int, ...]
     ) -> Any:
-        """The coroutine suspended in its eager step: the rest runs as a task."""
-        loop = self._loop
+        """The call's coroutine suspended in its eager step (`yielded` what it
+        awaits): the rest runs as a task. `ks`: its messages in the read."""
+        inflight = self._inflight
         proxy = self._proxy
-        assert loop is not None
+        assert inflight is not None
         assert proxy is not None
-        call = _Call(reg, name, n, loop.time())
-        task = loop.create_task(resume_task(coro, yielded), context=ctx)
+        task = inflight.task(call, resume_task(coro, yielded), ctx)
         proxy.adopt(task)  # what the coroutine holds of current_task() means this task
         self._swap_proxy()
-        call.task = task
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._task_done(call, t))
-        self._started(call, ks)
+        self._late.append((ks, call))
         return PENDING
 
     def _enter(self) -> EagerTask:
@@ -432,13 +373,6 @@ class Dispatcher:
             enter_task(self._loop, proxy)
         self._proxy = proxy
         return proxy
-
-    def _started(self, call: _Call, ks: tuple[int, ...]) -> None:
-        self._late.append((ks, call))
-        timeout = call.reg.timeout
-        if timeout is not None:
-            assert self._deadlines is not None
-            self._deadlines.add(call, timeout)
 
     def _run_batch(
         self,
@@ -495,145 +429,17 @@ class Dispatcher:
         except TypeError:
             return self._failed_call(reg, name, n)
 
-    def _hold(
-        self,
-        conn: Conn,
-        notifies: Notifies,
-        results: list[Any],
-        late: list[tuple[tuple[int, ...], _Call]],
-    ) -> tuple[array[int], list[Result]]:
-        """Split a read: the NOTIFYs that wait for a call become streams; the
-        ids and results of those ready now are returned."""
-        owner: dict[int, _Call] = {}
-        for ks, call in late:
-            for k in ks:
-                owner[k] = call
-        ids = notifies.ids
-        counts = notifies.counts
-        now_ids: array[int] = array("Q")
-        now_results: list[Result] = []
-        held = 0
-        at = 0
-        for j in range(len(ids) >> 1):
-            count = 1 if counts is None else counts[j]
-            parts = results[at : at + count]
-            if parts[0] is DEFERRED:  # one message per NOTIFY, see _run
-                deferred = self._deferred.get(conn)
-                if deferred is None:
-                    deferred = self._deferred[conn] = Notifies()
-                deferred.add(ids[2 * j], ids[2 * j + 1], notifies.messages[at : at + 1])
-                conn.in_flight += 1
-            elif any(part is PENDING for part in parts):
-                stream = _Stream(conn, ids[2 * j], ids[2 * j + 1], parts)
-                for p, part in enumerate(parts):
-                    if part is PENDING:
-                        owner[at + p].targets.append((stream, p))
-                held += 1
-            else:
-                now_ids.append(ids[2 * j])
-                now_ids.append(ids[2 * j + 1])
-                now_results.append(parts[0] if count == 1 else _joined(parts))
-            at += count
-        conn.in_flight += held
-        self.pending += held
-        if self.pending >= self.settings.max_pending and not self.paused:
-            self.paused = True  # the owner stops reading until on_capacity()
-            self.counters.backpressure += 1
-        return now_ids, now_results
-
-    # ------------------------------------------------------------ finishing
-
-    def _task_done(self, call: _Call, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if call.settled:  # past its deadline, already ACKed: the late result is dropped
-            if not task.cancelled():
-                task.exception()  # retrieved, or asyncio logs it (every one: no rate limit)
-            return
-        if task.cancelled():  # not by a deadline: the handler cancelled itself
-            self._settle(call, self._error_of(call, asyncio.CancelledError("handler cancelled")))
-            return
-        exc = task.exception()
-        if exc is not None:
-            self._settle(call, self._error_of(call, exc))
-            return
-        self._finish(call, task.result())
-
-    def _thread_done(self, call: _Call, fut: asyncio.Future[Any]) -> None:
-        if call.settled:
-            return
-        if fut.cancelled():
-            return  # by _expire, which settled it
-        exc = fut.exception()
-        if exc is not None:
-            self._settle(call, self._error_of(call, exc))
-            return
-        self._finish(call, fut.result())
-
-    def _error_of(self, call: _Call, exc: BaseException) -> list[Result]:
-        errors = self.counters.handler_errors
-        errors[call.name] = errors.get(call.name, 0) + call.n
-        self._noisy.error(
-            f"handler:{call.name}",
-            "handler for %r failed",
-            call.name,
-            exc_info=(type(exc), exc, exc.__traceback__),
-        )
-        return [call.reg.on_error] * call.n
-
-    def _finish(self, call: _Call, value: object) -> None:
-        got = self._checked(call.reg, call.name, value, call.n)
-        self._settle(call, got if call.reg.batch else [got])
-
-    def _expire(self, call: _Call) -> None:
-        """Past its deadline: cancel it, ACK its streams with the fallback."""
-        name = call.name
-        timeouts = self.counters.handler_timeouts
-        timeouts[name] = timeouts.get(name, 0) + call.n
-        self._noisy.warning(
-            f"timeout:{name}",
-            "handler for %r passed its %.3g s deadline: stream ACKed with its on_timeout actions",
-            name,
-            call.reg.timeout,
-        )
-        fallback = call.reg.on_timeout
-        self._settle(call, [fallback] * call.n)
-        if call.task is not None:
-            call.task.cancel()
-
-    def _settle(self, call: _Call, got: Sequence[Result]) -> None:
-        call.settled = True
-        assert self._loop is not None
-        self.counters.latency.observe(self._loop.time() - call.started)
-        for (stream, p), result in zip(call.targets, got, strict=True):
-            stream.parts[p] = result
-            stream.missing -= 1
-            if not stream.missing:
-                self._ready_ack(stream)
-
-    def _ready_ack(self, stream: _Stream) -> None:
-        conn = stream.conn
-        ready = self._ready.get(conn)
-        if ready is None:
-            ready = self._ready[conn] = (array("Q"), [])
-        ready[0].append(stream.sid)
-        ready[0].append(stream.fid)
-        ready[1].append(stream.result())
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self._loop is not None
-            # after every task that finishes in this loop iteration
-            self._loop.call_soon(self._flush)
+    # ------------------------------------------------------------ late ACKs
 
     def _flush(self) -> None:
-        """The ACKs that became ready: one encode call per connection."""
-        self._flush_scheduled = False
-        ready, self._ready = self._ready, {}
-        for conn, (ids, results) in ready.items():
+        """The ACKs that became ready: one encode call per connection; the
+        NOTIFYs they made room for start."""
+        for conn, (ids, results) in self._acks.take().items():
             n = len(results)
             conn.in_flight -= n
             self.pending -= n
             if not conn.closed:  # else HAProxy went away: nobody to answer
-                self._ack(conn, ids, results)
+                self._send(conn, ids, results)
                 deferred = self._deferred.pop(conn, None)
                 if deferred is not None:  # room again: start them, oldest first
                     conn.in_flight -= len(deferred)
@@ -642,42 +448,3 @@ class Dispatcher:
         if self.paused and self.pending < self.settings.max_pending:
             self.paused = False
             self._on_capacity()
-
-    def _ack(self, conn: Conn, ids: array[int], results: list[Result]) -> None:
-        self.counters.acks += len(results)
-        if self.debug:
-            for j, result in enumerate(results):
-                actions = list(normalize_actions(result))
-                log.debug(
-                    "conn %d: ACK sid=%d fid=%d %r", conn.fd, ids[2 * j], ids[2 * j + 1], actions
-                )
-        cut = conn.proto.ack_for(ids, results)
-        if cut:
-            self.counters.acks_cut += len(cut)
-            self._noisy.warning(
-                "cut",
-                "conn %d: %d ACK(s) cut to max-frame-size %d",
-                conn.fd,
-                len(cut),
-                conn.proto.max_frame_size,
-            )
-
-
-def _joined(parts: list[Any]) -> tuple[Action, ...]:
-    actions: list[Action] = []
-    for part in parts:
-        if part.__class__ is Action:
-            actions.append(part)
-        elif part:
-            actions += part
-    return tuple(actions)
-
-
-def _per_notify(results: list[Any], counts: list[int]) -> list[Result]:
-    """Message results joined into one result per NOTIFY."""
-    out: list[Result] = []
-    at = 0
-    for count in counts:
-        out.append(results[at] if count == 1 else _joined(results[at : at + count]))
-        at += count
-    return out

@@ -25,6 +25,7 @@ from spoa_mp.config import (
     ServerConfig,
     load_config,
 )
+from spoa_mp.event_loop import EVENT_LOOPS
 from spoa_mp.logs import LOG_FORMATS
 
 __all__ = ["PROG", "build_parser", "parse_serve_args"]
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"time workers get to finish their work when stopping (default "
         f"{_D.graceful_timeout:g}; 0 = none)",
+    )
+    add(
+        "--loop",
+        choices=EVENT_LOOPS,
+        help="the workers' event loop: auto (default) takes uvloop when it is installed "
+        "(pip install 'spoa-mp[uvloop]'), else asyncio's own",
     )
     add(
         "--reload-mode",

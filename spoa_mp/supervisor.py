@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from spoa_mp import control, systemd
+from spoa_mp import control, event_loop, systemd
 from spoa_mp.agent import Agent
 from spoa_mp.blocklist import FileWatcher
 from spoa_mp.config import ServerConfig
@@ -54,6 +54,7 @@ from spoa_mp.worker import worker_main
 from spoa_mp.worker_options import options_for
 from spoa_mp.worker_process import Death, WorkerProcess
 
+CAPABILITIES = ("pipelining", "fragmentation")  # what the HELLO may offer
 log = logging.getLogger(__name__)
 
 RESPAWN_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # per worker slot, reset once it is ready
@@ -115,18 +116,15 @@ class Supervisor(Replacing):
     def run(self) -> int:
         self._install_signals()
         try:
-            offered = (
-                ("pipelining", self.config.pipelining),
-                ("fragmentation", self.config.fragmentation),
-            )
+            c = self.config
+            offered = zip(CAPABILITIES, (c.pipelining, c.fragmentation), strict=True)
             caps = [name for name, on in offered if on]
             log.info(
                 "spoa-mp %s (pid %d): %d worker(s) on %s; SPOP 2.0, max-frame-size %d, "
-                "capabilities offered: %s; reload mode %s; agent %s",
-                _version(), os.getpid(), self.config.workers,
-                ", ".join(describe(s) for s in self.listeners),
-                self.config.max_frame_size, ",".join(caps) or "none",
-                self.config.reload_mode, self.config.app or "built-in IP reputation",
+                "capabilities offered: %s; reload mode %s; event loop %s; agent %s",
+                _version(), os.getpid(), c.workers, ", ".join(describe(s) for s in self.listeners),
+                c.max_frame_size, ",".join(caps) or "none", c.reload_mode,
+                event_loop.describe(c.loop), c.app or "built-in IP reputation",
             )  # fmt: skip
             for index in range(1, self.config.workers + 1):
                 self._spawn(index)

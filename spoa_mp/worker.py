@@ -30,7 +30,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 
-from spoa_mp import control, logs, tls_io
+from spoa_mp import control, event_loop, logs, tls_io
 from spoa_mp.admission import Admission
 from spoa_mp.codec import Decoder, Encoder
 from spoa_mp.connection import Connection
@@ -115,7 +115,7 @@ class Worker(Handover):
     def run(self) -> int:
         """Serve until told to stop; returns the process exit code."""
         try:
-            return asyncio.run(self._main())
+            return event_loop.run(self._main(), self.options.loop)
         except BootError as e:
             # the supervisor reports it, once for all workers
             control.send(self.channel, control.BOOT_ERROR, error=str(e))

@@ -38,6 +38,7 @@ class WorkerOptions:
     debug: bool = False
     max_requests: int = 0  # replace the worker after this many messages (0: never)
     max_requests_jitter: int = 0  # plus a random 0..N, drawn in each worker
+    loop: str = "auto"  # spoa_mp.event_loop: auto | asyncio | uvloop
 
     def recycle_after(self) -> int:
         """This worker's --max-requests (drawn after the fork: each its own)."""
@@ -79,4 +80,5 @@ def options_for(
         debug=config.debug,
         max_requests=config.max_requests,
         max_requests_jitter=config.max_requests_jitter,
+        loop=config.loop,
     )

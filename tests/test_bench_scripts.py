@@ -212,6 +212,30 @@ def test_direct_summary_ratios_and_cpu_per_message() -> None:
     assert row["ratio_paired"] == 3.0  # median of 3.0, 2.2, 3.0
 
 
+def test_direct_summary_compares_every_agent_with_the_last_one() -> None:
+    runs = [_direct_run("spoa-mp:uvloop", n, v) for n, v in ((1, 200), (2, 220))]
+    runs += [_direct_run("baseline", n, v) for n, v in ((1, 150), (2, 160))]
+    runs += [_direct_run("example", n, v) for n, v in ((1, 100), (2, 100))]
+    agents = ["spoa-mp:uvloop", "baseline", "example"]
+    (row,) = bench_direct.summarize(argparse.Namespace(loads=[(8, 16)], agents=agents), runs)
+    assert row["spoa-mp:uvloop"]["ratio"] == 2.1  # 210 / 100
+    assert row["baseline"]["ratio"] == 1.55  # 155 / 100
+    assert "ratio" not in row["example"]  # the reference
+    assert (row["ratio"], row["ratio_paired"]) == (2.1, 2.1)
+
+
+def test_agent_kinds_for_loops_and_a_baseline_checkout() -> None:
+    assert P.parse_agents("spoa-mp:uvloop,spoa-mp:asyncio,baseline") == [
+        "spoa-mp:uvloop", "spoa-mp:asyncio", "baseline",
+    ]  # fmt: skip
+    argv = P.agent_argv("spoa-mp:asyncio", 4000, 2, 3, "py")
+    assert argv[:3] == ["py", "-m", "spoa_mp"]
+    assert argv[-2:] == ["--loop", "asyncio"]
+    assert "--loop" not in P.agent_argv("baseline", 4000, 2, 3, "old/py")  # older CLIs lack it
+    with pytest.raises(SystemExit):
+        bench_direct.parse_args(["--agents", "spoa-mp,baseline"])  # needs --baseline-python
+
+
 def _hap_run(agent: str, rnd: int, rps: float, non2xx: int = 0) -> bench_haproxy.Run:
     return bench_haproxy.Run(
         haproxy="3.2.0", agent=agent, round=rnd, rps=rps, p50_ms=1.0, p99_ms=2.0,

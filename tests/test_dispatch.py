@@ -286,7 +286,7 @@ def test_suspended_coroutine_becomes_one_task_each() -> None:
         c = h.conn()
         sent = await h.send(c, (1, 1, [msg("m", 1)]), (2, 1, [msg("m", 2)]))
         assert (sent.acks, sent.tasks) == ([], 2)
-        assert all("handler" in repr(t) for t in h.dispatcher._tasks)  # named after it
+        assert all("handler" in repr(t) for t in h.dispatcher.tasks)  # named after it
         assert (c.in_flight, h.dispatcher.pending) == (2, 2)
         gate[0].set()
         assert names(await h.wait_acks(c, 2)) == [(1, [("x", 1)]), (2, [("x", 2)])]

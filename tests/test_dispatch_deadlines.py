@@ -96,7 +96,7 @@ def test_deadline_acks_with_on_timeout_on_time_every_time(
         assert h.counters.handler_errors == {}
         assert (c.in_flight, h.dispatcher.pending) == (0, 0)
         if name != "blocking":
-            await until(lambda: not h.dispatcher._tasks, what="the cancelled tasks to end")
+            await until(lambda: not h.dispatcher.tasks, what="the cancelled tasks to end")
         else:
             # the 4 threads still sleep: the 16 calls queued behind them were
             # cancelled unstarted; once released, the 4 late results are dropped
@@ -132,7 +132,7 @@ def test_swallowed_cancellation_is_acked_once() -> None:
         c = h.conn()
         await h.send(c, (1, 1, [msg("m", 1)]), (2, 1, [msg("m", 2)]))
         acks = await h.wait_acks(c, 2)
-        await until(lambda: len(finished) == 2 and not h.dispatcher._tasks, what="the handlers")
+        await until(lambda: len(finished) == 2 and not h.dispatcher.tasks, what="the handlers")
         await iterations()
         assert h.acks(c) == acks == [(1, 1, [("fallback", 1)]), (2, 1, [("fallback", 1)])]
         assert h.counters.handler_timeouts == {"m": 2}
@@ -157,7 +157,7 @@ def test_late_failure_is_dropped_silently(caplog: Any) -> None:
         c = h.conn()
         await h.send(c, (1, 1, [msg("m", 1)]))
         await h.wait_acks(c, 1)
-        await until(lambda: failed and not h.dispatcher._tasks, what="the late failure")
+        await until(lambda: failed and not h.dispatcher.tasks, what="the late failure")
         gc.collect()  # an unretrieved task exception is logged when the task goes
         await iterations()
         assert names(h.acks(c)) == [(1, [("fallback", 1)])]
