@@ -9,7 +9,7 @@ PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_PACKAGES := gcc python3-venv python3-dev
-TEST_PACKAGES := clang libclang-rt-14-dev haproxy wrk prometheus redis-server
+TEST_PACKAGES := clang libclang-rt-14-dev haproxy wrk prometheus redis-server openssl
 FUZZ_SECONDS ?= 60
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -70,8 +70,33 @@ spoe-message check-client-ip
 """
 
 
+@dataclass(frozen=True)
+class AgentTLS:
+    """Mutual TLS between HAProxy and spoa-mp (files made by tests/support/tls_certs)."""
+
+    ca: Path
+    agent_cert: Path
+    agent_key: Path
+    haproxy_pem: Path  # HAProxy's client certificate and key
+
+    def agent_flags(self) -> list[str]:
+        return [
+            "--tls-cert", str(self.agent_cert), "--tls-key", str(self.agent_key),
+            "--tls-client-ca", str(self.ca),
+        ]  # fmt: skip
+
+    def server_words(self) -> str:
+        return f" ssl verify required ca-file {self.ca} crt {self.haproxy_pem} check-ssl"
+
+
 def render_haproxy(
-    hap: HAProxy, spoe: Path | None, port: int, agent_port: int, stats: Path, nbthread: int
+    hap: HAProxy,
+    spoe: Path | None,
+    port: int,
+    agent_port: int,
+    stats: Path,
+    nbthread: int,
+    tls: AgentTLS | None = None,
 ) -> str:
     body = "score=%[var(sess.iprep.ip_score)] err=%[var(txn.iprep.error)]\\n"
     ret = "content-type text/plain lf-string"
@@ -104,7 +129,7 @@ backend {AGENT_BACKEND}
     timeout connect 5s
     timeout server  3m
     option spop-check
-    server {AGENT_SERVER} {P.HOST}:{agent_port} check inter 10s
+    server {AGENT_SERVER} {P.HOST}:{agent_port}{tls.server_words() if tls else ""} check inter 10s
 """
     return config
 

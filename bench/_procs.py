@@ -66,9 +66,12 @@ class Procs:
 # ------------------------------------------------------------------ the agents
 
 
-# spoa-mp on its default loop or on one asked for, the same command from another
-# checkout's python (--baseline-python: old against new), HAProxy's example agent
-AGENTS = ("spoa-mp", "spoa-mp:asyncio", "spoa-mp:uvloop", "baseline", "example")
+# spoa-mp on its default loop or on one asked for, spoa-mp with --tls-* (the
+# caller's extra flags), the same command from another checkout's python
+# (--baseline-python: old against new), HAProxy's example agent
+AGENTS = (
+    "spoa-mp", "spoa-mp:asyncio", "spoa-mp:uvloop", "spoa-mp-tls", "baseline", "example",
+)  # fmt: skip
 
 
 def is_spoa(kind: str) -> bool:
@@ -89,10 +92,19 @@ def agent_argv(kind: str, port: int, workers: int, threads: int, python: str) ->
 
 
 def start_agent(
-    procs: Procs, kind: str, port: int, workers: int, threads: int, python: str, log_dir: Path
+    procs: Procs,
+    kind: str,
+    port: int,
+    workers: int,
+    threads: int,
+    python: str,
+    log_dir: Path,
+    extra: Sequence[str] = (),
 ) -> Proc:
-    """Start an agent and wait until it accepts (spoa-mp: with all its workers)."""
-    agent = procs.start(kind, agent_argv(kind, port, workers, threads, python), log_dir)
+    """Start an agent (`extra`: more flags) and wait until it accepts (spoa-mp:
+    with all its workers)."""
+    argv = [*agent_argv(kind, port, workers, threads, python), *extra]
+    agent = procs.start(kind, argv, log_dir)
 
     def ready() -> bool:
         agent.check_alive()

@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_haproxy.py       # every HAProxy found, both agents, 3 rounds
     .venv/bin/python bench/bench_haproxy.py --haproxy /usr/sbin/haproxy -d 2 --repeat 1
     .venv/bin/python bench/bench_haproxy.py --agents spoa-mp --workers 1 --json
+    .venv/bin/python bench/bench_haproxy.py --tls  # spoa-mp in clear vs with mutual TLS
 
 Each HAProxy (--haproxy, repeatable; default: Debian's 2.6 and
 ../shared/bin/haproxy-3.2.0, those present) runs one frontend on 127.0.0.1
@@ -34,6 +35,12 @@ hits them alike; figures are medians over the rounds, and "paired" is the
 median of the per-round ratios. Failed requests are wrk's non-2xx (503 = a
 NOTIFY failed) plus its socket errors, in the measured runs (after warm-up).
 
+--tls compares spoa-mp in clear ("spoa-mp") with spoa-mp behind mutual TLS
+("spoa-mp-tls": --tls-cert/--tls-key/--tls-client-ca, and the server line
+`ssl verify required ca-file CA crt HAPROXY.pem check-ssl`), certificates
+made once with the openssl command (tests/support/tls_certs.py); "tls ratio"
+is spoa-mp-tls over spoa-mp.
+
 The machine may be shared: before each run the script waits (--quiet-timeout)
 until the rest of the machine uses less than --max-others cores, and redoes a
 run during which it used more (--noisy-retries); the "others" column says how
@@ -59,6 +66,7 @@ import _report as R  # noqa: N812
 from _haproxy import (
     AGENT_SERVER,
     HAPROXY_CANDIDATES,
+    AgentTLS,
     HAProxy,
     check_samples,
     find_haproxy,
@@ -68,6 +76,7 @@ from _haproxy import (
     sample_keepalive,
     server_status,
 )
+from support.tls_certs import make_pki  # tests/support, on the path through _procs
 
 # ------------------------------------------------------------------ one run
 
@@ -135,7 +144,8 @@ def one_run(
     if spoe is not None:
         spoe.write_text(render_spoe(hap, not args.no_pipelining, args.processing_ms))
     cfg, stats = run_dir / "haproxy.cfg", run_dir / "stats.sock"
-    cfg.write_text(render_haproxy(hap, spoe, port, agent_port, stats, args.nbthread))
+    tls = args.tls_files if agent == "spoa-mp-tls" else None
+    cfg.write_text(render_haproxy(hap, spoe, port, agent_port, stats, args.nbthread, tls))
     chk = subprocess.run(
         [hap.path, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30, check=False
     )
@@ -145,8 +155,9 @@ def one_run(
     ag = None
     if agent != "none":
         ag = P.start_agent(
-            procs, agent, agent_port, args.workers, args.example_threads, args.python, run_dir
-        )
+            procs, agent, agent_port, args.workers, args.example_threads, args.python, run_dir,
+            extra=tls.agent_flags() if tls else (),
+        )  # fmt: skip
     hp = procs.start("haproxy", [hap.path, "-f", str(cfg), "-db"], run_dir)
 
     def ready() -> bool:
@@ -278,6 +289,10 @@ def summarize(
             row["ratio"] = P.ratio(row["spoa-mp"]["rps"], row["example"]["rps"])
             paired = P.paired_ratio(per_round["spoa-mp"], per_round["example"])
             row["ratio_paired"] = round(paired, 3) if paired is not None else None
+        if "spoa-mp" in agents and "spoa-mp-tls" in agents:
+            row["tls_ratio"] = P.ratio(row["spoa-mp-tls"]["rps"], row["spoa-mp"]["rps"])
+            paired = P.paired_ratio(per_round["spoa-mp-tls"], per_round["spoa-mp"])
+            row["tls_ratio_paired"] = round(paired, 3) if paired is not None else None
         rows.append(row)
     return rows
 
@@ -293,11 +308,10 @@ def print_table(agents: list[str], rows: list[dict[str, Any]]) -> None:
         for i, agent in enumerate(["none", *agents]):
             a = row[agent]
             ratio = paired = ""
-            if agent == "spoa-mp":
-                ratio, paired = (
-                    P.fmt(row.get("ratio"), ".2f"),
-                    P.fmt(row.get("ratio_paired"), ".2f"),
-                )
+            key = {"spoa-mp": "ratio", "spoa-mp-tls": "tls_ratio"}.get(agent)
+            if key:
+                ratio = P.fmt(row.get(key), ".2f")
+                paired = P.fmt(row.get(f"{key}_paired"), ".2f")
             us = "/".join(
                 P.fmt(a[k], ".1f")
                 for k in ("us_per_req_haproxy", "us_per_req_agent", "us_per_req_machine")
@@ -329,7 +343,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help=f"HAProxy binary, repeatable (default: those of {HAPROXY_CANDIDATES})",
     )
-    p.add_argument("--agents", default="spoa-mp,example", help="spoa-mp and/or example")
+    p.add_argument("--agents", default="spoa-mp,example", help=", ".join(P.AGENTS))
+    p.add_argument("--tls", action="store_true", help="--agents spoa-mp,spoa-mp-tls")
     p.add_argument("--workers", type=int, default=2, help="spoa-mp -n")
     p.add_argument("--example-threads", type=int, default=2, help="spoa-example -n")
     p.add_argument("--nbthread", type=int, default=1, help="HAProxy nbthread")
@@ -353,8 +368,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="python with spoa_mp")
     p.add_argument("--json", action="store_true", help="JSON on stdout (progress on stderr)")
     args = p.parse_args(argv)
+    args.tls_files = None  # made with the rounds' temporary directory (main)
     try:
-        args.agents = P.parse_agents(args.agents)
+        args.agents = P.parse_agents("spoa-mp,spoa-mp-tls" if args.tls else args.agents)
     except ValueError as e:
         p.error(str(e))
     for name in ("repeat", "threads", "connections", "workers", "example_threads", "nbthread"):
@@ -392,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "spoa_mp": f"-n {args.workers}",
         "example": f"-n {args.example_threads} -c pipelining",
         "pipelining": not args.no_pipelining,
+        "tls": "spoa-mp-tls: mutual TLS, EC P-256 certificates" if args.tls else None,
         "nbthread": args.nbthread,
         "repeat": args.repeat,
     }
@@ -407,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
 
     def rounds(tmp: Path) -> None:
+        if "spoa-mp-tls" in args.agents:
+            pki = make_pki(tmp / "pki")
+            args.tls_files = AgentTLS(pki.ca, pki.server_cert, pki.server_key, pki.haproxy_pem)
         for rnd in range(1, args.repeat + 1):
             for hap in args.haproxies:
                 for agent in ["none", *args.agents]:
@@ -427,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: print_table(args.agents, rows),
         "req/s, p50, p99: medians over the rounds; failed: non-2xx + socket errors of wrk,"
         " measured runs, all rounds; vs none: req/s over the no-filter baseline; ratio:"
-        " spoa-mp/example medians; paired: median of per-round ratios; us/req h/a/all: CPU"
+        " spoa-mp/example medians (spoa-mp-tls: over spoa-mp in clear); paired: median of"
+        " per-round ratios; us/req h/a/all: CPU"
         " us per request of HAProxy / the agent / the whole machine; others: cores used by"
         " the rest of the machine during the runs (noise).",
     )

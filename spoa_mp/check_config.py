@@ -13,6 +13,8 @@ It checks, and reports every problem it finds rather than the first one:
 * the app (the file's ``app`` or ``--app``): imported as the server would
   (:func:`spoa_mp.loader.build_agent`: the current directory is on the
   import path), and it must register at least one message handler;
+* the TLS files (``tls-cert``, ``tls-key``, ``tls-client-ca``): readable PEM,
+  the key matching the certificate, every certificate within its dates;
 * the reputation file: loaded (:meth:`ReputationTable.load`), every bad line
   reported as ``FILE:LINE: reason`` (up to :data:`MAX_REPUTATION_ERRORS`).
 
@@ -38,6 +40,7 @@ from spoa_mp.agent import AppLoadError
 from spoa_mp.config import _PATH_KEYS, TOML_KEYS, ConfigError, ServerConfig, load_config
 from spoa_mp.loader import build_agent
 from spoa_mp.reputation import ReputationFileError, ReputationTable
+from spoa_mp.tls import TLSFiles, file_problems
 
 __all__ = ["MAX_REPUTATION_ERRORS", "Report", "check", "main"]
 
@@ -98,7 +101,7 @@ def _check_file(path: str, report: Report) -> dict[str, object]:
             value = os.path.normpath(os.path.join(base, value))  # noqa: PLW2901
         # one key at a time through load_config: the very same type and value rules
         try:
-            load_config({name: value})
+            load_config({name: value}, together=False)
         except ConfigError as e:
             report.problems.append(_key_problem(path, key, str(e)))
             continue
@@ -181,6 +184,8 @@ def check(config_file: str | None, app: str | None = None) -> Report:
             cli["app"] = values["app"] = app
 
     if not report.problems:
+        _check_tls(values, config_file or "", report)
+    if not report.problems:
         # every key passed on its own: the whole must load too (the server's path)
         try:
             config = load_config(cli, config_file)
@@ -198,6 +203,19 @@ def check(config_file: str | None, app: str | None = None) -> Report:
     if isinstance(reputation, str):
         _check_reputation(reputation, report)
     return report
+
+
+def _check_tls(values: dict[str, object], path: str, report: Report) -> None:
+    """Every problem of the TLS files (readable, PEM, key matching, dates)."""
+    cert, key, ca = (values.get(k) for k in ("tls_cert", "tls_key", "tls_client_ca"))
+    if not isinstance(cert, str) or not isinstance(key, str):
+        return  # alone, or neither: load_config says which is missing
+    files = TLSFiles(cert, key, ca if isinstance(ca, str) else None)
+    for which, reason in file_problems(files):
+        report.problems.append(f"{path}: {'tls-' + which.replace('_', '-')!r} {reason}")
+    if not report.problems:
+        auth = ", client certificates required" if files.client_ca else ""
+        report.summary.append(f"TLS {os.path.basename(cert)}{auth}")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -34,25 +34,21 @@ the same command-line values again, which is what SIGHUP needs.
 from __future__ import annotations
 
 import difflib
-import grp
-import math
 import os
-import pwd
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
-from spoa_mp import event_loop
-from spoa_mp.addresses import parse_address
-from spoa_mp.event_loop import EVENT_LOOPS
+from spoa_mp.config_checks import CHECKS, MAX_WORKERS, RELOAD_MODES
 from spoa_mp.limits import DEFAULT_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
 
 __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_WORKERS",
     "MIN_FRAME_SIZE",
+    "RELOAD_MODES",
     "TOML_KEYS",
     "ConfigError",
     "ServerConfig",
@@ -60,10 +56,6 @@ __all__ = [
     "load_config",
     "reload_config",
 ]
-
-MAX_WORKERS = 1024
-# sockaddr_un.sun_path is 108 bytes on Linux, NUL included.
-_UNIX_PATH_MAX = 107
 
 
 def default_workers() -> int:
@@ -118,6 +110,10 @@ class ServerConfig:
     max_requests_jitter: int = 0  # plus a random 0..N, so workers do not recycle together
     max_rss: int = 0  # recycle a worker whose resident memory exceeds this many MiB (0 = never)
     metrics: str | None = None  # HOST:PORT serving Prometheus /metrics from the supervisor
+    tls_cert: str | None = None  # PEM certificate (chain): the listeners speak TLS (tls.py)
+    tls_key: str | None = None  # its PEM private key
+    tls_client_ca: str | None = None  # PEM CA(s): clients must present a certificate it signed
+    allow: tuple[str, ...] = ()  # CIDRs TCP peers must be in (access.py); () = everyone
     debug: bool = False
     log_format: str = "text"  # text | json (spoa_mp.logs)
     loop: str = "auto"  # the workers' event loop: auto | asyncio | uvloop (spoa_mp.event_loop)
@@ -167,15 +163,20 @@ _KINDS: dict[str, type] = {
     "max_requests_jitter": int,
     "max_rss": int,
     "metrics": str,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_client_ca": str,
+    "allow": tuple,
     "debug": bool,
     "log_format": str,
     "loop": str,
 }
+_TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")  # checked together (tls.py)
 # may be None (not from TOML)
 _OPTIONAL = frozenset(
     {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout"}
-)
-_PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile"})
+) | set(_TLS_KEYS)
+_PATH_KEYS = frozenset({"unix", "reputation_file", "pidfile", *_TLS_KEYS})
 TOML_KEYS: tuple[str, ...] = tuple(k.replace("_", "-") for k in _KINDS)
 
 _EXPECTED = {
@@ -184,16 +185,9 @@ _EXPECTED = {
 }  # fmt: skip
 # Python type of a parsed TOML value -> its TOML name, for "got ..." messages.
 _TOML_TYPE_NAMES: dict[type, str] = {
-    str: "string",
-    int: "integer",
-    float: "float",
-    bool: "boolean",
-    list: "array",
-    dict: "table",
-    datetime: "datetime",
-    date: "date",
-    time: "time",
-}
+    str: "string", int: "integer", float: "float", bool: "boolean", list: "array",
+    dict: "table", datetime: "datetime", date: "date", time: "time",
+}  # fmt: skip
 
 
 def _type_name(value: object) -> str:
@@ -208,200 +202,35 @@ def _coerce(name: str, value: object, where: str) -> object:
     if kind is float and type(value) is int:
         return float(value)
     if kind is tuple:
-        return _blocklists(value, where)
+        return _string_list(name, value, where)
     if type(value) is not kind:  # not isinstance: True is no integer here
         raise ConfigError(f"{where} must be {_EXPECTED[kind]}, got {_type_name(value)}")
     return value
 
 
-def _blocklists(value: object, where: str) -> tuple[tuple[str, int], ...]:
-    """'FILE[:SCORE]' strings (a list, or one) as (FILE, SCORE) pairs; pairs as they are."""
+def _string_list(name: str, value: object, where: str) -> tuple[object, ...]:
+    """Strings (a list, or one), each parsed: `blocklist` 'FILE[:SCORE]' into
+    (FILE, SCORE), `allow` a CIDR normalised ('10.1.2.3' -> '10.1.2.3/32')."""
+    from spoa_mp.access import normalized_network  # noqa: PLC0415 - only when used
     from spoa_mp.blocklist import parse_blocklist_arg  # noqa: PLC0415 - only when used
 
+    parse: Callable[[str], object] = normalized_network if name == "allow" else parse_blocklist_arg
+    expected = "a list of CIDR strings" if name == "allow" else _EXPECTED[tuple]
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        raise ConfigError(f"{where} must be {_EXPECTED[tuple]}, got {_type_name(value)}")
-    out = []
+        raise ConfigError(f"{where} must be {expected}, got {_type_name(value)}")
+    out: list[object] = []
     for item in items:
         if isinstance(item, tuple):  # already parsed (a reload re-applies the flags)
             out.append(item)
             continue
         if not isinstance(item, str):
-            raise ConfigError(f"{where} must be {_EXPECTED[tuple]}, got {_type_name(item)}")
+            raise ConfigError(f"{where} must be {expected}, got {_type_name(item)}")
         try:
-            out.append(parse_blocklist_arg(item))
+            out.append(parse(item))
         except ValueError as e:
             raise ConfigError(f"{where} {e}") from None
     return tuple(out)
-
-
-def _check_blocklists(value: object) -> str | None:
-    assert isinstance(value, tuple)
-    for path, _ in value:
-        reason = _check_readable_file(path)
-        if reason:
-            return reason
-    return None
-
-
-# ----------------------------------------------------------- value checks
-#
-# Each check returns None when the value is fine, else the reason, worded to
-# follow "FILE: 'key' " or "--key ".
-
-
-def _between(low: int, high: int) -> Callable[[object], str | None]:
-    def check(value: object) -> str | None:
-        assert isinstance(value, int)
-        if low <= value <= high:
-            return None
-        return f"must be between {low} and {high}, got {value}"
-
-    return check
-
-
-def _at_least_one(value: object) -> str | None:
-    assert isinstance(value, int)
-    return None if value >= 1 else f"must be at least 1, got {value}"
-
-
-def _seconds(*, zero_ok: bool) -> Callable[[object], str | None]:
-    def check(value: object) -> str | None:
-        assert isinstance(value, float)
-        if not math.isfinite(value):
-            return f"must be a finite number of seconds, got {value}"
-        if value < 0 or (value == 0 and not zero_ok):
-            bound = "0 or more" if zero_ok else "more than 0"
-            return f"must be {bound} seconds, got {value:g}"
-        return None
-
-    return check
-
-
-def _check_host(value: object) -> str | None:
-    assert isinstance(value, str)
-    if not value or value != value.strip():
-        return f"must be a host name or address, got {value!r}"
-    return None
-
-
-_DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\Z", re.ASCII)
-
-
-def _check_app(value: object) -> str | None:
-    if value is None:
-        return None
-    assert isinstance(value, str)
-    module, sep, attr = value.partition(":")
-    if sep and _DOTTED.match(module) and _DOTTED.match(attr):
-        return None
-    return f"must look like 'module:attribute' (e.g. 'myapp.handlers:agent'), got {value!r}"
-
-
-def _check_unix(value: object) -> str | None:
-    if value is None:
-        return None
-    assert isinstance(value, str)
-    if not value:
-        return "must be a path, got ''"
-    size = len(os.fsencode(value))
-    if size > _UNIX_PATH_MAX:
-        return f"is too long for a Unix socket ({size} bytes, at most {_UNIX_PATH_MAX}): {value}"
-    directory = os.path.dirname(value) or "."
-    if not os.path.isdir(directory):
-        return f"is in a directory that does not exist: {directory}"
-    return None
-
-
-def _check_readable_file(value: object) -> str | None:
-    if value is None:
-        return None
-    assert isinstance(value, str)
-    if not value:
-        return "must be a path, got ''"
-    try:
-        with open(value, "rb"):
-            pass
-    except OSError as e:
-        return f"cannot be read: {value}: {e.strerror or e}"
-    return None
-
-
-RELOAD_MODES = ("handover", "rolling", "drain")
-
-
-def _check_metrics_address(value: object) -> str | None:
-    try:
-        parse_address(str(value))
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _check_user(value: object) -> str | None:
-    try:
-        pwd.getpwnam(str(value))
-    except KeyError:
-        return f"no such user: {value}"
-    return None
-
-
-def _check_group(value: object) -> str | None:
-    try:
-        grp.getgrnam(str(value))
-    except KeyError:
-        return f"no such group: {value}"
-    return None
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[object], str | None]:
-    def check(value: object) -> str | None:
-        if value in choices:
-            return None
-        return f"must be one of {', '.join(choices)}, got {value!r}"
-
-    return check
-
-
-def _check_loop(value: object) -> str | None:
-    if not isinstance(value, str):
-        return f"must be one of {', '.join(EVENT_LOOPS)}, got {value!r}"
-    try:
-        event_loop.resolve(value)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-_CHECKS: dict[str, Callable[[object], str | None]] = {
-    "host": _check_host,
-    "port": _between(0, 65535),
-    "unix": _check_unix,
-    "backlog": _between(1, 65535),
-    "workers": _between(1, MAX_WORKERS),
-    "app": _check_app,
-    "reputation_file": _check_readable_file,
-    "default_score": _between(0, 100),
-    "blocklist": _check_blocklists,
-    "max_frame_size": _between(MIN_FRAME_SIZE, MAX_FRAME_SIZE),
-    "max_in_flight": _at_least_one,
-    "max_pending": _at_least_one,
-    "handler_timeout": _seconds(zero_ok=False),
-    "blocking_threads": _between(1, 1024),
-    "hello_timeout": _seconds(zero_ok=False),
-    "max_connections": _at_least_one,
-    "worker_timeout": _seconds(zero_ok=False),
-    "graceful_timeout": _seconds(zero_ok=True),
-    "reload_mode": _one_of(RELOAD_MODES),
-    "user": _check_user,
-    "group": _check_group,
-    "max_requests": _between(0, 1 << 62),
-    "max_requests_jitter": _between(0, 1 << 62),
-    "max_rss": _between(0, 1 << 40),
-    "metrics": _check_metrics_address,
-    "log_format": _one_of(("text", "json")),
-    "loop": _check_loop,
-}
 
 
 # ------------------------------------------------------------------ loading
@@ -435,11 +264,14 @@ def _resolved(value: object, absolute: Callable[[str], str]) -> object:
     return tuple((absolute(path) if path else path, score) for path, score in value)
 
 
-def load_config(cli_values: Mapping[str, object], config_file: str | None = None) -> ServerConfig:
+def load_config(
+    cli_values: Mapping[str, object], config_file: str | None = None, *, together: bool = True
+) -> ServerConfig:
     """Defaults, then the TOML file (if any), then `cli_values`; validated.
 
     `cli_values` maps field names (``max_frame_size``) to the values given on the
-    command line, and holds only those actually given. Raises ConfigError.
+    command line, and holds only those actually given. `together=False` skips
+    checking the TLS keys together (check-config does). Raises ConfigError.
     """
     merged: dict[str, object] = {}
     origin: dict[str, str] = {}  # key -> how to name it in an error message
@@ -479,10 +311,15 @@ def load_config(cli_values: Mapping[str, object], config_file: str | None = None
         origin[name] = where
 
     for name, value in merged.items():
-        check = _CHECKS.get(name)
+        check = CHECKS.get(name)
         reason = check(value) if check else None
         if reason:
             raise ConfigError(f"{origin[name]} {reason}")
+    if together and any(merged.get(k) for k in _TLS_KEYS):
+        from spoa_mp.tls import settings_problem  # noqa: PLC0415 - loads ssl
+
+        if problem := settings_problem(*(merged.get(k) for k in _TLS_KEYS)):
+            raise ConfigError(f"{origin[problem[0]]} {problem[1]}")
 
     return ServerConfig(
         **merged,  # type: ignore[arg-type]  # each value checked against _KINDS above

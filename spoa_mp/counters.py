@@ -23,6 +23,8 @@ class Counters:
         self.connections_total = 0
         self.connections_refused = 0  # closed at accept: --max-connections
         self.hello_timeouts = 0  # closed: no HELLO within --hello-timeout
+        self.tls_handshake_failures = 0  # closed: TLS handshake failed or timed out
+        self.connections_not_allowed = 0  # closed at accept: peer outside --allow
         self.protocol_errors = 0
         self.acks_cut = 0
         self.backpressure = 0  # times reads paused at --max-pending
@@ -46,6 +48,8 @@ class Counters:
             "connections_total": self.connections_total,
             "connections_refused": self.connections_refused,
             "hello_timeouts": self.hello_timeouts,
+            "tls_handshake_failures": self.tls_handshake_failures,
+            "connections_not_allowed": self.connections_not_allowed,
             "protocol_errors": self.protocol_errors,
             "acks_cut": self.acks_cut,
             "backpressure": self.backpressure,

@@ -48,6 +48,8 @@ config file (--config FILE, TOML; flags given on the command line win):
     max-frame-size = {_D.max_frame_size}
     reputation-file = "reputation.txt"   # relative to the file's directory
     blocklist = ["firehol_level1.netset", "drop.txt:10"]
+    allow = ["10.0.0.0/24"]
+    tls-cert = "agent.pem"
     pipelining = false
 
 other commands:
@@ -187,6 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics (all workers summed) at http://HOST:PORT/metrics",
+    )
+
+    sec = p.add_argument_group("TLS and access")
+    add = sec.add_argument
+    add(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate (chain): every listener speaks TLS 1.2+ (needs --tls-key); "
+        "re-read on SIGHUP",
+    )
+    add("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    add(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA certificate(s): clients must present a certificate signed by one "
+        "(mutual TLS: HAProxy's 'crt' on the agents' server line)",
+    )
+    add(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="accept TCP connections only from this network (repeatable; e.g. "
+        "10.0.0.0/24, 2001:db8::/48); others are closed at accept. Unix-socket "
+        "clients are always accepted",
     )
 
     job = p.add_argument_group("the job")

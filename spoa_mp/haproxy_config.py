@@ -19,6 +19,9 @@ What follows the agent's settings (spop.md §9):
   default (16380; the smaller one is used anyway, but HAProxy 2.6 sizes the
   first NOTIFY with its configured value, §4.3);
 * ``no option pipelining`` with ``--no-pipelining``;
+* with ``--tls-cert``: ``check-ssl ssl verify required ca-file FILE`` on the
+  server line, and ``crt FILE`` (HAProxy's client certificate) with
+  ``--tls-client-ca``; the files are ``--ca-file`` and ``--crt``;
 * the messages: ``check-client-ip`` with its ``args`` for the built-in agent,
   or the message names an ``--app`` agent registers (imported as the server
   would, :func:`spoa_mp.loader.build_agent`), each with a commented
@@ -98,6 +101,8 @@ _VAR_PREFIX = re.compile(r"[A-Za-z0-9._]+\Z")  # HAProxy's variable name charact
 _ENGINE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
 _ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _TIMEOUT = re.compile(r"[0-9]+(?:us|ms|s|m|h|d)?\Z")
+DEFAULT_CA_FILE = "/etc/haproxy/spoa-ca.pem"
+DEFAULT_CRT = "/etc/haproxy/spoa-client.pem"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,10 @@ class Options:
     processing_timeout: str | None = None
     output_dir: str | None = None  # where the files go (the cfg names the SPOE file there)
     messages: tuple[str, ...] | None = None  # None: from the agent (build_agent for --app)
+    # with --tls-cert: the CA HAProxy verifies the agent's certificate with, and
+    # (with --tls-client-ca) HAProxy's client certificate + key, one PEM file
+    ca_file: str = DEFAULT_CA_FILE
+    crt: str = DEFAULT_CRT
 
     @property
     def spoe_filename(self) -> str:
@@ -143,6 +152,9 @@ class Options:
             raise ConfigError(f"--frontend-bind must be an address, got {self.frontend_bind!r}")
         if not WORD.match(self.upstream):
             raise ConfigError(f"--upstream must be an address, got {self.upstream!r}")
+        for flag, path in (("--ca-file", self.ca_file), ("--crt", self.crt)):
+            if not WORD.match(path):
+                raise ConfigError(f"{flag} must be a path without blanks or quotes, got {path!r}")
         if not 0 <= self.threshold <= MAX_SCORE:
             raise ConfigError(
                 f"--threshold must be between 0 and {MAX_SCORE}, got {self.threshold}"
@@ -224,8 +236,29 @@ def _render_cfg(config: ServerConfig, options: Options, app: bool) -> str:
     lines += ["    option spop-check"]
     if note:
         lines += [f"    # {note}"]
-    lines += [f"    server agent1 {address} check inter {CHECK_INTER}", ""]
+    tls, tls_notes = tls_server_options(config, options)
+    lines += [f"    # {n}" for n in tls_notes]
+    lines += [f"    server agent1 {address} check inter {CHECK_INTER}{tls}", ""]
     return "\n".join(lines)
+
+
+def tls_server_options(config: ServerConfig, options: Options) -> tuple[str, list[str]]:
+    """The server line's TLS words (" check-ssl ssl verify required ca-file ...
+    crt ...") and comments on them; ("", []) when the agent speaks in clear."""
+    if not config.tls_cert:
+        return "", []
+    words = f" check-ssl ssl verify required ca-file {options.ca_file}"
+    notes = [
+        "TLS to the agent (its --tls-cert); health checks over TLS too (check-ssl):",
+        "ca-file: the CA that signed the agent's certificate",
+    ]
+    if config.tls_client_ca:
+        words += f" crt {options.crt}"
+        notes.append(
+            "crt: HAProxy's client certificate and key in one PEM file, signed by the "
+            "agent's --tls-client-ca"
+        )
+    return words, notes
 
 
 def _render_spoe(
@@ -398,6 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
         f"--handler-timeout or timeout=; {DEFAULT_PROCESSING_TIMEOUT} without one)",
     )
     add(
+        "--ca-file",
+        default=d.ca_file,
+        metavar="FILE",
+        help="with --tls-cert: the CA file HAProxy verifies the agent's certificate "
+        "with (default %(default)s)",
+    )
+    add(
+        "--crt",
+        default=d.crt,
+        metavar="FILE",
+        help="with --tls-client-ca: HAProxy's client certificate and key, one PEM file "
+        "(default %(default)s)",
+    )
+    add(
         "--output-dir",
         metavar="DIR",
         help="write haproxy.cfg and spoe-ENGINE.conf into DIR (the cfg names the "
@@ -422,6 +469,8 @@ def main(argv: Sequence[str]) -> int:
             upstream=args.upstream,
             processing_timeout=args.processing_timeout,
             output_dir=args.output_dir,
+            ca_file=os.path.abspath(args.ca_file),
+            crt=os.path.abspath(args.crt),
         )
         files = render(config, options)
     except SystemExit as e:  # --help, --version

@@ -71,6 +71,8 @@ class Replacing:
         try:
             config = reload_config(self.config)
             agent = build_agent(config, reload=True)
+            # the TLS files are read again here: a bad one keeps the old generation
+            options = options_for(config, agent, tuple(self.listeners))
         except (ConfigError, AppLoadError, ValueError, OSError) as e:
             log.error("reload failed, the running workers keep serving: %s", e)
             self._reloads_failed += 1
@@ -83,7 +85,7 @@ class Replacing:
             )  # fmt: skip
         self.notifier.reloading()
         previous = (self.config, self.options)
-        self.config, self.options = config, options_for(config, agent, tuple(self.listeners))
+        self.config, self.options = config, options
         self.generation += 1
         self.target_workers = config.workers
         self._respawn_at.clear()  # old slots are not refilled: the new generation replaces them

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from spoa_mp import systemd
+from spoa_mp.access import log_startup
 from spoa_mp.agent import AppLoadError
 from spoa_mp.config import ServerConfig
 from spoa_mp.loader import build_agent
@@ -81,6 +82,7 @@ def serve(config: ServerConfig) -> int:
             config, agent, listeners, notifier, own_socket_file=not inherited,
             metrics_server=metrics_server,
         )  # fmt: skip
+        log_startup(config, supervisor.options.limits, listeners)
         return supervisor.run()
     finally:
         if config.pidfile:

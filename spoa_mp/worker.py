@@ -7,7 +7,9 @@ handed to the dispatcher (dispatch.py), which runs every kind of handler;
 the ACKs ready at the end of the read leave in one encode call and one
 `send`, later ones in one per loop iteration. Bounds on the NOTIFYs awaiting
 a handler, per connection (--max-in-flight) and per worker (--max-pending),
-stop reading until the handlers catch up.
+stop reading until the handlers catch up. Admission (accept, --allow, the
+TLS handshake, --hello-timeout) is admission.py; passing connections on at a
+reload, adopting them, and goodbyes on stop are handover.py.
 
 Only workers touch connection sockets; they report to the supervisor over
 the control channel (control.py). As in gunicorn, `Worker.__init__` changes
@@ -24,19 +26,22 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
-from spoa_mp import control, event_loop, logs
+from spoa_mp import control, event_loop, logs, tls_io
 from spoa_mp.admission import Admission
 from spoa_mp.codec import Decoder, Encoder
+from spoa_mp.connection import Connection
 from spoa_mp.counters import Counters, gauges
 from spoa_mp.dispatch import Dispatcher
 from spoa_mp.events import HandshakeDone, HealthCheck, PeerDisconnected, ProtocolError
+from spoa_mp.handover import Handover
 from spoa_mp.logs import RateLimitedLog
 from spoa_mp.process import EXIT_BOOT_ERROR, EXIT_OK, SUPERVISOR_SIGNALS, set_title
 from spoa_mp.protocol import AgentConnection
+from spoa_mp.relay import Relay
 from spoa_mp.worker_options import WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -48,19 +53,7 @@ RECV_SIZE = 256 * 1024
 HEARTBEAT_INTERVAL = 1.0
 
 
-@dataclass(eq=False, slots=True)
-class Connection:
-    sock: socket.socket
-    fd: int
-    peer: str
-    proto: AgentConnection
-    out: bytearray = field(default_factory=bytearray)  # what the kernel did not take yet
-    in_flight: int = 0  # NOTIFYs awaiting a handler, not ACKed yet
-    reading: bool = True
-    closed: bool = False
-
-
-class Worker:
+class Worker(Handover):
     def __init__(self, index: int, options: WorkerOptions, channel: socket.socket) -> None:
         self.index = index
         self.options = options
@@ -95,6 +88,8 @@ class Worker:
         self._parent = os.getppid()
         self._stopping = False
         self._handing_over = False  # reload: connections move to the new workers
+        self._relays: set[Relay] = set()  # after a handover: TLS connections relayed
+        self._said_handed_over = False
         self._done: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- life
@@ -138,6 +133,7 @@ class Worker:
             except Exception as e:
                 raise BootError(f"worker start hook {_name(hook.fn)} failed: {_one_line(e)}") from e
         loop.add_signal_handler(signal.SIGTERM, self.stop)
+        self._admission.loop = loop
         for sock in self.listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
         loop.add_reader(self.channel.fileno(), self._control_readable)
@@ -161,6 +157,8 @@ class Worker:
         self._wind_down()
         for conn in list(self.connections.values()):
             self._close_if_idle(conn)
+        if self._relays:  # the new workers say goodbye through them; bounded all the same
+            self._loop.call_later(self.graceful_timeout, self._end_relays)
         self._check_done()
 
     def _wind_down(self) -> None:
@@ -183,14 +181,6 @@ class Worker:
         for conn in list(self.connections.values()):
             self._close(conn)
         self._check_done()
-
-    def _check_done(self) -> None:
-        if self.connections or not (self._stopping or self._handing_over):
-            return
-        if self._done and not self._done.done():
-            if self._handing_over:
-                control.send(self.channel, control.HANDED_OVER, moved=self.counters.handed_over)
-            self._done.set_result(None)
 
     def _beat(self) -> None:
         # scheduled from the loop itself: a blocked loop stops beating, and
@@ -223,22 +213,35 @@ class Worker:
         conn = Connection(sock=sock, fd=sock.fileno(), peer=peer, proto=proto)
         self.connections[conn.fd] = conn
         assert self._loop is not None
-        self._loop.add_reader(conn.fd, self._readable, conn)
+        if isinstance(sock, ssl.SSLSocket):
+            conn.tls = conn.handshaking = True
+            self._admission.handshake(sock, peer, lambda ok: self._handshake_done(conn, ok))
+        else:
+            self._loop.add_reader(conn.fd, self._readable, conn)
         self._loop.call_later(self.limits.hello_timeout, self._hello_deadline, conn)
         if self.debug:
             log.debug("conn %d: accepted from %s", conn.fd, conn.peer)
 
     def _hello_deadline(self, conn: Connection) -> None:
         if not conn.closed and conn.proto.handshake is None:
-            self._admission.hello_missed(conn.fd, conn.peer)
+            self._admission.hello_missed(conn.fd, conn.peer, conn.handshaking)
             self._close(conn)
+
+    def _handshake_done(self, conn: Connection, ok: bool) -> None:
+        if not ok:
+            self._close(conn)
+            return
+        conn.handshaking = False
+        assert self._loop is not None
+        self._loop.add_reader(conn.fd, self._readable, conn)
+        self._readable(conn)  # HAPROXY-HELLO may have come with the handshake
 
     def _readable(self, conn: Connection) -> None:
         size = RECV_SIZE
         if self._handing_over:
             # read only what completes the current frame: the connection then
             # moves between two frames, and what follows waits in the kernel
-            # for the worker that adopts it
+            # (TLS: in OpenSSL, for the relay) for the worker that adopts it
             size = min(size, conn.proto.bytes_to_boundary())
             if not size:
                 self._update_reading(conn)
@@ -248,8 +251,10 @@ class Worker:
             # into one reused buffer: recv(n) would allocate n bytes each time
             # (an mmap for large n), then copy out only what arrived
             n = conn.sock.recv_into(self._recv_buf, size)
+            if conn.tls and n:  # a record at a time: read on (never past the boundary)
+                n = tls_io.read_more(conn.sock, self._recv_view[:size], n)
             data = self._recv_view[:n].tobytes()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as e:  # reset by HAProxy: normal (3.x pool purge, health checks)
             if self.debug:
@@ -271,6 +276,18 @@ class Worker:
         elif self._handing_over:
             self._update_reading(conn)
             self._try_handover(conn)
+        self._read_decrypted(conn)
+
+    def _read_decrypted(self, conn: Connection) -> None:
+        """TLS: what OpenSSL decrypted beyond a full buffer (or while reading
+        was paused) never makes the descriptor readable: read it from the loop."""
+        if conn.tls and conn.reading and not conn.closed and tls_io.decrypted(conn.sock):
+            assert self._loop is not None
+            self._loop.call_soon(self._read_if_reading, conn)
+
+    def _read_if_reading(self, conn: Connection) -> None:
+        if conn.reading and not conn.closed:
+            self._readable(conn)
 
     def _progress(self, conn: Connection) -> None:
         """Late ACKs were queued on conn (dispatcher): send them, read again."""
@@ -315,7 +332,9 @@ class Worker:
             else:
                 try:
                     sent = conn.sock.send(data)
-                except (BlockingIOError, InterruptedError):
+                except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                    # TLS: nothing counts as sent; the same bytes (and more) go
+                    # again, as OpenSSL wants after a partial record write
                     sent = 0
                 except OSError:
                     self._close(conn)
@@ -330,7 +349,7 @@ class Worker:
     def _writable(self, conn: Connection) -> None:
         try:
             sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
             return
         except OSError:
             self._close(conn)
@@ -360,7 +379,7 @@ class Worker:
         assert self._loop is not None
         if conn.reading:
             self._loop.remove_reader(conn.fd)
-        if conn.out:
+        if conn.out or conn.handshaking:  # a handshake may wait for writability
             self._loop.remove_writer(conn.fd)
         self.connections.pop(conn.fd, None)
 
@@ -377,95 +396,9 @@ class Worker:
             assert self._loop is not None
             if want:
                 self._loop.add_reader(conn.fd, self._readable, conn)
+                self._read_decrypted(conn)
             else:
                 self._loop.remove_reader(conn.fd)
-
-    # ---------------------------------------------------------------- reload
-
-    def _control_readable(self) -> None:
-        while True:
-            try:
-                got = control.receive(self.channel)
-            except EOFError:  # the supervisor is gone
-                assert self._loop is not None
-                self._loop.remove_reader(self.channel.fileno())
-                self.stop()
-                return
-            if got is None:
-                return
-            msg, fds = got
-            if msg["kind"] == control.ADOPT and len(fds) == 1:
-                self._adopt(msg, fds[0])
-                continue
-            for fd in fds:  # not for us: never leak a descriptor
-                os.close(fd)
-            if msg["kind"] == control.HAND_OVER:
-                self._begin_handover()
-
-    def _adopt(self, msg: control.Message, fd: int) -> None:
-        """Carry on a connection an old worker passed on (reload)."""
-        sock = socket.socket(fileno=fd)
-        try:
-            sock.setblocking(False)
-            passed = control.PassedConnection.from_message(msg)
-            size = passed.state["max_frame_size"]
-            decoder = self._decoder
-            if size > self.settings.max_frame_size:  # negotiated before a smaller limit
-                decoder = Decoder(max_frame_size=size, names=tuple(self._handlers))
-            proto = AgentConnection.adopt(
-                passed.state, self.settings, decoder, self._encoder, self.counters.frames
-            )
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            log.error("cannot adopt a connection: %s", e)
-            sock.close()
-            return
-        conn = Connection(sock=sock, fd=sock.fileno(), peer=passed.peer, proto=proto)
-        self.connections[conn.fd] = conn
-        self.counters.adopted += 1
-        assert self._loop is not None
-        # level-triggered: what HAProxy sent meanwhile is read right away
-        self._loop.add_reader(conn.fd, self._readable, conn)
-        if self.debug:
-            log.debug("conn %d: adopted from %s", conn.fd, conn.peer)
-
-    def _begin_handover(self) -> None:
-        if self._stopping or self._handing_over or self._loop is None:
-            return
-        self._handing_over = True
-        log.info("handing %d connection(s) over", len(self.connections))
-        self._wind_down()
-        for conn in list(self.connections.values()):
-            self._update_reading(conn)
-            self._try_handover(conn)
-        self._check_done()
-
-    def _try_handover(self, conn: Connection) -> None:
-        """Pass a connection on once nothing of it is left here: no partial
-        frame, no handler running or waiting, no unsent ACK."""
-        if conn.closed or conn.in_flight or conn.out:
-            return
-        if conn.proto.closing or not conn.proto.at_frame_boundary:
-            return
-        passed = control.PassedConnection(conn.peer, conn.proto.handover_state())
-        if not control.send(self.channel, control.CONNECTION, fds=(conn.fd,), **passed.fields()):
-            assert self._loop is not None  # the channel is full: try again soon
-            self._loop.call_later(0.005, self._try_handover, conn)
-            return
-        # the kernel holds its own reference to the socket now
-        self._release(conn)
-        conn.sock.close()
-        self.counters.handed_over += 1
-        self._check_done()
-
-    @staticmethod
-    def _idle(conn: Connection) -> bool:
-        return conn.in_flight == 0 and conn.proto.buffered == 0 and not conn.out
-
-    def _close_if_idle(self, conn: Connection) -> None:
-        """While stopping: say goodbye to a connection with nothing pending."""
-        if not conn.closed and self._idle(conn):
-            conn.proto.disconnect()
-            self._flush(conn)
 
 
 class BootError(Exception):

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import random
 import socket
+import ssl
 from dataclasses import dataclass, field
 
+from spoa_mp.access import AllowList
 from spoa_mp.agent import Agent
 from spoa_mp.config import ServerConfig
 from spoa_mp.dispatch import DispatchSettings
 from spoa_mp.handshake import AgentSettings
+from spoa_mp.tls import server_context_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,8 @@ class ConnectionLimits:
 
     hello_timeout: float = 10.0  # seconds from accept to a complete HAPROXY-HELLO
     max_connections: int = 4096  # open connections per worker; beyond, closed at accept
+    tls: ssl.SSLContext | None = None  # wraps every accepted connection (tls.py)
+    allow: AllowList = field(default_factory=AllowList)  # TCP peers outside: closed at accept
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +68,14 @@ def options_for(
             blocking_threads=config.blocking_threads,
             max_in_flight=config.max_in_flight,
         ),
-        limits=ConnectionLimits(config.hello_timeout, config.max_connections),
+        limits=ConnectionLimits(
+            config.hello_timeout,
+            config.max_connections,
+            # built here, in the supervisor, at start and on each reload (a bad
+            # file raises TLSError, and a reload keeps the running generation)
+            tls=server_context_for(config),
+            allow=AllowList(config.allow),
+        ),
         graceful_timeout=config.graceful_timeout,
         debug=config.debug,
         max_requests=config.max_requests,

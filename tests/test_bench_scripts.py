@@ -20,6 +20,7 @@ import _haproxy as H  # noqa: E402, N812
 import _procs as P  # noqa: E402, N812
 import bench_direct  # noqa: E402
 import bench_haproxy  # noqa: E402
+from support.tls_certs import make_pki  # noqa: E402
 
 HAPROXY_26 = Path("/usr/sbin/haproxy")
 HAPROXY_32 = BENCH.parent.parent / "shared" / "bin" / "haproxy-3.2.0"
@@ -116,12 +117,36 @@ def test_haproxy_accepts_the_configurations(binary: Path, tmp_path: Path) -> Non
         assert chk.returncode == 0, chk.stdout + chk.stderr
 
 
+@pytest.mark.parametrize("binary", [HAPROXY_26, HAPROXY_32], ids=["2.6", "3.2"])
+def test_haproxy_accepts_the_tls_configuration(binary: Path, tmp_path: Path) -> None:
+    """--tls: the agents' server line with mutual TLS passes `haproxy -c`."""
+    if not binary.exists():
+        pytest.skip(f"{binary} is absent")
+    hap = H.find_haproxy(str(binary))
+    assert hap is not None
+    pki = make_pki(tmp_path / "pki")
+    tls = H.AgentTLS(pki.ca, pki.server_cert, pki.server_key, pki.haproxy_pem)
+    spoe = tmp_path / "spoe.conf"
+    spoe.write_text(H.render_spoe(hap, pipelining=True, processing_ms=1000))
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(H.render_haproxy(hap, spoe, 40001, 40002, tmp_path / "s.sock", 1, tls))
+    assert (
+        f"ssl verify required ca-file {pki.ca} crt {pki.haproxy_pem} check-ssl" in cfg.read_text()
+    )
+    assert tls.agent_flags()[-2:] == ["--tls-client-ca", str(pki.ca)]
+    chk = subprocess.run(
+        [hap.path, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert chk.returncode == 0, chk.stdout + chk.stderr
+
+
 def test_loads_and_agents_parsing() -> None:
     assert bench_direct.parse_loads("1x1, 8x16,1x1") == [(1, 1), (8, 16)]
     for bad in ("8", "0x1", "8x", "8*16"):
         with pytest.raises(ValueError, match="CONNSxINFLIGHT"):
             bench_direct.parse_loads(bad)
     assert P.parse_agents("example, spoa-mp") == ["example", "spoa-mp"]
+    assert P.parse_agents("spoa-mp,spoa-mp-tls") == ["spoa-mp", "spoa-mp-tls"]
     for bad in ("", "spoa-mp,haproxy"):
         with pytest.raises(ValueError, match="--agents"):
             P.parse_agents(bad)
@@ -233,3 +258,14 @@ def test_haproxy_summary_ratios_and_failures() -> None:
     assert row["ratio_paired"] == 1.1
     # median of the per-run figures: 0.25 cores / 60 and / 50 req/s
     assert row["spoa-mp"]["us_per_req_agent"] == pytest.approx((4166.7 + 5000.0) / 2)
+
+
+def test_haproxy_summary_tls_ratio() -> None:
+    runs = [_hap_run("none", n, 100.0) for n in (1, 2, 3)]
+    runs += [_hap_run("spoa-mp", n, v) for n, v in ((1, 50.0), (2, 60.0), (3, 40.0))]
+    runs += [_hap_run("spoa-mp-tls", n, v) for n, v in ((1, 45.0), (2, 48.0), (3, 40.0))]
+    hap = H.HAProxy("/x", "3.2.0")
+    (row,) = bench_haproxy.summarize([hap], ["spoa-mp", "spoa-mp-tls"], runs, [])
+    assert row["tls_ratio"] == 0.9  # 45 / 50
+    assert row["tls_ratio_paired"] == 0.9  # median of 0.9, 0.8, 1.0
+    assert "ratio" not in row  # no example agent

@@ -19,6 +19,7 @@ from spoa_mp.config import (
     load_config,
     reload_config,
 )
+from spoa_mp.config_checks import CHECKS
 
 
 def write(tmp_path: Path, text: str, name: str = "spoa.toml") -> str:
@@ -77,7 +78,7 @@ def test_config_is_frozen_and_slotted() -> None:
 def test_key_tables_cover_every_field() -> None:
     names = {f.name for f in dataclasses.fields(ServerConfig)} - {"config_file", "cli_values"}
     assert set(config_mod._KINDS) == names
-    assert set(config_mod._CHECKS) <= names
+    assert set(CHECKS) <= names
     assert {k.replace("-", "_") for k in TOML_KEYS} == names
 
 

@@ -214,6 +214,8 @@ EXPECTED = {
     "connections_accepted_total": "counter",
     "connections_refused_total": "counter",
     "hello_timeouts_total": "counter",
+    "tls_handshake_failures_total": "counter",
+    "connections_not_allowed_total": "counter",
     "protocol_errors_total": "counter",
     "acks_cut_total": "counter",
     "connections_handed_over_total": "counter",

@@ -21,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -36,7 +37,8 @@ import pytest
 from support.load import bench_result, spoa_bench
 from support.processes import Process, child_env, dead, owner_of, title
 from support.server import READY_LINE, SUPERVISOR_TITLE, WORKER_TITLE, Server, started
-from support.spop_peer import Frame, SpopClient, vector
+from support.spop_peer import ConnectionClosedError, Frame, SpopClient, TLSSpopClient, vector
+from support.tls_certs import make_pki
 from support.waits import HOST, IO_TIMEOUT, free_port, wait_for
 
 from spoa_mp.codec import Decoder, Encoder, FrameType
@@ -351,6 +353,48 @@ def test_socket_activated_unix_socket_file_is_never_unlinked(
     assert path.exists(), "spoa-mp removed the socket file systemd created"
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert path.stat().st_ino == inode
+
+
+def hello_without_a_certificate(
+    port: int, context: ssl.SSLContext, clients: list[SpopClient]
+) -> Frame:
+    """TLS 1.3 finishes the client's handshake first: the refusal (an alert,
+    or the close) comes with the first read."""
+    client = TLSSpopClient(port, context)
+    clients.append(client)
+    return client.hello()
+
+
+def test_socket_activated_tls_serves_a_real_tls_client(
+    tmp_path: Path, servers: list[Server], clients: list[SpopClient]
+) -> None:
+    """--tls-cert/--tls-key/--tls-client-ca on the socket systemd passes: a
+    client with a certificate of the CA gets its scores over TLS; one without
+    a certificate, and plain SPOP, are refused; the first goes on untouched."""
+    pki = make_pki(tmp_path / "pki")
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    srv = started(servers, ActivatedServer(tmp_path, *tls, "--tls-client-ca", str(pki.ca)))
+    assert "TLS on every listener (" in srv.log()
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    c = Handshaken(TLSSpopClient(srv.port, context))
+    clients.append(c.c)
+    c.ask()
+    assert isinstance(c.c.sock, ssl.SSLSocket)
+    assert c.c.sock.version() in ("TLSv1.2", "TLSv1.3")
+    no_cert = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises((ssl.SSLError, ConnectionError, ConnectionClosedError)):
+        hello_without_a_certificate(srv.port, no_cert, clients)
+    with socket.create_connection((HOST, srv.port), timeout=IO_TIMEOUT) as plain:
+        plain.sendall(vector("haproxy-hello 2.6"))
+        got = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with our HELLO unread
+            while chunk := plain.recv(4096):
+                got += chunk
+    assert len(got) < 5 or got[4] != FrameType.AGENT_HELLO, got  # nothing or a TLS alert
+    c.ask()
+    assert "TLS handshake failed" in srv.wait_log("TLS handshake failed")
+    assert stop(srv) == 0, srv.log()
 
 
 # --------------------------------------- 2. a restart on the held socket loses nothing

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -179,3 +180,20 @@ def handshaken(c: SpopClient) -> SpopClient:
     hello = c.hello("haproxy-hello 2.6")
     assert hello.type == FrameType.AGENT_HELLO, hello
     return c
+
+
+class TLSSpopClient(SpopClient):
+    """SpopClient over TLS with `context` (a client certificate, or none)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, timeout: float = IO_TIMEOUT) -> None:
+        raw = socket.create_connection((HOST, port), timeout=timeout)
+        try:
+            self.sock = context.wrap_socket(raw, server_hostname=HOST)
+        except OSError:
+            raw.close()
+            raise
+        self.timeout = timeout
+        self._buf = b""
+        self._encoder = Encoder()
+        self._decoder = Decoder(max_frame_size=self.MAX_FRAME)
+        self.eof = False
