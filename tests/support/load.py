@@ -78,6 +78,14 @@ def parse_wrk(text: str) -> WrkResult:
     return WrkResult(int(m[1]), float(rate[1]), errors, int(non2xx[1]) if non2xx else 0, text)
 
 
+def assert_every_request_served(result: WrkResult) -> None:
+    """wrk sent requests and each got a 2xx: no socket error, no non-2xx
+    (a SPOE error is a 503 in the tests' HAProxy configurations)."""
+    assert result.requests > 0
+    assert result.socket_errors == dict.fromkeys(result.socket_errors, 0), result.text
+    assert result.non_2xx == 0, result.text
+
+
 # ------------------------------------------------------------------ SPOP load in threads
 
 
