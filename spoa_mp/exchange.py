@@ -38,6 +38,7 @@ from spoa_mp.codec import (
     kv_items,
     status_reason,
 )
+from spoa_mp.limits import DEFAULT_FRAME_SIZE
 from spoa_mp.model import (
     ACTION_SET_VAR,
     I_ACTION,
@@ -62,7 +63,7 @@ __all__ = [
     "parse_reply",
 ]
 
-FRAME_SIZE = 16380  # what HAProxy offers with the default tune.bufsize
+FRAME_SIZE = DEFAULT_FRAME_SIZE  # what HAProxy offers with the default tune.bufsize
 
 
 @dataclass
