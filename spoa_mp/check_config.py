@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from spoa_mp.agent import AppLoadError
+from spoa_mp.blocklist import load_table, parse_blocklist_arg
 from spoa_mp.config import _PATH_KEYS, TOML_KEYS, ConfigError, ServerConfig, load_config
 from spoa_mp.loader import build_agent
 from spoa_mp.reputation import ReputationFileError, ReputationTable
@@ -99,6 +100,8 @@ def _check_file(path: str, report: Report) -> dict[str, object]:
             continue
         if name in _PATH_KEYS and isinstance(value, str) and value:  # as load_config does
             value = os.path.normpath(os.path.join(base, value))  # noqa: PLW2901
+        elif name == "blocklist" and isinstance(value, list):
+            value = [_blocklist_in(base, v) for v in value]  # noqa: PLW2901
         # one key at a time through load_config: the very same type and value rules
         try:
             load_config({name: value}, together=False)
@@ -107,6 +110,16 @@ def _check_file(path: str, report: Report) -> dict[str, object]:
             continue
         valid[name] = value
     return valid
+
+
+def _blocklist_in(base: str, item: object) -> object:
+    """A TOML blocklist entry ``FILE[:SCORE]`` with FILE relative to `base`,
+    as load_config reads it (anything else is left for it to refuse)."""
+    try:
+        path, score = parse_blocklist_arg(item) if isinstance(item, str) else ("", 0)
+    except ValueError:
+        return item
+    return f"{os.path.normpath(os.path.join(base, path))}:{score}" if path else item
 
 
 # ------------------------------------------------------------------ the app
@@ -183,6 +196,7 @@ def check(config_file: str | None, app: str | None = None) -> Report:
         else:
             cli["app"] = values["app"] = app
 
+    blocklists: tuple[tuple[str, int], ...] = ()
     if not report.problems:
         _check_tls(values, config_file or "", report)
     if not report.problems:
@@ -193,6 +207,7 @@ def check(config_file: str | None, app: str | None = None) -> Report:
             report.problems.append(str(e))
         else:
             report.summary.append(f"listen {config.listen_description()}, {config.workers} workers")
+            blocklists = config.blocklist  # resolved as the server will read them
 
     spec = values.get("app")
     if isinstance(spec, str):
@@ -202,7 +217,21 @@ def check(config_file: str | None, app: str | None = None) -> Report:
     reputation = values.get("reputation_file")
     if isinstance(reputation, str):
         _check_reputation(reputation, report)
+    for path, score in blocklists:
+        _check_blocklist(path, score, report)
     return report
+
+
+def _check_blocklist(path: str, score: int, report: Report) -> None:
+    """Parsed as the server will (its first bad line, if any, reported)."""
+    try:
+        table = load_table(None, [(path, score)])
+    except OSError as e:
+        report.problems.append(f"{path}: cannot read the blocklist: {e.strerror or e}")
+    except ReputationFileError as e:
+        report.problems.append(str(e))
+    else:
+        report.summary.append(f"blocklist {table.summary()}")
 
 
 def _check_tls(values: dict[str, object], path: str, report: Report) -> None:

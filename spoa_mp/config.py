@@ -172,6 +172,7 @@ _KINDS: dict[str, type] = {
     "loop": str,
 }
 _TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")  # checked together (tls.py)
+_BUILT_IN_AGENT_KEYS = ("reputation_file", "default_score", "blocklist")
 # may be None (not from TOML)
 _OPTIONAL = frozenset(
     {"unix", "app", "reputation_file", "user", "group", "pidfile", "metrics", "handler_timeout"}
@@ -315,6 +316,13 @@ def load_config(
         reason = check(value) if check else None
         if reason:
             raise ConfigError(f"{origin[name]} {reason}")
+    if merged.get("app"):  # the built-in agent's own settings would be silently ignored
+        for name in _BUILT_IN_AGENT_KEYS:
+            if name in merged and merged[name] not in ((), None):
+                raise ConfigError(
+                    f"{origin[name]} is read by the built-in IP-reputation agent only, "
+                    f"not by --app {merged['app']}"
+                )
     if together and any(merged.get(k) for k in _TLS_KEYS):
         from spoa_mp.tls import settings_problem  # noqa: PLC0415 - loads ssl
 

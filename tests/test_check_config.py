@@ -123,6 +123,42 @@ def test_app_flag_overrides_the_file(
     assert f"app {spec}" in out
 
 
+def test_blocklists_are_parsed_relative_to_the_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    write(etc / "drop.txt", "; Spamhaus DROP\n192.0.2.0/24 ; SBL1\n198.51.100.7\n")
+    write(etc / "spoa.toml", 'blocklist = ["drop.txt:5"]\n')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, [str(etc / "spoa.toml")])
+    assert (code, err) == (0, [])
+    assert f"blocklist {etc}/drop.txt:5: 2 prefixes (2 IPv4" in out
+
+
+def test_a_blocklist_with_a_bad_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write(tmp_path / "good.txt", "192.0.2.0/24\n")
+    bad = write(tmp_path / "bad.txt", "192.0.2.0/24\n10.0.0.1 10.0.0.2\n")
+    config = write(tmp_path / "spoa.toml", 'blocklist = ["good.txt", "bad.txt:0"]\n')
+    code, out, err = run(capsys, [str(config)])
+    assert (code, out) == (2, "")
+    assert err == [f"{bad}:2: expected one address or CIDR, got 2 fields"]
+
+
+def test_built_in_agent_settings_with_an_app_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = importable_app(tmp_path, monkeypatch, HANDLER)
+    write(tmp_path / "rep.txt", GOOD_REPUTATION)
+    config = write(tmp_path / "spoa.toml", f'app = "{spec}"\nreputation-file = "rep.txt"\n')
+    code, out, err = run(capsys, [str(config)])
+    assert (code, out) == (2, "")
+    assert err == [
+        f"{config}: 'reputation-file' is read by the built-in IP-reputation agent only, "
+        f"not by --app {spec}"
+    ]
+
+
 # ------------------------------------------------------------------ one problem each
 
 

@@ -117,7 +117,6 @@ def test_every_toml_key(tmp_path: Path) -> None:
         unix = "{tmp_path}/s.sock"
         backlog = 64
         workers = 3
-        app = "pkg.mod:agent"
         reputation-file = "{rep}"
         default-score = 42
         max-frame-size = 4096
@@ -136,7 +135,6 @@ def test_every_toml_key(tmp_path: Path) -> None:
         unix=f"{tmp_path}/s.sock",
         backlog=64,
         workers=3,
-        app="pkg.mod:agent",
         reputation_file=str(rep),
         default_score=42,
         max_frame_size=4096,
@@ -150,6 +148,8 @@ def test_every_toml_key(tmp_path: Path) -> None:
     )
     assert type(c.graceful_timeout) is float  # an integer is fine where seconds go
     assert c.cli_values == ()
+    # app: not beside the built-in agent's keys (test_built_in_agent_settings_...)
+    assert load_config({}, write(tmp_path, 'app = "pkg.mod:agent"\n')).app == "pkg.mod:agent"
 
 
 def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
@@ -448,3 +448,19 @@ def test_unix_wins_over_host_and_port(tmp_path: Path) -> None:
     c = load_config({"unix": str(tmp_path / "s.sock")}, path)
     assert (c.host, c.port) == ("0.0.0.0", 2000)  # kept, but not used:
     assert c.listen_description() == f"unix:{tmp_path / 's.sock'}"
+
+
+@pytest.mark.parametrize(
+    ("values", "flag"),
+    [
+        ({"blocklist": ("/etc/hostname",)}, "--blocklist"),
+        ({"reputation_file": "/etc/hostname"}, "--reputation-file"),
+        ({"default_score": 5}, "--default-score"),
+    ],
+)
+def test_built_in_agent_settings_are_refused_with_an_app(
+    values: dict[str, object], flag: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{flag} is read by the built-in IP-reputation agent"):
+        load_config({"app": "myapp:agent", **values})
+    assert load_config(values).app is None  # without --app they are the agent's
