@@ -22,7 +22,11 @@ from spoa_mp.dispatch import DispatchSettings
 from spoa_mp.model import Action, set_var
 
 TIMEOUT = 0.05
-SLACK = 0.010  # the ACK of a handler past its deadline: within TIMEOUT + SLACK
+# The ACK of a handler past its deadline: within TIMEOUT + SLACK. These tests
+# check the logic (which ACK, once, in order) in the pytest process, whose own
+# garbage collections land in the window; the 60 ms promise for a 50 ms
+# deadline is asserted against a real server by test_deadlines_e2e.py.
+SLACK = 0.025
 LATE = set_var("txn", "late", True)
 FALLBACK = set_var("txn", "fallback", 1)
 ERROR = set_var("txn", "error", 1)

@@ -420,10 +420,7 @@ def test_a_burst_beyond_the_read_buffer_is_answered_in_full(
         message = [("check-client-ip", [("", IPv4Address("127.0.0.10"))])]
         burst = b"".join(client.notify_bytes(sid, 1, message) for sid in range(1, n + 1))
         assert len(burst) > 512 * 1024
-        sender = threading.Thread(target=client.send, args=(burst,), daemon=True)
-        sender.start()
-        acks = client.read_frames(n, timeout=30.0)
-        sender.join(IO_TIMEOUT)
+        acks = client.send_while_reading(burst, n, timeout=30.0)
     assert [a.sid for a in acks] == list(range(1, n + 1))
     assert {tuple(a.actions) for a in acks} == {((1, 1, "ip_score", 5),)}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import ssl
 import time
@@ -197,3 +198,37 @@ class TLSSpopClient(SpopClient):
         self._encoder = Encoder()
         self._decoder = Decoder(max_frame_size=self.MAX_FRAME)
         self.eof = False
+
+    def send_while_reading(self, data: bytes, n: int, timeout: float) -> list[Frame]:
+        """Send `data` and read `n` frames at once, from this one thread: an
+        SSL object must not be read and written by two threads together, and
+        an agent that pauses reading (--max-in-flight) until its ACKs are read
+        would deadlock a client that sends everything first."""
+        deadline = time.monotonic() + timeout
+        view, sent, frames = memoryview(data), 0, []
+        self.sock.setblocking(False)
+        try:
+            while len(frames) < n:
+                while len(frames) < n and (frame := self._decode_one()) is not None:
+                    frames.append(frame)
+                left = deadline - time.monotonic()
+                if len(frames) == n or left <= 0:
+                    break
+                want_write = [self.sock] if sent < len(view) else []
+                readable, writable, _ = select.select([self.sock], want_write, [], left)
+                if writable:
+                    with contextlib.suppress(ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        sent += self.sock.send(view[sent : sent + 16384])
+                if readable or self.sock.pending():
+                    try:
+                        chunk = self.sock.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        continue
+                    if not chunk:
+                        raise ConnectionClosedError(f"agent closed after {len(frames)} frames")
+                    self._buf += chunk
+        finally:
+            self.sock.setblocking(True)
+        if len(frames) < n:
+            raise TimeoutError(f"{len(frames)} of {n} frames, {sent} of {len(view)} B sent")
+        return frames
