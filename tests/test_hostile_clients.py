@@ -19,12 +19,15 @@ from test_server import assert_ip_score_ack, ip_msg
 
 from spoa_mp.codec import FrameType
 
-IDLE = 300  # idle connections (issue target: 3000, measured in bench; here kept quick)
+IDLE = 3000  # idle connections (the issue's target)
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
-    """The server closed it: readable, and a read gives EOF (or a reset)."""
-    if not select.select([sock], [], [], 0)[0]:
+    """The server closed it: readable, and a read gives EOF (or a reset).
+    (poll, not select: descriptors past 1024 are fine)"""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return False
     try:
         return sock.recv(1) == b""
@@ -58,19 +61,18 @@ def test_silent_connections_are_closed_after_the_hello_timeout(server: Server) -
     real = working_client(server.port)
     idle: list[socket.socket] = []
     try:
-        started = time.monotonic()
         idle.extend(socket.create_connection((HOST, server.port), timeout=5) for _ in range(IDLE))
         half = socket.create_connection((HOST, server.port), timeout=5)
         half.sendall(b"\x00\x00\x00\x20\x01")  # the start of a HELLO, never finished
         idle.append(half)
+        opened = time.monotonic()  # the last one's hello deadline is 1 s from about now
         sid = 1
-        while time.monotonic() - started < 0.5:  # real work while they sit there
+        while time.monotonic() - opened < 0.5:  # real work while they sit there
             exchange(real, sid)
             sid += 2
         wait_for(lambda: all(closed_by_peer(s) for s in idle), 1.0 + 1.0 + 5.0, "idle closed")
-        elapsed = time.monotonic() - started
-        # hello timeout + 1 s, plus the time it took to open them all
-        assert elapsed <= 1.0 + 1.0 + 3.0, elapsed
+        elapsed = time.monotonic() - opened
+        assert elapsed <= 1.0 + 1.0, elapsed  # the issue's bound: hello timeout + 1 s
         exchange(real, sid)  # the worker and the real client are untouched
     finally:
         for s in idle:
