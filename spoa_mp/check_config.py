@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from spoa_mp.agent import AppLoadError
-from spoa_mp.blocklist import load_table, parse_blocklist_arg
-from spoa_mp.config import _PATH_KEYS, TOML_KEYS, ConfigError, ServerConfig, load_config
+from spoa_mp.blocklist import load_table
+from spoa_mp.config import TOML_KEYS, ConfigError, ServerConfig, file_value, load_config
 from spoa_mp.loader import build_agent
 from spoa_mp.reputation import ReputationFileError, ReputationTable
 from spoa_mp.tls import TLSFiles, file_problems
@@ -98,28 +98,15 @@ def _check_file(path: str, report: Report) -> dict[str, object]:
             suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
             report.problems.append(f"{path}: unknown key {key!r}{suffix}")
             continue
-        if name in _PATH_KEYS and isinstance(value, str) and value:  # as load_config does
-            value = os.path.normpath(os.path.join(base, value))  # noqa: PLW2901
-        elif name == "blocklist" and isinstance(value, list):
-            value = [_blocklist_in(base, v) for v in value]  # noqa: PLW2901
         # one key at a time through load_config: the very same type and value rules
         try:
+            value = file_value(name, value, f"--{key}", base)  # noqa: PLW2901
             load_config({name: value}, together=False)
         except ConfigError as e:
             report.problems.append(_key_problem(path, key, str(e)))
             continue
         valid[name] = value
     return valid
-
-
-def _blocklist_in(base: str, item: object) -> object:
-    """A TOML blocklist entry ``FILE[:SCORE]`` with FILE relative to `base`,
-    as load_config reads it (anything else is left for it to refuse)."""
-    try:
-        path, score = parse_blocklist_arg(item) if isinstance(item, str) else ("", 0)
-    except ValueError:
-        return item
-    return f"{os.path.normpath(os.path.join(base, path))}:{score}" if path else item
 
 
 # ------------------------------------------------------------------ the app

@@ -53,6 +53,7 @@ __all__ = [
     "ConfigError",
     "ServerConfig",
     "default_workers",
+    "file_value",
     "load_config",
     "reload_config",
 ]
@@ -265,6 +266,17 @@ def _resolved(value: object, absolute: Callable[[str], str]) -> object:
     return tuple((absolute(path) if path else path, score) for path, score in value)
 
 
+def file_value(name: str, raw: object, where: str, base: str) -> object:
+    """A value of the TOML file as load_config takes it: type-checked, paths
+    relative to `base` (the file's directory) made absolute. ConfigError."""
+    value = _coerce(name, raw, where)
+    if name in _PATH_KEYS and isinstance(value, str) and value:
+        return os.path.normpath(os.path.join(base, value))
+    if name == "blocklist":
+        return _resolved(value, lambda p: os.path.normpath(os.path.join(base, p)))
+    return value
+
+
 def load_config(
     cli_values: Mapping[str, object], config_file: str | None = None, *, together: bool = True
 ) -> ServerConfig:
@@ -290,12 +302,7 @@ def load_config(
                     )
                 raise _unknown_key(config_file, key)
             where = f"{config_file}: {key!r}"
-            value = _coerce(name, raw, where)
-            if name in _PATH_KEYS and isinstance(value, str) and value:
-                value = os.path.normpath(os.path.join(base, value))
-            elif name == "blocklist":
-                value = _resolved(value, lambda p: os.path.normpath(os.path.join(base, p)))
-            merged[name] = value
+            merged[name] = file_value(name, raw, where, base)
             origin[name] = where
 
     given: dict[str, object] = {}
