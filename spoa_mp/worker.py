@@ -276,12 +276,13 @@ class Worker(Handover):
         elif self._handing_over:
             self._update_reading(conn)
             self._try_handover(conn)
-        self._read_decrypted(conn)
+        if conn.tls:
+            self._read_decrypted(conn)
 
     def _read_decrypted(self, conn: Connection) -> None:
         """TLS: what OpenSSL decrypted beyond a full buffer (or while reading
         was paused) never makes the descriptor readable: read it from the loop."""
-        if conn.tls and conn.reading and not conn.closed and tls_io.decrypted(conn.sock):
+        if conn.reading and not conn.closed and tls_io.decrypted(conn.sock):
             assert self._loop is not None
             self._loop.call_soon(self._read_if_reading, conn)
 
@@ -396,7 +397,8 @@ class Worker(Handover):
             assert self._loop is not None
             if want:
                 self._loop.add_reader(conn.fd, self._readable, conn)
-                self._read_decrypted(conn)
+                if conn.tls:
+                    self._read_decrypted(conn)
             else:
                 self._loop.remove_reader(conn.fd)
 
