@@ -121,7 +121,6 @@ def measure(
     return {
         "kind": kind,
         "shape": shape,
-        "loop": args.loop_now,
         "msg_per_s": result["msg_per_s"],
         "p50_us": result["latency_us"].get("p50", 0.0),
         "p99_us": result["latency_us"].get("p99", 0.0),
@@ -201,12 +200,11 @@ def main(argv: list[str]) -> int:
                 k = rnd % len(args.kinds)
                 kinds = args.kinds[k:] + args.kinds[:k]  # rotate: drift hits all alike
                 for kind, loop in itertools.product(kinds, args.loops):
-                    args.loop_now = loop
                     agent, port, workers = start_agent(kind, loop, args.workers, tmp, url)
                     try:
                         for shape in args.shapes:
                             run = measure(kind, shape, port, workers, redis, args)
-                            run["round"] = rnd
+                            run["round"], run["loop"] = rnd, loop
                             runs.append(run)
                             print(
                                 f"round {rnd + 1} {shape:<5} {kind:<14} {loop:<8} "
