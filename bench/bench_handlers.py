@@ -72,7 +72,8 @@ def start_agent(
 ) -> tuple[Proc, int, list]:
     port = free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = f"{P.REPO / 'bench'}{os.pathsep}{P.REPO / 'examples'}"
+    # this checkout's spoa_mp first, whatever is installed: old and new can be paired
+    env["PYTHONPATH"] = os.pathsep.join(str(P.REPO / d) for d in ("", "bench", "examples"))
     env["SPOA_REDIS_URL"] = redis_url
     env["SPOA_REDIS_TIMEOUT"] = "1"
     argv = [sys.executable, "-m", "spoa_mp", "-p", str(port), "-n", str(workers), "--loop", loop]

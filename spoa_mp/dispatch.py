@@ -40,7 +40,15 @@ from typing import Any, cast
 from spoa_mp.acks import DEFERRED, PENDING, Acks, Conn, Result, per_notify
 from spoa_mp.agent import Registered, check_timeout, normalize_actions
 from spoa_mp.counters import Counters
-from spoa_mp.eager import EagerTask, enter_task, leave_task, resume_task, wrap_awaitable
+from spoa_mp.eager import (
+    EagerSteps,
+    EagerTask,
+    Finished,
+    enter_task,
+    leave_task,
+    resume_task,
+    wrap_awaitable,
+)
 from spoa_mp.inflight import Call, InFlight, hold
 from spoa_mp.logs import RateLimitedLog
 from spoa_mp.model import Action, Message
@@ -123,6 +131,7 @@ class Dispatcher:
         self._proxy: EagerTask | None = None
         self._entered = False  # we set the current task (none was set: the usual case)
         self._idle_proxy: EagerTask | None = None
+        self._steps = EagerSteps()  # drives the eager steps (no StopIteration per coroutine)
 
     # ------------------------------------------------------------ life
 
@@ -191,6 +200,7 @@ class Dispatcher:
         stamp = stamps.append
         batches: dict[str, list[int]] | None = None
         any_deferred = False
+        steps = self._steps
         for msg in msgs:
             fn = inline(msg.name)
             if fn is not None:
@@ -217,17 +227,18 @@ class Dispatcher:
                 coro = fn(msg)
                 ctx = copy_context()  # as a task would: its context vars stay its own
                 try:
-                    yielded = ctx.run(coro.send, None)
-                except StopIteration as stop:
-                    result = stop.value
-                    if result.__class__ is not Action:
-                        result = self._checked(handlers[name], name, result, 1)
+                    got = ctx.run(steps.send, coro)
                 except (Exception, asyncio.CancelledError):
+                    steps.restart()
                     result = self._failed(handlers[name], name, 1)
                 else:
-                    call = Call(handlers[name], name, 1)
-                    add(self._suspended(call, coro, yielded, ctx, (len(results),)))
-                    continue
+                    if got.__class__ is not Finished:  # suspended: the rest is a task
+                        call = Call(handlers[name], name, 1)
+                        add(self._suspended(call, coro, got, ctx, (len(results),)))
+                        continue
+                    result = got.value
+                    if result.__class__ is not Action:
+                        result = self._checked(handlers[name], name, result, 1)
                 add(result)
                 stamp(clock())
                 continue
@@ -327,23 +338,26 @@ class Dispatcher:
             self._enter()
         ctx = copy_context()
         try:
-            yielded = ctx.run(coro.send, None)
-        except StopIteration as stop:
-            return self._checked(reg, name, stop.value, n)
+            got = ctx.run(self._steps.send, coro)
         except (Exception, asyncio.CancelledError):
+            self._steps.restart()
             return self._failed_call(reg, name, n)
-        return self._suspended(Call(reg, name, n), coro, yielded, ctx, ks)
+        if got.__class__ is Finished:
+            return self._checked(reg, name, got.value, n)
+        return self._suspended(Call(reg, name, n), coro, got, ctx, ks)
 
     def _suspended(
         self, call: Call, coro: Any, yielded: object, ctx: Context, ks: tuple[int, ...]
     ) -> Any:
         """The call's coroutine suspended in its eager step (`yielded` what it
-        awaits): the rest runs as a task. `ks`: its messages in the read."""
+        awaits): the rest, in the driver that holds it, runs as a task. `ks`:
+        its messages in the read."""
         inflight = self._inflight
         proxy = self._proxy
         assert inflight is not None
         assert proxy is not None
-        task = inflight.task(call, resume_task(coro, yielded), ctx)
+        rest = resume_task(self._steps.detach(), yielded, coro.__name__)
+        task = inflight.task(call, rest, ctx)
         proxy.adopt(task)  # what the coroutine holds of current_task() means this task
         self._swap_proxy()
         self._late.append((ks, call))

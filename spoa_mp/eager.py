@@ -16,6 +16,7 @@ finishes at once never becomes a task.
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeAlias, cast
 
@@ -66,6 +67,71 @@ class EagerTask:
             task.cancel()
 
 
+class Finished:
+    """What `EagerSteps.send` returns for a coroutine that finished in its
+    first step: its return value. (A coroutine cannot yield this class, so
+    anything else returned is what a suspended coroutine awaits.)"""
+
+    __slots__ = ("detached", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.detached = False  # the driver now belongs to a task: return, do not wait
+
+
+@types.coroutine
+def _drive(out: Finished) -> Generator[Any, Any, Any]:
+    """Runs the coroutines it is sent, one after the other, by `yield from`:
+    a coroutine that returns does not raise StopIteration here (Python 3.11
+    builds a traceback for each one caught, and finds its line number by
+    scanning the catching function's line table: thousands of instructions
+    in a big function like the dispatcher's loop)."""
+    coro = yield
+    while True:
+        out.value = yield from coro
+        if out.detached:  # the coroutine had suspended: the task gets its value
+            return out.value
+        coro = yield out
+
+
+class EagerSteps:
+    """Coroutines' first steps, through one long-lived driver generator:
+
+    try:
+        got = steps.send(coro)
+    except Exception:
+        steps.restart()              # the coroutine raised: a new driver
+    if got.__class__ is Finished:    # done at once: got.value
+        ...
+    else:                            # suspended, awaiting `got`
+        task = create_task(resume_task(steps.detach(), got))
+    """
+
+    __slots__ = ("_driver", "_out", "send")
+
+    def __init__(self) -> None:
+        self._driver: Generator[Any, Any, Any]
+        self._out: Finished
+        self.send: Callable[[Any], Any]
+        self.restart()
+
+    def restart(self) -> None:
+        """A new driver (the old one ended with a coroutine's exception, or
+        was detached)."""
+        self._out = out = Finished()
+        self._driver = driver = _drive(out)
+        driver.send(None)  # to its first yield: ready for a coroutine
+        self.send = driver.send
+
+    def detach(self) -> Generator[Any, Any, Any]:
+        """The driver holding the coroutine that just suspended (the rest of
+        it, for a task); a new driver takes its place."""
+        driver = self._driver
+        self._out.detached = True
+        self.restart()
+        return driver
+
+
 class _Resumed(Coroutine[Any, Any, Any]):
     """The rest of a coroutine whose first step ran eagerly, as a task's
     coroutine: the task's first send gets what the coroutine waits on; what
@@ -74,15 +140,16 @@ class _Resumed(Coroutine[Any, Any, Any]):
     `asyncio.timeout(0)` entered in the eager step) reaches the coroutine too,
     where an unstarted wrapper coroutine would end without it."""
 
-    __slots__ = ("_coro", "_first")
+    __slots__ = ("_coro", "_first", "_name")
 
-    def __init__(self, coro: Any, yielded: object) -> None:
+    def __init__(self, coro: Any, yielded: object, name: str | None) -> None:
         self._coro = coro
         self._first: tuple[object] | None = (yielded,)
+        self._name = name
 
     @property
     def __name__(self) -> str:  # in the task's repr: the handler's coroutine
-        return str(self._coro.__name__)
+        return self._name or str(self._coro.__name__)
 
     def send(self, value: Any) -> Any:
         first = self._first
@@ -111,9 +178,10 @@ class _Resumed(Coroutine[Any, Any, Any]):
         return self.send(None)
 
 
-def resume_task(coro: Any, yielded: object) -> Coroutine[Any, Any, Any]:
-    """What to give create_task() for a coroutine that suspended yielding `yielded`."""
-    return _Resumed(coro, yielded)
+def resume_task(coro: Any, yielded: object, name: str | None = None) -> Coroutine[Any, Any, Any]:
+    """What to give create_task() for a coroutine (or EagerSteps driver)
+    that suspended yielding `yielded`; `name`: the handler coroutine's."""
+    return _Resumed(coro, yielded, name)
 
 
 async def wrap_awaitable(awaitable: Any) -> Any:

@@ -618,3 +618,31 @@ def test_raising_batch(kind: str) -> None:
         assert h.counters.handler_errors == {"b": 3}
 
     run(main)
+
+
+def test_one_read_mixing_finished_suspended_and_raising_coroutines() -> None:
+    """Each eager step's outcome is its own: a coroutine that raised or
+    suspended before does not change what the next one in the read gets."""
+    agent = Agent()
+
+    @agent.on_message("m", on_error=[set_var("txn", "err", 1)])
+    async def handler(m: Any) -> Action:
+        kind = m[0] % 3
+        if kind == 1:
+            await asyncio.sleep(0.001)
+        elif kind == 2:
+            raise ValueError("boom")
+        return one("x", m[0])
+
+    async def main() -> None:
+        h = Harness(agent)
+        c = h.conn()
+        sent = await h.send(c, *[(sid, 1, [msg("m", sid)]) for sid in range(1, 31)])
+        assert sent.tasks == 10  # the suspended ones only
+        acks = dict(names(await h.wait_acks(c, 30)))
+        for sid in range(1, 31):
+            want = {0: [("x", sid)], 1: [("x", sid)], 2: [("err", 1)]}[sid % 3]
+            assert acks[sid] == want, sid
+        assert h.counters.handler_errors == {"m": 10}
+
+    run(main)
