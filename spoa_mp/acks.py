@@ -59,12 +59,12 @@ class Stream:
 
     __slots__ = ("conn", "fid", "missing", "parts", "sid")
 
-    def __init__(self, conn: Conn, sid: int, fid: int, parts: list[Any]) -> None:
+    def __init__(self, conn: Conn, sid: int, fid: int, parts: list[Any], missing: int) -> None:
         self.conn = conn
         self.sid = sid
         self.fid = fid
         self.parts = parts  # one result per message; PENDING until its handler is done
-        self.missing = sum(part is PENDING for part in parts)
+        self.missing = missing  # how many parts are PENDING
 
     def result(self) -> Result:
         return self.parts[0] if len(self.parts) == 1 else joined(self.parts)

@@ -20,6 +20,7 @@ from spoa_mp.agent import Registered
 from spoa_mp.counters import Counters
 from spoa_mp.deadlines import Deadlines
 from spoa_mp.logs import RateLimitedLog
+from spoa_mp.model import Action
 from spoa_mp.protocol import Notifies
 
 
@@ -122,7 +123,11 @@ class InFlight:
         if exc is not None:
             self._settle(call, self._error_of(call, exc))
             return
-        self._finish(call, task.result())
+        value = task.result()
+        if value.__class__ is Action and not call.reg.batch:  # the usual: nothing to check
+            self._settle(call, (value,))
+            return
+        self._finish(call, value)
 
     def _thread_done(self, call: Call, fut: asyncio.Future[Any]) -> None:
         if call.settled:
@@ -187,27 +192,25 @@ def hold(
     their calls' targets), those not started (DEFERRED) join `deferred`.
     Returns the ids and results of those ready now, and how many streams
     wait (already added to conn.in_flight)."""
+    ids = notifies.ids
+    counts = notifies.counts
+    if counts is None:  # one message per NOTIFY (unfragmented 3.x, most 2.6 reads): no slices
+        return _hold_singles(conn, notifies, results, late, deferred)
     owner: dict[int, Call] = {}
     for ks, call in late:
         for k in ks:
             owner[k] = call
-    ids = notifies.ids
-    counts = notifies.counts
     now_ids: array[int] = array("Q")
     now_results: list[Result] = []
     held = 0
     at = 0
+    # (no DEFERRED here: only reads of one message per NOTIFY defer, see
+    # Dispatcher._run_handlers)
     for j in range(len(ids) >> 1):
-        count = 1 if counts is None else counts[j]
+        count = counts[j]
         parts = results[at : at + count]
-        if parts[0] is DEFERRED:  # one message per NOTIFY, see Dispatcher._run_handlers
-            waiting = deferred.get(conn)
-            if waiting is None:
-                waiting = deferred[conn] = Notifies()
-            waiting.add(ids[2 * j], ids[2 * j + 1], notifies.messages[at : at + 1])
-            conn.in_flight += 1
-        elif any(part is PENDING for part in parts):
-            stream = Stream(conn, ids[2 * j], ids[2 * j + 1], parts)
+        if missing := sum(1 for part in parts if part is PENDING):
+            stream = Stream(conn, ids[2 * j], ids[2 * j + 1], parts, missing)
             for p, part in enumerate(parts):
                 if part is PENDING:
                     owner[at + p].targets.append((stream, p))
@@ -217,5 +220,41 @@ def hold(
             now_ids.append(ids[2 * j + 1])
             now_results.append(parts[0] if count == 1 else joined(parts))
         at += count
+    conn.in_flight += held
+    return now_ids, now_results, held
+
+
+def _hold_singles(
+    conn: Conn,
+    notifies: Notifies,
+    results: list[Any],
+    late: list[tuple[tuple[int, ...], Call]],
+    deferred: dict[Conn, Notifies],
+) -> tuple[array[int], list[Result], int]:
+    """hold() for a read of one message per NOTIFY: result k is NOTIFY k's."""
+    ids = notifies.ids
+    held = 0
+    for ks, call in late:  # each message of a call (a batch's: several) is its own stream
+        targets = call.targets
+        for k in ks:
+            targets.append((Stream(conn, ids[2 * k], ids[2 * k + 1], [PENDING], 1), 0))
+        held += len(ks)
+    now_ids: array[int] = array("Q")
+    now_results: list[Result] = []
+    waiting: Notifies | None = None
+    for k, result in enumerate(results):
+        if result is PENDING:
+            continue
+        if result is DEFERRED:
+            if waiting is None:
+                waiting = deferred.get(conn)
+                if waiting is None:
+                    waiting = deferred[conn] = Notifies()
+            waiting.add(ids[2 * k], ids[2 * k + 1], notifies.messages[k : k + 1])
+            conn.in_flight += 1
+            continue
+        now_ids.append(ids[2 * k])
+        now_ids.append(ids[2 * k + 1])
+        now_results.append(result)
     conn.in_flight += held
     return now_ids, now_results, held
