@@ -53,6 +53,10 @@ N_SCORES = 101
 # ------------------------------------------------------------ vector checks
 
 
+ONE_NOTIFY_NS = 2500  # (b) at --frames 1
+ONE_NOTIFY_VS_PURE = 0.5
+
+
 def _vector_value(type_code: int, value: Any) -> Any:
     """A vector's JSON value as the pure codec decodes it."""
     if type_code == pure.T_IPV4:
@@ -345,11 +349,14 @@ def main() -> int:
     parts = median["decode"] + median["messages"] + median["acks"]
     print(f"  {'sum of parts':<36} {parts:>8.0f}   (rest of (a): handler glue)")
     print()
-    for label, name in rows[:2]:
-        ns = median[name]
-        ok_ns = "met" if ns <= 1000 else "NOT met"
-        ok_x = "met" if base / ns >= 10 else "NOT met"
-        print(f"target {label}: <= 1000 ns/message {ok_ns}; >= 10x pure Python {ok_x}")
+    if args.frames == 1:  # issue 10's target for the one-NOTIFY read of HAProxy 3.x
+        ns = median["protocol"]
+        ok_ns = "met" if ns <= ONE_NOTIFY_NS else "NOT met"
+        ok_x = "met" if ns <= ONE_NOTIFY_VS_PURE * base else "NOT met"
+        print(
+            f"target (b), one NOTIFY per read: <= {ONE_NOTIFY_NS} ns {ok_ns}; "
+            f"<= {ONE_NOTIFY_VS_PURE}x the pure-Python codec {ok_x} ({ns / base:.2f}x)"
+        )
     return 0
 
 
