@@ -269,3 +269,23 @@ def test_haproxy_summary_tls_ratio() -> None:
     assert row["tls_ratio"] == 0.9  # 45 / 50
     assert row["tls_ratio_paired"] == 0.9  # median of 0.9, 0.8, 1.0
     assert "ratio" not in row  # no example agent
+
+
+def test_floors_script_runs_and_reports_both_floors() -> None:
+    """bench_floors.py end to end, briefly: a real redis-server, both lines per loop."""
+    pytest.importorskip("redis")
+    from support.redis_server import REDIS_SERVER
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server not installed")
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_floors.py"), "--loops", "asyncio", "-d", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "asyncio  sleep" in out
+    assert "sleeps/s" in out
+    assert "GET/s" in out
+    assert "µs of client CPU per GET" in out
