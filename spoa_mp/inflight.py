@@ -192,46 +192,10 @@ def hold(
     their calls' targets), those not started (DEFERRED) join `deferred`.
     Returns the ids and results of those ready now, and how many streams
     wait (already added to conn.in_flight)."""
-    ids = notifies.ids
-    counts = notifies.counts
-    if counts is None:  # one message per NOTIFY (unfragmented 3.x, most 2.6 reads): no slices
-        return _hold_singles(conn, notifies, results, late, deferred)
-    owner: dict[int, Call] = {}
-    for ks, call in late:
-        for k in ks:
-            owner[k] = call
-    now_ids: array[int] = array("Q")
-    now_results: list[Result] = []
-    held = 0
-    at = 0
-    # (no DEFERRED here: only reads of one message per NOTIFY defer, see
-    # Dispatcher._run_handlers)
-    for j in range(len(ids) >> 1):
-        count = counts[j]
-        parts = results[at : at + count]
-        if missing := sum(1 for part in parts if part is PENDING):
-            stream = Stream(conn, ids[2 * j], ids[2 * j + 1], parts, missing)
-            for p, part in enumerate(parts):
-                if part is PENDING:
-                    owner[at + p].targets.append((stream, p))
-            held += 1
-        else:
-            now_ids.append(ids[2 * j])
-            now_ids.append(ids[2 * j + 1])
-            now_results.append(parts[0] if count == 1 else joined(parts))
-        at += count
-    conn.in_flight += held
-    return now_ids, now_results, held
-
-
-def _hold_singles(
-    conn: Conn,
-    notifies: Notifies,
-    results: list[Any],
-    late: list[tuple[tuple[int, ...], Call]],
-    deferred: dict[Conn, Notifies],
-) -> tuple[array[int], list[Result], int]:
-    """hold() for a read of one message per NOTIFY: result k is NOTIFY k's."""
+    if notifies.counts is not None:  # some NOTIFY carries several messages
+        return _hold_parts(conn, notifies, results, late)
+    # one message per NOTIFY (unfragmented 3.x, most 2.6 reads): result k is
+    # NOTIFY k's, no slices
     ids = notifies.ids
     held = 0
     for ks, call in late:  # each message of a call (a batch's: several) is its own stream
@@ -256,5 +220,40 @@ def _hold_singles(
         now_ids.append(ids[2 * k])
         now_ids.append(ids[2 * k + 1])
         now_results.append(result)
+    conn.in_flight += held
+    return now_ids, now_results, held
+
+
+def _hold_parts(
+    conn: Conn, notifies: Notifies, results: list[Any], late: list[tuple[tuple[int, ...], Call]]
+) -> tuple[array[int], list[Result], int]:
+    """hold() for a read where a NOTIFY carries several messages (never
+    DEFERRED: only reads of one message per NOTIFY defer, see
+    Dispatcher._run_handlers)."""
+    owner: dict[int, Call] = {}
+    for ks, call in late:
+        for k in ks:
+            owner[k] = call
+    ids = notifies.ids
+    counts = notifies.counts
+    assert counts is not None
+    now_ids: array[int] = array("Q")
+    now_results: list[Result] = []
+    held = 0
+    at = 0
+    for j in range(len(ids) >> 1):
+        count = counts[j]
+        parts = results[at : at + count]
+        if missing := sum(1 for part in parts if part is PENDING):
+            stream = Stream(conn, ids[2 * j], ids[2 * j + 1], parts, missing)
+            for p, part in enumerate(parts):
+                if part is PENDING:
+                    owner[at + p].targets.append((stream, p))
+            held += 1
+        else:
+            now_ids.append(ids[2 * j])
+            now_ids.append(ids[2 * j + 1])
+            now_results.append(parts[0] if count == 1 else joined(parts))
+        at += count
     conn.in_flight += held
     return now_ids, now_results, held
