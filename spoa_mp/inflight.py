@@ -123,11 +123,7 @@ class InFlight:
         if exc is not None:
             self._settle(call, self._error_of(call, exc))
             return
-        value = task.result()
-        if value.__class__ is Action and not call.reg.batch:  # the usual: nothing to check
-            self._settle(call, (value,))
-            return
-        self._finish(call, value)
+        self._finish(call, task.result())
 
     def _thread_done(self, call: Call, fut: asyncio.Future[Any]) -> None:
         if call.settled:
@@ -152,6 +148,9 @@ class InFlight:
         return [call.reg.on_error] * call.n
 
     def _finish(self, call: Call, value: object) -> None:
+        if value.__class__ is Action and not call.reg.batch:  # the usual: nothing to check
+            self._settle(call, (value,))
+            return
         got = self._checked(call.reg, call.name, value, call.n)
         self._settle(call, got if call.reg.batch else [got])
 
