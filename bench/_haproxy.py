@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _procs as P  # noqa: N812  (bench/ is not a package)
+import _procs as P  # noqa: N812  (bench/ is not a package; puts tests/ on sys.path)
+from support.haproxy import AGENT_BACKEND, spoe_file
 
 HAPROXY_CANDIDATES = ("/usr/sbin/haproxy", str(P.REPO.parent / "shared" / "bin" / "haproxy-3.2.0"))
-AGENT_BACKEND = "iprep-agents"
 AGENT_SERVER = "agent1"
 FRONTEND = "bench"
 IO_TIMEOUT = 5.0
@@ -53,21 +53,15 @@ def find_haproxy(path: str) -> HAProxy | None:
 
 
 def render_spoe(hap: HAProxy, pipelining: bool, processing_ms: int) -> str:
-    timeouts = "" if hap.spop_mode else "    timeout hello      2s\n    timeout idle       2m\n"
-    return f"""\
-[iprep]
-spoe-agent iprep-agent
-    messages check-client-ip
-    option var-prefix iprep
-    option set-on-error error
-    {"" if pipelining else "no "}option pipelining
-{timeouts}    timeout processing {processing_ms}ms
-    use-backend {AGENT_BACKEND}
-
-spoe-message check-client-ip
-    args src
-    event on-frontend-http-request
-"""
+    """The tests' SPOE file (tests/support/haproxy.py), pipelining or not."""
+    return spoe_file(
+        spop=hap.spop_mode,
+        args="src",
+        event="on-frontend-http-request",
+        processing_ms=processing_ms,
+        hello_ms=2000,
+        agent_extra=f"    {'' if pipelining else 'no '}option pipelining\n",
+    )
 
 
 @dataclass(frozen=True)

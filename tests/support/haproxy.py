@@ -194,13 +194,25 @@ SCORE_BODY = re.compile(r"^score=(?P<score>\S*) err=(?P<err>\S*)$")
 
 
 def render_spoe_cfg(c: HAProxyConfig) -> str:
-    """The SPOE file of spop.md §9.5 (HAProxy 2.6: hello/idle/processing) or
-    §9.6 (3.1+: processing only; hello and idle are ignored)."""
-    hello_idle = (
-        ""
-        if c.haproxy.spop
-        else f"    timeout hello      {c.hello_timeout_ms}ms\n    timeout idle       2m\n"
+    """The SPOE file of `c` (see spoe_file)."""
+    return spoe_file(
+        spop=c.haproxy.spop,
+        args=c.form.args,
+        event=c.form.event,
+        processing_ms=c.processing_timeout_ms,
+        hello_ms=c.hello_timeout_ms,
+        agent_extra="    log global\n",
     )
+
+
+def spoe_file(
+    *, spop: bool, args: str, event: str, processing_ms: int, hello_ms: int, agent_extra: str = ""
+) -> str:
+    """The SPOE file of spop.md §9.5 (HAProxy 2.6: hello/idle/processing) or
+    §9.6 (`spop`, 3.1+: processing only; hello and idle are ignored), one
+    message `check-client-ip` with `args` on `event`; `agent_extra`: more
+    lines for the spoe-agent section (the tests' and bench_haproxy.py's)."""
+    hello_idle = "" if spop else f"    timeout hello      {hello_ms}ms\n    timeout idle       2m\n"
     return f"""\
 [iprep]
 spoe-agent iprep-agent
@@ -208,13 +220,13 @@ spoe-agent iprep-agent
     option var-prefix iprep
     option set-on-error error
 {hello_idle}\
-    timeout processing {c.processing_timeout_ms}ms
+    timeout processing {processing_ms}ms
     use-backend {AGENT_BACKEND}
-    log global
+{agent_extra}\
 
 spoe-message check-client-ip
-    args {c.form.args}
-    event {c.form.event}
+    args {args}
+    event {event}
 """
 
 
